@@ -1,0 +1,175 @@
+"""Every name otel-gil emits: span names, attributes, metrics and their units.
+
+This module is the single source of truth. ``docs/names.md`` is generated from
+it (``python -m otel_gil.names > docs/names.md``) and a test checks the two
+agree. Nothing else in the package spells an emitted name as a string literal.
+
+There is no OpenTelemetry semantic convention for GIL or lock contention, so
+everything GIL-specific lives under the ``otel_gil.`` prefix. Thread and process
+attributes reuse the semantic conventions where they exist (``thread.id`` is the
+*managed* Python thread ident, ``process.pid`` the pid in the app's own PID
+namespace).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+# --------------------------------------------------------------------------- spans
+
+
+@dataclass(frozen=True)
+class SpanName:
+    name: str
+    doc: str
+
+
+GIL_WAIT = SpanName(
+    "gil.wait",
+    "A wait for the GIL longer than the wait threshold. Child of the span active on "
+    "the waiting thread when the wait began; start and end are the kernel timestamps "
+    "of take_gil entry and return, on the app's wall clock. Links point to the spans "
+    "the holders were in.",
+)
+GIL_HOLD = SpanName(
+    "gil.hold",
+    "A hold of the GIL longer than the hold threshold. Child of the span active on the "
+    "holding thread when it released the GIL.",
+)
+SPANS: Tuple[SpanName, ...] = (GIL_WAIT, GIL_HOLD)
+
+# ---------------------------------------------------------------------- attributes
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    type: str
+    doc: str
+
+
+# Semantic-convention attributes we set.
+THREAD_ID = Attribute("thread.id", "int", "Python thread ident (threading.get_ident()), where known.")
+THREAD_NAME = Attribute("thread.name", "string", "Python thread name, or the OS thread name.")
+PROCESS_PID = Attribute("process.pid", "int", "Process id as the app sees it (its own PID namespace).")
+
+# otel-gil's own.
+THREAD_NATIVE_ID = Attribute(
+    "otel_gil.thread.native_id", "int",
+    "OS thread id in the app's PID namespace (threading.get_native_id()).")
+THREAD_HOST_ID = Attribute(
+    "otel_gil.thread.host_id", "int", "OS thread id in the host (sidecar's) PID namespace.")
+PROCESS_HOST_PID = Attribute(
+    "otel_gil.process.host_pid", "int", "Process id in the host (sidecar's) PID namespace.")
+WAIT_NS = Attribute("otel_gil.wait_ns", "int", "Duration of the wait, nanoseconds.")
+HOLD_NS = Attribute("otel_gil.hold_ns", "int", "Duration of the hold, nanoseconds.")
+HOLDER_TIDS = Attribute(
+    "otel_gil.holder.thread_ids", "int[]",
+    "Host thread ids that held the GIL during the wait, longest overlap first.")
+HOLDER_NAMES = Attribute(
+    "otel_gil.holder.thread_names", "string[]", "Names of those threads, same order.")
+HOLDER_HELD_NS = Attribute(
+    "otel_gil.holder.held_ns", "int[]",
+    "How long each of those threads held the GIL within the wait, same order.")
+HOLDERS_TRUNCATED = Attribute(
+    "otel_gil.holder.truncated", "bool",
+    "True when more threads held the GIL during the wait than the event records.")
+CLOCK_UNCERTAINTY_NS = Attribute(
+    "otel_gil.clock.uncertainty_ns", "int",
+    "Uncertainty of the monotonic-to-wall-clock conversion applied to start and end.")
+LINK_ROLE = Attribute(
+    "otel_gil.link.role", "string", "On a span link: 'holder' for the span a holder was in.")
+LINK_HELD_NS = Attribute(
+    "otel_gil.link.held_ns", "int", "On a span link: how long that holder held the GIL.")
+
+ATTRIBUTES: Tuple[Attribute, ...] = (
+    THREAD_ID, THREAD_NAME, PROCESS_PID, THREAD_NATIVE_ID, THREAD_HOST_ID, PROCESS_HOST_PID,
+    WAIT_NS, HOLD_NS, HOLDER_TIDS, HOLDER_NAMES, HOLDER_HELD_NS, HOLDERS_TRUNCATED,
+    CLOCK_UNCERTAINTY_NS, LINK_ROLE, LINK_HELD_NS,
+)
+
+# ------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    instrument: str  # "histogram", "counter", "gauge"
+    unit: str  # UCUM
+    doc: str
+
+    @property
+    def prometheus(self) -> str:
+        """The series name the Prometheus exporter derives (dots -> underscores, unit
+        suffix, ``_total`` on counters), as users will type it in PromQL."""
+        base = self.name.replace(".", "_")
+        suffix = {"s": "_seconds", "{acquisition}": "", "{handoff}": "", "{switch}": "",
+                  "{event}": "", "1": "_ratio"}.get(self.unit, "")
+        if suffix and not base.endswith(suffix):
+            base += suffix
+        if self.instrument == "counter":
+            base += "_total"
+        return base
+
+
+WAIT_DURATION = Metric(
+    "otel_gil.wait.duration", "histogram", "s", "Duration of each GIL wait (take_gil entry to return).")
+HOLD_DURATION = Metric(
+    "otel_gil.hold.duration", "histogram", "s", "Duration of each GIL hold (acquisition to release).")
+HELD_TIME = Metric(
+    "otel_gil.held", "counter", "s", "Total time threads held the GIL.")
+WAITED_TIME = Metric(
+    "otel_gil.waited", "counter", "s", "Total time threads waited for the GIL.")
+ACQUISITIONS = Metric(
+    "otel_gil.acquisitions", "counter", "{acquisition}", "GIL acquisitions (take_gil returns).")
+HANDOFFS = Metric(
+    "otel_gil.handoffs", "counter", "{handoff}",
+    "Acquisitions by a different thread than the previous holder.")
+FORCED_SWITCHES = Metric(
+    "otel_gil.forced_switches", "counter", "{switch}",
+    "Hand-offs forced by a drop request: the new holder had waited at least the switch "
+    "interval, so it asked the holder to drop the GIL.")
+LOST_EVENTS = Metric(
+    "otel_gil.lost_events", "counter", "{event}",
+    "Events the kernel could not deliver (ring buffer full) or user space could not place.")
+CONTENTION_RATIO = Metric(
+    "otel_gil.contention", "gauge", "1",
+    "Per process: time threads spent waiting for the GIL over wall time, since the last "
+    "collection. Above 1 means several threads wait at once.")
+
+METRICS: Tuple[Metric, ...] = (
+    WAIT_DURATION, HOLD_DURATION, HELD_TIME, WAITED_TIME, ACQUISITIONS, HANDOFFS,
+    FORCED_SWITCHES, LOST_EVENTS, CONTENTION_RATIO,
+)
+
+# Metric attribute (label) keys. Thread names are bounded by
+# OTEL_PYTHON_GIL_MAX_THREAD_LABELS; the rest fold into "other".
+LABEL_SERVICE = "service.name"
+LABEL_PID = "process.pid"
+LABEL_THREAD = "thread.name"
+LABELS: Tuple[str, ...] = (LABEL_SERVICE, LABEL_PID, LABEL_THREAD)
+OTHER_THREADS = "other"
+
+INSTRUMENTATION_SCOPE = "otel_gil"
+
+
+def markdown() -> str:
+    """The documented table of every emitted name (docs/names.md)."""
+    out = ["# Names otel-gil emits", "",
+           "Generated by `python -m otel_gil.names`; a test keeps it in step with",
+           "`otel_gil/names.py`.", "", "## Spans", "", "| name | meaning |", "|---|---|"]
+    out += [f"| `{s.name}` | {s.doc} |" for s in SPANS]
+    out += ["", "## Span attributes", "", "| name | type | meaning |", "|---|---|---|"]
+    out += [f"| `{a.name}` | {a.type} | {a.doc} |" for a in ATTRIBUTES]
+    out += ["", "## Metrics", "",
+            "| name | Prometheus series | instrument | unit | meaning |", "|---|---|---|---|---|"]
+    out += [f"| `{m.name}` | `{m.prometheus}` | {m.instrument} | `{m.unit}` | {m.doc} |"
+            for m in METRICS]
+    out += ["", "Metric labels: " + ", ".join(f"`{label}`" for label in LABELS)
+            + f". Thread names beyond the cardinality bound are reported as `{OTHER_THREADS}`.", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Set up otel-gil on a fresh Debian 12 machine (run as root), idempotently:
+#   1. OS packages: BCC (python3-bpfcc), kernel headers, debug symbols for the
+#      distro python3.11 (one of the test targets);
+#   2. /lib/modules/$(uname -r)/build -> headers BCC can compile against;
+#   3. .venv at the repository root with otel-gil installed (editable), and the
+#      OS's `bcc` module made importable there (never PyPI's `bcc`, an unrelated
+#      package).
+# A second run changes nothing and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+APT_PACKAGES=(python3-bpfcc python3-venv python3.11 python3.11-dbg binutils)
+KREL=$(uname -r)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+headers_pkg=""
+if [ ! -e "/lib/modules/$KREL/build/include" ]; then
+    # Prefer the exact headers; fall back to the distro's generic ones.
+    if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+        headers_pkg="linux-headers-$KREL"
+    else
+        headers_pkg="linux-headers-amd64"
+    fi
+    dpkg-query -W -f='${Status}' "$headers_pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$headers_pkg")
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing OS packages: ${missing[*]}"
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null 2>&1; then
+        apt-get update -q >/dev/null
+        # The upgrade of python3.11 matters: python3.11-dbg's build-id must
+        # match /usr/bin/python3.11 exactly.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+fi
+
+if [ ! -e "/lib/modules/$KREL/build/include" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$hdr" ] || { log "no kernel headers found under /usr/src"; exit 1; }
+    log "WARNING: no headers package for kernel $KREL; linking $hdr as its build directory."
+    log "         That is enough for uprobe programs (they read no kernel structs)."
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$hdr" "/lib/modules/$KREL/build"
+fi
+
+BASE_PYTHON=${OTEL_GIL_SETUP_PYTHON:-/usr/bin/python3}
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $BASE_PYTHON"
+    "$BASE_PYTHON" -m venv .venv
+fi
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# The OS's bcc is pure Python over libbcc.so: link just that package in.
+ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
+
+stamp=.venv/.otel-gil-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "installing otel-gil (editable) with its test dependencies"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e ".[test]"
+    touch "$stamp"
+fi
+.venv/bin/python -c 'import bcc, otel_gil' || { log "bcc or otel_gil does not import in .venv"; exit 1; }
+log "ready: .venv/bin/otel-gil"
