@@ -20,7 +20,7 @@ for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
 headers_pkg=""
-if [ ! -e "/lib/modules/$KREL/build/include" ]; then
+if [ ! -e "/lib/modules/$KREL/build/include" ] || [ ! -e "/lib/modules/$KREL/source" ]; then
     # Prefer the exact headers; fall back to the distro's generic ones.
     if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
         headers_pkg="linux-headers-$KREL"
@@ -39,13 +39,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-if [ ! -e "/lib/modules/$KREL/build/include" ]; then
-    hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-    [ -n "$hdr" ] || { log "no kernel headers found under /usr/src"; exit 1; }
-    log "WARNING: no headers package for kernel $KREL; linking $hdr as its build directory."
+if [ ! -e "/lib/modules/$KREL/build/include/linux/kconfig.h" ] && [ ! -e "/lib/modules/$KREL/source/include/linux/kconfig.h" ]; then
+    # Debian splits headers in two: build -> linux-headers-V-amd64 (arch part),
+    # source -> linux-headers-V-common. BCC reads both; link both, as Debian does.
+    distro=$(ls -d /lib/modules/*-amd64 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$distro" ] && [ -e "$distro/build" ] || { log "no kernel headers found under /lib/modules"; exit 1; }
+    log "WARNING: no headers package for kernel $KREL; using $(basename "$distro")'s headers."
     log "         That is enough for uprobe programs (they read no kernel structs)."
     mkdir -p "/lib/modules/$KREL"
-    ln -sfn "$hdr" "/lib/modules/$KREL/build"
+    ln -sfn "$(readlink -f "$distro/build")" "/lib/modules/$KREL/build"
+    [ -e "$distro/source" ] && ln -sfn "$(readlink -f "$distro/source")" "/lib/modules/$KREL/source"
+fi
+
+# BCC attaches tracepoints through tracefs; fresh VMs may not mount it.
+if [ ! -d /sys/kernel/tracing/events ]; then
+    log "mounting tracefs at /sys/kernel/tracing"
+    mount -t tracefs tracefs /sys/kernel/tracing
 fi
 
 BASE_PYTHON=${OTEL_GIL_SETUP_PYTHON:-/usr/bin/python3}

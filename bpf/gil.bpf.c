@@ -1,0 +1,269 @@
+/* otel-gil: every GIL wait and hold of the traced processes, timed in the kernel.
+ *
+ * Probes (attached per target pid by otel_gil/probes.py):
+ *   on_take_gil         take_gil entry (every copy): a wait begins.
+ *   on_take_gil_return  each `ret` instruction of take_gil: the GIL is held.
+ *                       Plain uprobes at the ret offsets, not uretprobes: those
+ *                       rewrite the return address and need the uretprobe()
+ *                       syscall, which seccomp profiles kill (correlation.md).
+ *   on_cond_signal      libc pthread_cond_signal, filtered on the GIL's
+ *                       condition variable: drop_gil does `locked = 0;
+ *                       COND_SIGNAL(gil->cond)` in every CPython 3.8..3.14
+ *                       (Python/ceval_gil.[ch]), so this sees every release,
+ *                       even where LTO inlined drop_gil into its callers.
+ *   sched_process_exit  a thread ended: mark it, so user space can reap it.
+ *
+ * Compile-time settings (-D, set by the loader): WAIT_THRESHOLD_NS,
+ * HOLD_THRESHOLD_NS, MAX_THREADS, MAX_TARGETS, RINGBUF_PAGES.
+ */
+#include <uapi/linux/ptrace.h> /* struct pt_regs: the stable x86-64 uapi layout */
+#include "gil.h"
+
+#ifndef WAIT_THRESHOLD_NS
+#define WAIT_THRESHOLD_NS 1000000ULL
+#endif
+#ifndef HOLD_THRESHOLD_NS
+#define HOLD_THRESHOLD_NS 50000000ULL
+#endif
+#ifndef MAX_THREADS
+#define MAX_THREADS 8192
+#endif
+#ifndef MAX_TARGETS
+#define MAX_TARGETS 256
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 64
+#endif
+
+BPF_HASH(targets, u32, struct target, MAX_TARGETS);
+BPF_HASH(threads, u32, struct thread_stats, MAX_THREADS);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+/* Scratch for building a new thread's entry: too large for the BPF stack. */
+BPF_PERCPU_ARRAY(zero_thread, struct thread_stats, 1);
+
+/* Bucket of a duration: see gil.h; mirrored by otel_gil.timeline.bucket_of. */
+static __always_inline u32 bucket_of(u64 ns)
+{
+    if (ns < (1ULL << GIL_HIST_MIN_SHIFT))
+        return 0;
+    u32 e = 0;
+    u64 v = ns;
+    if (v >> 32) { v >>= 32; e += 32; }
+    if (v >> 16) { v >>= 16; e += 16; }
+    if (v >> 8) { v >>= 8; e += 8; }
+    if (v >> 4) { v >>= 4; e += 4; }
+    if (v >> 2) { v >>= 2; e += 2; }
+    if (v >> 1) { e += 1; }
+    u32 sub = (ns >> (e - 2)) & 3;
+    u32 b = 1 + (e - GIL_HIST_MIN_SHIFT) * 4 + sub;
+    if (b >= GIL_HIST_BUCKETS)
+        b = GIL_HIST_BUCKETS - 1;
+    /* Hide b's range from clang so the mask below survives: without it clang
+     * drops the mask as redundant, and the verifier, tracking registers
+     * differently, rejects the array index. GIL_HIST_BUCKETS is a power of 2. */
+    asm volatile("" : "+r"(b));
+    return b & (GIL_HIST_BUCKETS - 1);
+}
+
+/* The thread's entry, created on first sight. NULL when the map is full. */
+static __always_inline struct thread_stats *thread_of(u32 tid, u32 pid, struct target *t)
+{
+    struct thread_stats *th = threads.lookup(&tid);
+    if (th)
+        return th;
+    int zero = 0;
+    struct thread_stats *init = zero_thread.lookup(&zero);
+    if (!init)
+        return 0;
+    init->pid = pid;
+    if (threads.insert(&tid, init) != 0) {
+        __sync_fetch_and_add(&t->untracked, 1);
+        return 0;
+    }
+    return threads.lookup(&tid);
+}
+
+/* Copy the calling thread's published span context, if the app has a context
+ * table. Only ever called for the current thread, which is stopped in the
+ * probe, so its slot cannot change under us. */
+static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ctx *out)
+{
+    if (!t->ctx_table)
+        return;
+    u32 key = tid;
+    if (t->ns_translate) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(t->ns_dev, t->ns_ino, &ns, sizeof(ns)))
+            return;
+        key = ns.pid;
+    }
+    u32 mask = t->ctx_slots - 1;
+#pragma unroll
+    for (int k = 0; k < GIL_CTX_PROBES; k++) {
+        u64 addr = t->ctx_table + GIL_CTX_HEADER_SIZE
+                   + (u64)((key + k) & mask) * GIL_CTX_SLOT_SIZE;
+        struct ctx_slot_head head;
+        if (bpf_probe_read_user(&head, sizeof(head), (void *)addr))
+            return;
+        if (head.tid == key) {
+            if (head.ctx.valid)
+                __builtin_memcpy(out, &head.ctx, sizeof(*out));
+            return;
+        }
+        if (head.tid == 0)
+            return;
+    }
+}
+
+int on_take_gil(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32, tid = (u32)id;
+    struct target *t = targets.lookup(&pid);
+    if (!t)
+        return 0;
+    struct thread_stats *th = thread_of(tid, pid, t);
+    if (!th)
+        return 0;
+    /* Holding while asking for the GIL means we missed this thread's release
+     * (CPython would abort otherwise): drop the hold rather than invent one. */
+    if (th->hold_start) {
+        th->hold_start = 0;
+        th->unmatched++;
+    }
+    th->wait_seq = t->acq_seq;
+    th->wait_start = bpf_ktime_get_ns();
+    return 0;
+}
+
+/* Emit a wait event, with the holds that overlapped [start, now]. */
+static __always_inline void emit_wait(struct target *t, struct thread_stats *th,
+                                      u32 pid, u32 tid, u64 start, u64 now)
+{
+    struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
+    if (!ev) {
+        __sync_fetch_and_add(&t->lost, 1);
+        return;
+    }
+    ev->kind = GIL_EVENT_WAIT;
+    ev->pid = pid;
+    ev->tid = tid;
+    ev->start_ns = start;
+    ev->end_ns = now;
+    ev->holds_total = t->acq_seq - th->wait_seq;
+    __builtin_memset(&ev->ctx, 0, sizeof(ev->ctx));
+    read_ctx(t, tid, &ev->ctx);
+    u32 n = 0;
+    u64 head = t->releases;
+#pragma unroll
+    for (int i = 1; i <= GIL_MAX_HOLDERS && i <= GIL_HOLD_RING; i++) {
+        if (head < (u64)i)
+            break;
+        struct gil_hold *h = &t->ring[(head - i) & (GIL_HOLD_RING - 1)];
+        if (h->end_ns <= start)
+            break;
+        __builtin_memcpy(&ev->holds[n & (GIL_MAX_HOLDERS - 1)], h, sizeof(*h));
+        n++;
+    }
+    ev->nholds = n;
+    events.ringbuf_submit(ev, 0);
+}
+
+int on_take_gil_return(struct pt_regs *ctx)
+{
+    u64 now = bpf_ktime_get_ns();
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32, tid = (u32)id;
+    struct target *t = targets.lookup(&pid);
+    if (!t)
+        return 0;
+    struct thread_stats *th = thread_of(tid, pid, t);
+    if (!th)
+        return 0;
+    u64 start = th->wait_start;
+    if (start) {
+        u64 wait = now - start;
+        th->wait_ns += wait;
+        if (wait > th->max_wait_ns)
+            th->max_wait_ns = wait;
+        th->wait_hist[bucket_of(wait)]++;
+        if (t->holder_tid != tid && wait >= t->interval_ns)
+            t->forced_switches++;
+        if (wait >= WAIT_THRESHOLD_NS)
+            emit_wait(t, th, pid, tid, start, now);
+    } else {
+        th->unmatched++; /* the wait began before we attached */
+    }
+    th->wait_start = 0;
+    th->hold_start = now;
+    th->acquisitions++;
+    if (t->holder_tid != tid)
+        t->handoffs++;
+    t->holder_tid = tid;
+    t->acq_seq++;
+    return 0;
+}
+
+static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 pid)
+{
+    struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
+    if (!ev) {
+        __sync_fetch_and_add(&t->lost, 1);
+        return;
+    }
+    ev->kind = GIL_EVENT_HOLD;
+    ev->pid = pid;
+    ev->tid = h->tid;
+    ev->nholds = 0;
+    ev->start_ns = h->start_ns;
+    ev->end_ns = h->end_ns;
+    ev->holds_total = 0;
+    __builtin_memcpy(&ev->ctx, &h->ctx, sizeof(ev->ctx));
+    events.ringbuf_submit(ev, 0);
+}
+
+int on_cond_signal(struct pt_regs *ctx)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32, tid = (u32)id;
+    struct target *t = targets.lookup(&pid);
+    if (!t || PT_REGS_PARM1(ctx) != t->cond_addr)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    struct thread_stats *th = threads.lookup(&tid);
+    if (!th || !th->hold_start) {
+        /* Held since before we attached: no interval to report. */
+        if (th)
+            th->unmatched++;
+        return 0;
+    }
+    u64 hold = now - th->hold_start;
+    th->hold_ns += hold;
+    if (hold > th->max_hold_ns)
+        th->max_hold_ns = hold;
+    th->hold_hist[bucket_of(hold)]++;
+
+    struct gil_hold *h = &t->ring[t->releases & (GIL_HOLD_RING - 1)];
+    h->tid = tid;
+    h->start_ns = th->hold_start;
+    h->end_ns = now;
+    __builtin_memset(&h->ctx, 0, sizeof(h->ctx));
+    read_ctx(t, tid, &h->ctx);
+    t->releases++;
+    th->hold_start = 0;
+    if (hold >= HOLD_THRESHOLD_NS)
+        emit_hold(t, h, pid);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct thread_stats *th = threads.lookup(&tid);
+    if (th) {
+        th->exited = 1;
+        th->wait_start = 0;
+        th->hold_start = 0;
+    }
+    return 0;
+}

@@ -1,0 +1,234 @@
+"""The BPF side: compile bpf/gil.bpf.c, attach it to targets, read what it saw.
+
+This is the only module that imports ``bcc`` (the OS's python3-bpfcc). Every
+step (compile, configure, attach, poll, detach) fails with one ProbeError that
+says what to do.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+from otel_gil import events
+from otel_gil.errors import EnvironmentProblem, ProbeError
+
+if TYPE_CHECKING:
+    from otel_gil.discovery import Target
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    wait_threshold_ns: int = 1_000_000  # waits at or above this become events
+    hold_threshold_ns: int = 50_000_000  # holds at or above this become events
+    max_threads: int = 8192
+    max_targets: int = 256
+    ringbuf_pages: int = 256  # 1 MiB
+
+    def cflags(self) -> List[str]:
+        return [
+            f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
+            f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
+            f"-DMAX_THREADS={self.max_threads}",
+            f"-DMAX_TARGETS={self.max_targets}",
+            f"-DRINGBUF_PAGES={self.ringbuf_pages}",
+        ]
+
+
+@dataclass(frozen=True)
+class ContextTable:
+    """Where a target publishes its span contexts (otel_gil/context.py)."""
+
+    address: int
+    slots: int
+
+
+def bpf_dir() -> Path:
+    return Path(str(resources.files("otel_gil.bpf")))
+
+
+def program_text(config: ProbeConfig) -> str:
+    """The program exactly as compiled: the -D settings, the header, the source.
+    Printed by ``otel-gil record --dump-bpf``."""
+    src = bpf_dir()
+    defines = "".join(f"#define {f[2:].replace('=', ' ', 1)}\n" for f in config.cflags())
+    return defines + (src / "gil.h").read_text() + (src / "gil.bpf.c").read_text()
+
+
+def _import_bcc() -> Any:
+    try:
+        import bcc  # noqa: PLC0415 - only here, so the package imports without BCC
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"cannot import the BCC Python module ({exc})",
+            "install Debian's python3-bpfcc and run scripts/setup.sh, which links it into "
+            ".venv; never `pip install bcc`, an unrelated package",
+        ) from None
+    return bcc
+
+
+def _recent_kernel_log() -> str:
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return "\n".join(out.splitlines()[-20:])
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def ensure_tracefs() -> None:
+    """BCC attaches tracepoints through tracefs, which a fresh VM or container
+    may not have mounted. Mount it (we are root) or say how."""
+    if (TRACEFS / "events").is_dir():
+        return
+    try:
+        subprocess.run(["mount", "-t", "tracefs", "tracefs", str(TRACEFS)],
+                       check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not (TRACEFS / "events").is_dir():
+        raise EnvironmentProblem(
+            f"tracefs is not mounted at {TRACEFS}",
+            f"run `mount -t tracefs tracefs {TRACEFS}` as root (in a container, "
+            "bind-mount the host's /sys/kernel/tracing)",
+        )
+
+
+class Probes:
+    """One loaded BPF program; targets are added and removed while it runs."""
+
+    def __init__(self, config: ProbeConfig, on_event: Callable[[events.Interval], None]) -> None:
+        bcc = _import_bcc()
+        ensure_tracefs()
+        self.config = config
+        self._on_event = on_event
+        self.undecodable = 0
+        self._attached: Dict[int, List[Tuple[str, int]]] = {}
+        try:
+            self._bpf = bcc.BPF(src_file=str(bpf_dir() / "gil.bpf.c"),
+                                cflags=config.cflags() + [f"-I{bpf_dir()}"])
+        except Exception as exc:  # BCC raises bare Exception
+            raise ProbeError(
+                f"compiling the BPF program failed: {exc}",
+                "check that /lib/modules/$(uname -r)/build has kernel headers "
+                "(scripts/setup.sh links them) and that you are root",
+            ) from None
+        try:
+            # Load every probe now, so a verifier rejection is reported as such.
+            for fn_name in ("on_take_gil", "on_take_gil_return", "on_cond_signal"):
+                self._bpf.load_func(fn_name, bcc.BPF.KPROBE)
+        except Exception as exc:
+            raise ProbeError(f"the kernel's verifier rejected the BPF program: {exc}",
+                             "report this with the output of `otel-gil doctor`") from None
+        self._targets = self._bpf["targets"]
+        self._threads = self._bpf["threads"]
+        self._bpf["events"].open_ring_buffer(self._ring_callback)
+
+    # ----------------------------------------------------------------- targets
+
+    def add(self, target: Target, ctx_table: Optional[ContextTable] = None) -> None:
+        """Configure the target in the kernel, then attach its probes (pid-filtered,
+        so other processes using the same libpython pay nothing)."""
+        cfg = events.Target()
+        cfg.cond_addr = target.gil.cond_address
+        cfg.interval_ns = target.gil.interval_us * 1000
+        if ctx_table is not None:
+            cfg.ctx_table = ctx_table.address
+            cfg.ctx_slots = ctx_table.slots
+        if len(target.nspid) > 1:
+            cfg.ns_translate = 1
+            cfg.ns_dev, cfg.ns_ino = target.pidns
+        cfg.holder_tid = 0
+        self._targets[ctypes.c_uint32(target.pid)] = cfg
+        interp = target.interpreter
+        points: List[Tuple[str, str, int]] = []
+        for fn in interp.take_gil:
+            points.append(("on_take_gil", target.object_path, fn.address))
+            points += [("on_take_gil_return", target.object_path, r) for r in fn.ret_addresses]
+        libc_path, cond_signal = target.cond_signal
+        points.append(("on_cond_signal", libc_path, cond_signal))
+        attached: List[Tuple[str, int]] = []
+        self._attached[target.pid] = attached
+        for fn_name, path, addr in points:
+            try:
+                self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn_name, pid=target.pid)
+            except Exception:
+                self.remove(target.pid)
+                raise self._attach_error(path, addr, target.pid) from None
+            attached.append((path, addr))
+
+    def _attach_error(self, path: str, addr: int, pid: int) -> ProbeError:
+        log = _recent_kernel_log()
+        if "ref_ctr_offset mismatch" in log:
+            return ProbeError(
+                f"another tracer already has a uprobe at {path}+{addr:#x} (pid {pid}): the "
+                "kernel refuses a second one with a different reference counter "
+                "('ref_ctr_offset mismatch' in dmesg)",
+                "stop the other tracer's probe on take_gil / pthread_cond_signal "
+                "(perf probe -d, or end the bpftrace session), then retry",
+            )
+        return ProbeError(
+            f"attaching a uprobe at {path}+{addr:#x} in pid {pid} failed",
+            "check that the process is still running and that you are root; dmesg may say more",
+        )
+
+    def remove(self, pid: int) -> None:
+        """Detach a target's probes; its thread entries stay until drained."""
+        for path, addr in self._attached.pop(pid, []):
+            try:
+                self._bpf.detach_uprobe(name=path, addr=addr, pid=pid)
+            except Exception:  # noqa: S110 - the process is gone: nothing left to detach
+                pass
+        try:
+            del self._targets[ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
+
+    def target_state(self, pid: int) -> Optional[events.Target]:
+        try:
+            raw = self._targets[ctypes.c_uint32(pid)]
+        except KeyError:
+            return None
+        return events.Target.from_buffer_copy(bytes(raw))
+
+    @property
+    def pids(self) -> List[int]:
+        return list(self._attached)
+
+    # ------------------------------------------------------------------ reading
+
+    def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:
+        try:
+            interval = events.decode_event(ctypes.string_at(data, size))
+        except ValueError:
+            self.undecodable += 1
+            return 0
+        self._on_event(interval)
+        return 0
+
+    def poll(self, timeout_ms: int) -> None:
+        """Deliver pending events to on_event; waits at most timeout_ms for the first."""
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def threads(self) -> Dict[int, events.ThreadStats]:
+        """Every tracked thread's totals, by host tid."""
+        return {k.value: events.ThreadStats.from_buffer_copy(bytes(v))
+                for k, v in self._threads.items()}
+
+    def forget_threads(self, tids: List[int]) -> None:
+        for tid in tids:
+            try:
+                del self._threads[ctypes.c_uint32(tid)]
+            except KeyError:
+                pass
+
+    def close(self) -> None:
+        for pid in list(self._attached):
+            self.remove(pid)
+        self._bpf.cleanup()
