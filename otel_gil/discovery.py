@@ -1,0 +1,461 @@
+"""Target discovery: which ELF object holds CPython, where take_gil is, where the GIL is.
+
+Nothing here runs the target's Python: versions, symbols and struct layouts are
+read from the files (``inspect_binary``) and the GIL address from process memory
+(``inspect_process``). Results per interpreter build are cached by build-id, in
+memory and as JSON under ``$XDG_CACHE_HOME/otel-gil/interpreters``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from otel_gil.elfsyms import (
+    ElfObject,
+    Function,
+    Symbol,
+    analyse_function,
+    debug_file_candidates,
+    first_local_branch,
+    gil_symbols,
+    minidebuginfo,
+)
+from otel_gil.errors import GilDisabledError, TargetError
+from otel_gil.layout import (
+    GilLayout,
+    debug_offsets_layout,
+    dwarf_gil_fields,
+    dwarf_layout,
+    is_free_threaded,
+    read_debug_offsets,
+    read_version,
+    table_layout,
+)
+
+CACHE_FORMAT = 1
+ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    """One ELF object holding CPython (a libpython, or a statically linked exe)."""
+
+    path: str
+    build_id: str | None
+    version: tuple[int, int, int]
+    free_threaded: bool
+    static: bool
+    take_gil: tuple[Function, ...]
+    drop_gil: tuple[Function, ...]
+    runtime_address: int | None
+    symbol_source: str
+    gil_layout: GilLayout | None = None
+
+
+@dataclass(frozen=True)
+class GilAddress:
+    address: int
+    cond_address: int
+    interval_us: int
+    enabled: bool | None
+    how: str
+
+
+@dataclass(frozen=True)
+class Target:
+    pid: int
+    nspid: tuple[int, ...]
+    root: str
+    object_path: str
+    interpreter: Interpreter
+    load_bias: int
+    pidns: tuple[int, int]
+    gil: GilAddress
+    cond_signal: tuple[str, int]
+
+
+# ----------------------------------------------------------------- inspect_binary
+
+_MEMORY_CACHE: dict[str, Interpreter] = {}
+
+
+def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interpreter:
+    """Read an interpreter ELF (libpython or exe). ``root``: where its /usr/lib/debug is.
+
+    ``cache=False`` ignores (and does not fill) the build-id caches, for
+    callers that must see how this very file resolves (tests of stripped copies).
+    """
+    try:
+        obj = ElfObject(path)
+    except FileNotFoundError as err:
+        raise TargetError(f"no such file: {path}") from err
+    except PermissionError as err:
+        raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
+    with obj:
+        build_id = obj.build_id()
+        if cache and build_id:
+            hit = _MEMORY_CACHE.get(build_id) or _disk_load(build_id)
+            if hit is not None:
+                _MEMORY_CACHE[build_id] = hit
+                return dataclasses.replace(hit, path=path)
+        interp = _inspect(obj, root)
+    if cache and build_id:
+        _MEMORY_CACHE[build_id] = interp
+        _disk_store(build_id, interp)
+    return interp
+
+
+def clear_memory_cache() -> None:
+    _MEMORY_CACHE.clear()
+
+
+def _inspect(obj: ElfObject, root: str) -> Interpreter:
+    runtime = _runtime_address(obj)
+    if runtime is None and obj.lookup("Py_Initialize") is None:
+        raise TargetError(f"{obj.path} holds no CPython interpreter (no _PyRuntime)")
+    version, _how = read_version(obj, runtime)
+    if not (3, 8) <= version[:2] <= (3, 14):
+        raise TargetError(f"{obj.path}: CPython {version} is not supported (3.8 to 3.14 are)")
+    free_threaded = is_free_threaded(obj, runtime)
+    found = _find_gil_functions(obj, root)
+    takes, drops, source, dwarf_obj = found
+    if not takes:
+        raise TargetError(f"{obj.path}: take_gil not found ({source})")
+    for fn in takes:
+        if not fn.ret_addresses:
+            raise TargetError(f"{obj.path}: {fn.name} at {fn.address:#x} has no ret instruction")
+    try:
+        layout = _gil_layout(obj, dwarf_obj, runtime, version, free_threaded, takes[0].address)
+    finally:
+        if dwarf_obj is not None and dwarf_obj is not obj:
+            dwarf_obj.close()
+    return Interpreter(
+        path=obj.path, build_id=obj.build_id(), version=version, free_threaded=free_threaded,
+        static=obj.is_executable(), take_gil=tuple(takes), drop_gil=tuple(drops),
+        runtime_address=runtime, symbol_source=source, gil_layout=layout,
+    )
+
+
+def _runtime_address(obj: ElfObject) -> int | None:
+    sym = obj.lookup("_PyRuntime")
+    if sym is not None:
+        return sym.value
+    section = obj.section_range(".PyRuntime")  # its own section since 3.10
+    return section[0] if section else None
+
+
+def _find_gil_functions(
+    obj: ElfObject, root: str
+) -> tuple[list[Function], list[Function], str, ElfObject | None]:
+    """take_gil/drop_gil copies from the first symbol source that has them.
+
+    Returns (takes, drops, source, object to read DWARF from or None); the last
+    is left open for the caller.
+    """
+    takes, drops, colds = gil_symbols(obj)
+    if takes:
+        return _analyse(obj, takes, drops, colds, "symtab") + (obj,)
+    mini = minidebuginfo(obj)
+    if mini is not None:
+        with mini:
+            takes, drops, colds = gil_symbols(mini)
+        if takes:
+            return _analyse(obj, takes, drops, colds, "minidebuginfo") + (None,)
+    roots = tuple(dict.fromkeys((root, "/")))
+    for debug_path, how in debug_file_candidates(obj, roots):
+        debug = ElfObject(debug_path)
+        takes, drops, colds = gil_symbols(debug)
+        if takes:
+            return _analyse(obj, takes, drops, colds, how) + (debug,)
+        debug.close()
+    return _fallback(obj) + (None,)
+
+
+def _analyse(
+    obj: ElfObject, takes: list[Symbol], drops: list[Symbol], colds: list[Symbol], source: str
+) -> tuple[list[Function], list[Function], str]:
+    def each(syms: list[Symbol]) -> list[Function]:
+        return [analyse_function(obj, s.name, s.value, s.size, source, colds)
+                for s in sorted(syms, key=lambda s: s.value)]
+
+    return each(takes), each(drops), source
+
+
+def _fallback(obj: ElfObject) -> tuple[list[Function], list[Function], str]:
+    """No symbols at all: PyEval_AcquireLock's first local branch is take_gil.
+
+    The extent comes from the ``.eh_frame`` FDE, as there is no symbol size.
+    Finds one copy only (3.8's eval-loop ``take_gil`` is not reached this way).
+    """
+    source = "no symbols: call target of PyEval_AcquireLock (capstone)"
+    acquire = obj.lookup("PyEval_AcquireLock", (".dynsym",))
+    if acquire is None:
+        raise TargetError(f"{obj.path}: no symbols, and PyEval_AcquireLock is not exported")
+    target = first_local_branch(obj, acquire)
+    extent = obj.fde_extent(target) if target is not None else None
+    if target is None or extent is None or extent[0] != target:
+        raise TargetError(
+            f"{obj.path} is stripped and take_gil could not be found from PyEval_AcquireLock",
+            remedy="install the interpreter's debug symbols (e.g. python3.X-dbg)",
+        )
+    fn = analyse_function(obj, "take_gil", extent[0], extent[1], source, [])
+    return [fn], [], source
+
+
+def _gil_layout(
+    obj: ElfObject, dwarf_obj: ElfObject | None, runtime: int | None,
+    version: tuple[int, int, int], free_threaded: bool, take_gil: int,
+) -> GilLayout:
+    dbg = read_debug_offsets(obj, runtime) if runtime is not None else None
+    if dbg is not None:
+        fields = dwarf_gil_fields(dwarf_obj, take_gil) if dwarf_obj is not None else None
+        return debug_offsets_layout(dbg, fields)
+    if dwarf_obj is not None:
+        found = dwarf_layout(dwarf_obj, take_gil, version)
+        if found is not None:
+            return found
+    return table_layout(version, free_threaded)
+
+
+# ----------------------------------------------------------------- disk cache
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "otel-gil", "interpreters")
+
+
+def _cache_file(build_id: str) -> str:
+    return os.path.join(cache_dir(), f"{build_id}.json")
+
+
+def _disk_store(build_id: str, interp: Interpreter) -> None:
+    directory = cache_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        payload = {"format": CACHE_FORMAT, "interpreter": dataclasses.asdict(interp)}
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f)
+        os.replace(tmp, _cache_file(build_id))  # atomic: readers never see half a file
+    except OSError:
+        pass  # a read-only home only costs a re-read next time
+
+
+def _disk_load(build_id: str) -> Interpreter | None:
+    try:
+        with open(_cache_file(build_id)) as f:
+            payload = json.load(f)
+        if payload.get("format") != CACHE_FORMAT:
+            return None
+        return _interpreter_from_json(payload["interpreter"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # absent or corrupt: inspect again and overwrite
+
+
+def _interpreter_from_json(d: dict[str, Any]) -> Interpreter:
+    def fn(x: dict[str, Any]) -> Function:
+        return Function(x["name"], int(x["address"]), int(x["size"]),
+                        tuple(int(r) for r in x["ret_addresses"]), x["source"],
+                        tuple(x["notes"]))
+
+    layout = GilLayout(**d["gil_layout"]) if d.get("gil_layout") else None
+    return Interpreter(
+        path=d["path"], build_id=d["build_id"], version=tuple(d["version"]),
+        free_threaded=bool(d["free_threaded"]), static=bool(d["static"]),
+        take_gil=tuple(fn(x) for x in d["take_gil"]), drop_gil=tuple(fn(x) for x in d["drop_gil"]),
+        runtime_address=d["runtime_address"], symbol_source=d["symbol_source"], gil_layout=layout,
+    )
+
+
+# ----------------------------------------------------------------- inspect_process
+
+_LIBPYTHON_RE = re.compile(r"^libpython3\.\d+t?d?\.so")
+_LIBC_RE = re.compile(r"^(libpthread\.so\.0|libc\.so\.6)$")
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    start: int
+    end: int
+    offset: int
+    inode: int
+    path: str
+
+
+def inspect_process(pid: int) -> Target:
+    """Everything the probes need about a running CPython process (host pid)."""
+    proc = f"/proc/{pid}"
+    status = _read_proc(pid, "status")
+    comm = _read_proc(pid, "comm").strip()
+    nspid = tuple(int(x) for x in _status_field(status, "NSpid").split()) or (pid,)
+    maps = _read_maps(pid)
+    root = f"{proc}/root"
+    lib = [m for m in maps if _LIBPYTHON_RE.match(os.path.basename(m.path))]
+    if lib:
+        chosen = [m for m in maps if m.path == lib[0].path]
+    else:
+        exe = os.readlink(f"{proc}/exe").replace(" (deleted)", "")
+        chosen = [m for m in maps if m.path == exe]
+    if not chosen:
+        raise TargetError(f"pid {pid} ({comm}) is not a Python process")
+    object_path = _open_path(pid, chosen[0])
+    try:
+        interp = inspect_binary(object_path, root=root)
+    except TargetError as err:
+        if not lib:
+            raise TargetError(f"pid {pid} ({comm}) is not a Python process") from err
+        raise
+    bias = _load_bias(object_path, chosen)
+    libc = _cond_signal(pid, maps)
+    ns = os.stat(f"{proc}/ns/pid")
+    gil = _read_gil(pid, interp, bias)
+    return Target(pid, nspid, root, object_path, interp, bias, (ns.st_dev, ns.st_ino), gil, libc)
+
+
+def require_gil(target: Target) -> None:
+    """Raise if the target is free-threaded and runs with the GIL disabled."""
+    if target.gil.enabled is False:
+        raise GilDisabledError(
+            "GIL disabled: nothing to measure", remedy="run with PYTHON_GIL=1 to measure the GIL"
+        )
+
+
+def _read_proc(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError) as err:
+        raise TargetError(f"no process with pid {pid}") from err
+    except PermissionError as err:
+        raise TargetError(f"cannot read /proc/{pid}/{name}", remedy=ROOT_REMEDY) from err
+
+
+def _status_field(status: str, key: str) -> str:
+    for line in status.splitlines():
+        if line.startswith(key + ":"):
+            return line.split(":", 1)[1]
+    return ""
+
+
+def _read_maps(pid: int) -> list[_Mapping]:
+    out = []
+    for line in _read_proc(pid, "maps").splitlines():
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/"):
+            continue
+        lo, hi = parts[0].split("-")
+        path = parts[5].replace(" (deleted)", "")
+        out.append(_Mapping(int(lo, 16), int(hi, 16), int(parts[2], 16), int(parts[4]), path))
+    return out
+
+
+def _open_path(pid: int, m: _Mapping) -> str:
+    """A path that opens the mapped file from here, checked by inode.
+
+    Through /proc/PID/root for a container or chroot whose maps show paths as
+    the target sees them; as printed, when the target is chrooted under a
+    directory we can see (maps print paths relative to *our* root then); last,
+    /proc/PID/map_files, which works across mount namespaces (root only).
+    """
+    candidates = (f"/proc/{pid}/root{m.path}", m.path,
+                  f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+    for path in candidates:
+        try:
+            if os.stat(path).st_ino == m.inode:
+                return path
+        except OSError:
+            continue
+    raise TargetError(f"cannot open {m.path} of pid {pid}", remedy=ROOT_REMEDY)
+
+
+def _load_bias(path: str, maps: list[_Mapping]) -> int:
+    """runtime address - link-time address, from the file's first mapping."""
+    first = min(maps, key=lambda m: m.offset)
+    with ElfObject(path) as obj:
+        for p_offset, p_vaddr, _size in obj.load_segments():
+            page = p_offset & ~0xFFF
+            if page == first.offset:
+                return first.start - (p_vaddr - (p_offset - page))
+    raise TargetError(f"{path}: no PT_LOAD matches its first mapping at offset {first.offset:#x}")
+
+
+def _cond_signal(pid: int, maps: list[_Mapping]) -> tuple[str, int]:
+    """The target's libc (or old-glibc libpthread) and its default pthread_cond_signal."""
+    seen = []
+    for m in maps:
+        if m.path in seen or not _LIBC_RE.match(os.path.basename(m.path)):
+            continue
+        seen.append(m.path)
+        path = _open_path(pid, m)
+        with ElfObject(path) as obj:
+            found = obj.versioned_dynsym("pthread_cond_signal")
+        if found is not None:
+            return path, found[0].value
+    raise TargetError(f"pid {pid}: no libc with pthread_cond_signal is mapped")
+
+
+def _read_gil(pid: int, interp: Interpreter, bias: int) -> GilAddress:
+    layout = interp.gil_layout
+    if layout is None or interp.runtime_address is None:
+        raise TargetError(f"{interp.path}: no _PyRuntime, so the GIL cannot be located")
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+    except PermissionError as err:
+        raise TargetError(f"cannot read the memory of pid {pid}", remedy=ROOT_REMEDY) from err
+    except FileNotFoundError as err:
+        raise TargetError(f"no process with pid {pid}") from err
+    try:
+        return _walk_to_gil(fd, pid, layout, interp.runtime_address + bias)
+    finally:
+        os.close(fd)
+
+
+def _peek(fd: int, pid: int, address: int, fmt: str) -> int:
+    size = struct.calcsize(fmt)
+    try:
+        data = os.pread(fd, size, address)
+    except OSError as err:
+        raise TargetError(f"pid {pid}: cannot read {size} bytes at {address:#x}: {err}") from err
+    if len(data) != size:
+        raise TargetError(f"pid {pid}: short read at {address:#x}")
+    return int(struct.unpack(fmt, data)[0])
+
+
+def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddress:
+    if layout.inline_offset is not None:
+        gil = runtime + layout.inline_offset
+    else:
+        assert layout.interp_offset is not None and layout.gil_pointer_offset is not None
+        interp = _peek(fd, pid, runtime + layout.interp_offset, "<Q")
+        if layout.interp_next is not None and layout.interp_id is not None:
+            # 3.13+: interpreters.head is the newest; the main one has id 0.
+            for _ in range(256):
+                if not interp or _peek(fd, pid, interp + layout.interp_id, "<q") == 0:
+                    break
+                interp = _peek(fd, pid, interp + layout.interp_next, "<Q")
+        if not interp:
+            raise TargetError(f"pid {pid}: the interpreter is not initialised yet (try again)")
+        gil = _peek(fd, pid, interp + layout.gil_pointer_offset, "<Q")
+        if not gil:
+            raise TargetError(f"pid {pid}: the GIL is not created yet (try again)")
+    interval = _peek(fd, pid, gil + layout.interval, "<Q")
+    locked = _peek(fd, pid, gil + layout.locked, "<i")
+    enabled = None
+    if layout.enabled is not None:
+        enabled = _peek(fd, pid, gil + layout.enabled, "<i") != 0
+    # sys.setswitchinterval() accepts any positive float; 5000 µs is the default.
+    # locked is -1 before the GIL is created (Python/ceval_gil.c).
+    if locked not in (0, 1) or not 0 < interval <= 10**9:
+        raise TargetError(
+            f"pid {pid}: the GIL read at {gil:#x} ({layout.how}) looks wrong "
+            f"(locked={locked}, interval={interval}); is the interpreter still starting?"
+        )
+    return GilAddress(gil, gil + layout.cond, interval, enabled, layout.how)

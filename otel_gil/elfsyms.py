@@ -1,0 +1,481 @@
+"""Reading ELF objects without running them: symbols, debug files, code bytes.
+
+Everything here works on files only (never on the target's Python). Symbol
+tables are parsed with :mod:`struct` directly rather than through pyelftools'
+per-symbol objects: Debian's python3.11 debug file has ~40k symbols and the raw
+parse is about 50x faster.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Pattern
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from otel_gil.errors import TargetError
+
+# Copies GCC makes of a static function (cpython-gil.md: 3.8 `take_gil.constprop.0`,
+# Debian 3.11 `take_gil.lto_priv.0`). `.cold` parts are matched separately.
+GIL_FUNCTION_RE: dict[str, Pattern[str]] = {
+    name: re.compile(rf"^{name}(\.(constprop|isra|lto_priv|part)\.\d+)*$")
+    for name in ("take_gil", "drop_gil")
+}
+COLD_SUFFIX_RE = re.compile(r"\.cold(\.\d+)?$")
+
+_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym: name, info, other, shndx, value, size
+STT_FUNC = 2
+STT_OBJECT = 1
+SHN_UNDEF = 0
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    value: int
+    size: int
+    kind: int  # STT_*
+
+
+class ElfObject:
+    """One ELF file, opened for reading; ``close()`` it (or use ``with``)."""
+
+    def __init__(self, path: str, data: bytes | None = None) -> None:
+        self.path = path
+        self._file: BinaryIO = (
+            io.BytesIO(data) if data is not None else open(path, "rb")  # noqa: SIM115
+        )
+        try:
+            self.elf = ELFFile(self._file)
+        except ELFError as err:
+            self._file.close()
+            raise TargetError(f"{path} is not an ELF file: {err}") from err
+        if self.elf.get_machine_arch() != "x64":
+            self._file.close()
+            raise TargetError(
+                f"{path} is {self.elf.get_machine_arch()}, only x86-64 is supported"
+            )
+        self._symcache: dict[str, list[Symbol]] = {}
+
+    def __enter__(self) -> ElfObject:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    # ------------------------------------------------------------- identity
+
+    def build_id(self) -> str | None:
+        for seg in self.elf.iter_segments("PT_NOTE"):
+            for note in seg.iter_notes():  # type: ignore[attr-defined]
+                if note["n_type"] == "NT_GNU_BUILD_ID":
+                    return str(note["n_desc"])
+        return None
+
+    def debuglink(self) -> tuple[str, int] | None:
+        """(file name, CRC32) from ``.gnu_debuglink``, if any."""
+        sec = self.elf.get_section_by_name(".gnu_debuglink")
+        if sec is None:
+            return None
+        data = sec.data()
+        end = data.index(b"\0")
+        crc_at = (end + 4) & ~3  # the name is padded to 4 bytes, then a u32 CRC
+        (crc,) = struct.unpack_from("<I", data, crc_at)
+        return data[:end].decode(), crc
+
+    def is_executable(self) -> bool:
+        """True for a program (has PT_INTERP), false for a shared library."""
+        return any(True for _ in self.elf.iter_segments("PT_INTERP"))
+
+    def has_section(self, name: str) -> bool:
+        return self.elf.get_section_by_name(name) is not None
+
+    def section_range(self, name: str) -> tuple[int, int] | None:
+        sec = self.elf.get_section_by_name(name)
+        if sec is None:
+            return None
+        return sec["sh_addr"], sec["sh_size"]
+
+    # ------------------------------------------------------------- symbols
+
+    def symbols(self, section: str) -> list[Symbol]:
+        """Defined function and object symbols of ``.symtab`` or ``.dynsym``."""
+        if section in self._symcache:
+            return self._symcache[section]
+        out: list[Symbol] = []
+        sec = self.elf.get_section_by_name(section)
+        if sec is not None and sec["sh_type"] != "SHT_NOBITS":
+            strtab = self.elf.get_section(sec["sh_link"]).data()
+            for name_off, info, _other, shndx, value, size in _SYM.iter_unpack(sec.data()):
+                kind = info & 0xF
+                if shndx == SHN_UNDEF or kind not in (STT_FUNC, STT_OBJECT):
+                    continue
+                name = strtab[name_off : strtab.index(b"\0", name_off)]
+                out.append(Symbol(name.decode(errors="replace"), value, size, kind))
+        self._symcache[section] = out
+        return out
+
+    def lookup(self, name: str, sections: tuple[str, ...] = (".dynsym", ".symtab")) -> Symbol | None:
+        for section in sections:
+            for sym in self.symbols(section):
+                if sym.name == name:
+                    return sym
+        return None
+
+    def versioned_dynsym(self, name: str) -> tuple[Symbol, str] | None:
+        """The default (``@@``) version of a dynamic symbol, with its version name.
+
+        glibc exports ``pthread_cond_signal`` twice: ``@@GLIBC_2.3.2`` (the
+        default, what programs link to) and a hidden ``@GLIBC_2.2.5`` compat one.
+        """
+        dynsym = self.elf.get_section_by_name(".dynsym")
+        versym = self.elf.get_section_by_name(".gnu.version")
+        verdef = self.elf.get_section_by_name(".gnu.version_d")
+        if dynsym is None:
+            return None
+        strtab = self.elf.get_section(dynsym["sh_link"]).data()
+        versions = versym.data() if versym is not None else b""
+        for index, (name_off, info, _o, shndx, value, size) in enumerate(
+            _SYM.iter_unpack(dynsym.data())
+        ):
+            if shndx == SHN_UNDEF:
+                continue
+            if strtab[name_off : strtab.index(b"\0", name_off)] != name.encode():
+                continue
+            if not versions:
+                return Symbol(name, value, size, info & 0xF), ""
+            (ver,) = struct.unpack_from("<H", versions, 2 * index)
+            if ver & 0x8000:  # hidden: a compat version, not the default
+                continue
+            label = ""
+            if verdef is not None:
+                got = verdef.get_version(ver & 0x7FFF)  # type: ignore[attr-defined]
+                if got is not None:
+                    label = next(iter(got[1])).name
+            return Symbol(name, value, size, info & 0xF), label
+        return None
+
+    def exported_functions(self) -> dict[int, str]:
+        return {s.value: s.name for s in self.symbols(".dynsym") if s.kind == STT_FUNC}
+
+    # ------------------------------------------------------------- bytes
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """``size`` bytes at link-time address ``vaddr``, from the file's PT_LOADs."""
+        for seg in self.elf.iter_segments("PT_LOAD"):
+            start, filesz = seg["p_vaddr"], seg["p_filesz"]
+            if start <= vaddr and vaddr + size <= start + filesz:
+                self._file.seek(seg["p_offset"] + vaddr - start)
+                return self._file.read(size)
+        raise TargetError(f"{self.path}: address {vaddr:#x}+{size} is not in a loaded segment")
+
+    def load_segments(self) -> list[tuple[int, int, int]]:
+        """(p_offset, p_vaddr, p_filesz) of every PT_LOAD, in file order."""
+        return [
+            (s["p_offset"], s["p_vaddr"], s["p_filesz"]) for s in self.elf.iter_segments("PT_LOAD")
+        ]
+
+    def plt_ranges(self) -> list[tuple[int, int]]:
+        names = (".plt", ".plt.sec", ".plt.got")
+        return [r for r in (self.section_range(n) for n in names) if r is not None]
+
+    def rodata(self) -> bytes:
+        sec = self.elf.get_section_by_name(".rodata")
+        return sec.data() if sec is not None else b""
+
+    # ------------------------------------------------------------- unwind tables
+
+    def fde_extent(self, address: int) -> tuple[int, int] | None:
+        """(start, size) of the ``.eh_frame`` FDE covering ``address``.
+
+        Uses the sorted table in ``.eh_frame_hdr`` (binary search), so it costs
+        one FDE parse instead of walking every CFI entry with pyelftools.
+        """
+        hdr = self.section_range(".eh_frame_hdr")
+        if hdr is None:
+            return None
+        base, size = hdr
+        data = self.read(base, size)
+        version, _ptr_enc, count_enc, table_enc = data[:4]
+        if version != 1 or count_enc != 0x03 or table_enc != 0x3B:
+            return None  # only GCC/LLVM's usual udata4 / datarel|sdata4 table is read
+        (count,) = struct.unpack_from("<I", data, 8)
+        lo, hi = 0, count - 1
+        found = None
+        while lo <= hi:  # last entry whose initial location <= address
+            mid = (lo + hi) // 2
+            loc, _fde = struct.unpack_from("<ii", data, 12 + 8 * mid)
+            if base + loc <= address:
+                found, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if found is None:
+            return None
+        _loc, fde_rel = struct.unpack_from("<ii", data, 12 + 8 * found)
+        start, length = self._parse_fde(base + fde_rel)
+        return (start, length) if start <= address < start + length else None
+
+    def _parse_fde(self, fde: int) -> tuple[int, int]:
+        length, cie_rel = struct.unpack("<Ii", self.read(fde, 8))
+        if length == 0xFFFFFFFF:
+            raise TargetError(f"{self.path}: 64-bit .eh_frame entries are not supported")
+        enc = self._cie_pointer_encoding(fde + 4 - cie_rel)
+        field = fde + 8
+        fmt = {0x0B: "<i", 0x03: "<I", 0x0C: "<q", 0x04: "<Q", 0x00: "<Q"}.get(enc & 0x0F)
+        if fmt is None or enc & 0x70 not in (0x00, 0x10):
+            raise TargetError(f"{self.path}: unsupported .eh_frame pointer encoding {enc:#x}")
+        width = struct.calcsize(fmt)
+        begin, pc_range = struct.unpack(fmt + fmt[1], self.read(field, 2 * width))
+        if enc & 0x70 == 0x10:  # pc-relative
+            begin += field
+        return begin & 0xFFFFFFFFFFFFFFFF, pc_range
+
+    def _cie_pointer_encoding(self, cie: int) -> int:
+        blob = self.read(cie, 64)
+        pos = 9  # length u32, CIE id u32, version u8
+        aug_end = blob.index(b"\0", pos)
+        aug = blob[pos:aug_end].decode()
+        pos = aug_end + 1
+        for _ in range(3):  # code align, data align, return register (ULEB/SLEB)
+            while blob[pos] & 0x80:
+                pos += 1
+            pos += 1
+        if not aug.startswith("z"):
+            return 0x00
+        while blob[pos] & 0x80:  # augmentation data length
+            pos += 1
+        pos += 1
+        for ch in aug[1:]:
+            if ch == "R":
+                return blob[pos]
+            if ch == "L":
+                pos += 1
+            elif ch == "P":
+                penc = blob[pos]
+                pos += 1 + {0x0B: 4, 0x03: 4, 0x0C: 8, 0x04: 8, 0x00: 8}.get(penc & 0x0F, 8)
+        return 0x00
+
+
+def gil_symbols(obj: ElfObject) -> tuple[list[Symbol], list[Symbol], list[Symbol]]:
+    """take_gil copies, drop_gil copies and their ``.cold`` parts in ``.symtab``."""
+    takes: list[Symbol] = []
+    drops: list[Symbol] = []
+    colds: list[Symbol] = []
+    for sym in obj.symbols(".symtab"):
+        if sym.kind != STT_FUNC or not sym.name.startswith(("take_gil", "drop_gil")):
+            continue
+        if COLD_SUFFIX_RE.search(sym.name):
+            colds.append(sym)
+        elif GIL_FUNCTION_RE["take_gil"].match(sym.name):
+            takes.append(sym)
+        elif GIL_FUNCTION_RE["drop_gil"].match(sym.name):
+            drops.append(sym)
+    return takes, drops, colds
+
+
+def minidebuginfo(obj: ElfObject) -> ElfObject | None:
+    """The xz-compressed ELF in ``.gnu_debugdata`` (Fedora's MiniDebugInfo)."""
+    sec = obj.elf.get_section_by_name(".gnu_debugdata")
+    if sec is None:
+        return None
+    try:
+        data = lzma.decompress(sec.data())
+    except lzma.LZMAError as err:
+        raise TargetError(f"{obj.path}: corrupt .gnu_debugdata: {err}") from err
+    return ElfObject(f"{obj.path}[.gnu_debugdata]", data=data)
+
+
+def debug_file_candidates(
+    obj: ElfObject, roots: tuple[str, ...]
+) -> Iterator[tuple[str, str]]:
+    """(path, how) of separate debug files that match ``obj``, best first.
+
+    By build-id (``/usr/lib/debug/.build-id/xx/rest.debug``, build-id checked),
+    then by ``.gnu_debuglink`` (CRC32 checked), in each root in turn.
+    """
+    build_id = obj.build_id()
+    link = obj.debuglink()
+    obj_dir = os.path.dirname(obj.path)
+    for root in roots:
+        if build_id and len(build_id) > 2:
+            path = os.path.join(
+                root, "usr/lib/debug/.build-id", build_id[:2], build_id[2:] + ".debug"
+            )
+            if os.path.isfile(path) and _build_id_of(path) == build_id:
+                yield path, f"debug file {path} (build-id)"
+        if link is not None:
+            name, crc = link
+            rel_dir = _strip_root(obj_dir, root)
+            for d in (obj_dir, os.path.join(obj_dir, ".debug"),
+                      os.path.join(root, "usr/lib/debug" + rel_dir)):
+                path = os.path.join(d, name)
+                if os.path.isfile(path) and _crc32(path) == crc:
+                    yield path, f"debug file {path} (debuglink)"
+
+
+def _strip_root(path: str, root: str) -> str:
+    root = root.rstrip("/")
+    return path[len(root):] if root and path.startswith(root + "/") else path
+
+
+def _build_id_of(path: str) -> str | None:
+    try:
+        with ElfObject(path) as other:
+            return other.build_id()
+    except (OSError, TargetError):
+        return None
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(chunk, crc)
+    return crc & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------- code analysis
+
+
+@dataclass(frozen=True)
+class Function:
+    """One copy of take_gil or drop_gil, at link-time addresses of its ELF object.
+
+    ``notes`` lists what the disassembly found that a return probe would miss
+    (a jump leaving the function, an indirect jump, undecodable bytes); it is
+    empty for every take_gil copy on the machines checked.
+    """
+
+    name: str
+    address: int
+    size: int
+    ret_addresses: tuple[int, ...]
+    source: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class _Body:
+    rets: list[int]
+    exits: list[tuple[int, int]]  # (jump instruction, target outside the body)
+    notes: list[str]
+
+
+def _scan(code: bytes, start: int) -> _Body:
+    """Linear sweep of one function body with capstone (x86-64)."""
+    from capstone import CS_ARCH_X86, CS_GRP_JUMP, CS_GRP_RET, CS_MODE_64, Cs
+    from capstone.x86 import X86_OP_IMM
+
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    md.detail = True
+    body = _Body([], [], [])
+    end = start + len(code)
+    offset = 0
+    while offset < len(code):
+        last = offset
+        for insn in md.disasm(code[offset:], start + offset):
+            last = insn.address + insn.size - start
+            if insn.group(CS_GRP_RET):
+                body.rets.append(insn.address)
+            elif insn.group(CS_GRP_JUMP):
+                ops = insn.operands
+                if ops and ops[0].type == X86_OP_IMM:
+                    if not start <= ops[0].imm < end:
+                        body.exits.append((insn.address, ops[0].imm))
+                else:
+                    body.notes.append(f"indirect {insn.mnemonic} at {insn.address:#x}")
+        if last == offset:  # capstone stopped on a byte it cannot decode
+            body.notes.append(f"undecodable byte at {start + offset:#x}")
+            last += 1
+        offset = last
+    return body
+
+
+def analyse_function(
+    obj: ElfObject, name: str, address: int, size: int, source: str, colds: list[Symbol]
+) -> Function:
+    """Every ``ret`` of a function, following jumps into its own ``.cold`` parts.
+
+    GCC moves unlikely paths of take_gil into ``take_gil[...].cold`` (Debian
+    3.11). A return from such a part is a return from take_gil, so its rets
+    count; any other jump out of the body is recorded in ``notes``.
+    """
+    body = _scan(obj.read(address, size), address)
+    rets = list(body.rets)
+    notes = list(body.notes)
+    parts = {c.value: c for c in colds if c.name.startswith(name + ".cold")}
+    scanned: set[int] = set()
+    for insn, target in body.exits:
+        part = next((p for p in parts.values() if p.value <= target < p.value + p.size), None)
+        if part is None:
+            part = _unnamed_part(obj, target)
+            parts[part.value] = part
+            if part.size == 0:
+                notes.append(f"jump at {insn:#x} leaves the function to {target:#x}")
+                continue
+        if part.value in scanned:
+            continue
+        scanned.add(part.value)
+        cold = _scan(obj.read(part.value, part.size), part.value)
+        if cold.rets and not part.name.startswith(name + ".cold"):
+            # Unnamed code that returns: maybe a tail call into another function,
+            # whose rets also serve other callers. Not probed; said so instead.
+            notes.append(f"jump at {insn:#x} to {part.name}, which returns: not seen")
+            continue
+        rets.extend(r for r in cold.rets if r not in rets)
+        notes.extend(cold.notes)
+        for c_insn, c_target in cold.exits:
+            if not address <= c_target < address + size:
+                notes.append(f"jump at {c_insn:#x} in {part.name} leaves to {c_target:#x}")
+    return Function(name, address, size, tuple(sorted(rets)), source, tuple(dict.fromkeys(notes)))
+
+
+def _unnamed_part(obj: ElfObject, target: int) -> Symbol:
+    """The code region (by its .eh_frame FDE) a jump lands in, when no symbol names it.
+
+    In a stripped LTO build the ``.cold`` part of take_gil has no name; its FDE
+    still gives its extent, so its rets (normally none) can be counted.
+    """
+    extent = obj.fde_extent(target)
+    if extent is None:
+        return Symbol(f"code at {target:#x}", target, 0, STT_FUNC)
+    return Symbol(f"unnamed part at {extent[0]:#x}", extent[0], extent[1], STT_FUNC)
+
+
+def first_local_branch(obj: ElfObject, func: Symbol) -> int | None:
+    """Target of the first call/jmp in ``func`` that is neither PLT nor an export.
+
+    ``PyEval_AcquireLock`` calls or tail-jumps to take_gil in every build checked
+    (3.8: to ``take_gil.constprop.0``); the other branches in it go to
+    ``__tls_get_addr@plt`` or exported fatal-error helpers, which are skipped.
+    """
+    from capstone import CS_ARCH_X86, CS_GRP_CALL, CS_GRP_JUMP, CS_MODE_64, Cs
+    from capstone.x86 import X86_OP_IMM
+
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    md.detail = True
+    plts = obj.plt_ranges()
+    exports = obj.exported_functions()
+    for insn in md.disasm(obj.read(func.value, func.size), func.value):
+        if not (insn.group(CS_GRP_CALL) or insn.group(CS_GRP_JUMP)):
+            continue
+        ops = insn.operands
+        if not ops or ops[0].type != X86_OP_IMM:
+            continue
+        target = int(ops[0].imm)
+        if func.value <= target < func.value + func.size:
+            continue
+        if any(lo <= target < lo + n for lo, n in plts) or target in exports:
+            continue
+        return target
+    return None
