@@ -1,0 +1,703 @@
+"""Publishing the active span of every thread, for the probes to read.
+
+This module runs *inside the traced app* (Python 3.8+, opentelemetry-api and
+the stdlib only). It must be cheap and must never raise into the app.
+
+The app keeps a *context table* in its own memory: a 64-byte header and a
+power-of-two number of 128-byte slots (layout in ``bpf/gil.h``, ``struct
+ctx_slot_head``). A thread owns the slot for its native thread id; at every
+OpenTelemetry ``attach``/``detach`` it writes the now-current span context into
+it as an OTEP 4947 thread-context record. The eBPF probes read the calling
+thread's slot with ``bpf_probe_read_user`` at GIL events.
+
+The app's resource is published as an OTEP 4719 process context
+(:func:`publish_process_context`), which the sidecar reads back with
+:func:`read_process_context` to export under the app's own resource.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+import threading
+import time
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, Mapping, Tuple
+
+from opentelemetry import context as otel_context
+from opentelemetry.context.context import Context, _RuntimeContext
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+# The key trace.get_current_span() looks up (opentelemetry-api >= 1.0, which
+# pyproject requires at >= 1.20); reading it directly saves a call per switch.
+from opentelemetry.trace.propagation import _SPAN_KEY
+
+from otel_gil.errors import TargetError
+
+__all__ = [
+    "DEFAULT_SLOTS",
+    "HEADER_SIZE",
+    "MAGIC",
+    "PROBES",
+    "SLOT_SIZE",
+    "VERSION",
+    "ContextTable",
+    "SlotRecord",
+    "current_table",
+    "decode_process_context",
+    "encode_process_context",
+    "install",
+    "publish_process_context",
+    "read_process_context",
+    "read_slots",
+    "read_thread_names",
+    "uninstall",
+]
+
+# Mirrors bpf/gil.h (GIL_CTX_HEADER_SIZE, GIL_CTX_SLOT_SIZE, GIL_CTX_PROBES).
+MAGIC = b"OTELGIL\0"
+VERSION = 1
+HEADER_SIZE = 64
+SLOT_SIZE = 128
+PROBES = 4
+DEFAULT_SLOTS = 1024
+MAPPING_NAME = b"otel-gil-ctx"
+
+# Little-endian and packed, like the kernel side on x86-64 and arm64 (OTEP 4947
+# says host-endian; both are little-endian). Only attrs_data_size is multi-byte.
+_HEADER = struct.Struct("<8sIIII")
+_SLOT_HEAD = struct.Struct("<IIQ16s8sBBH")  # struct ctx_slot_head: 16 + 28 bytes
+_TID = struct.Struct("<I")
+_IDS_OFFSET = 16  # offsetof(struct ctx_slot_head, ctx)
+_IDS_SIZE = 26  # trace_id, span_id, valid, trace_flags: the hot write
+_ATTRS_OFFSET = _SLOT_HEAD.size  # 44
+_ATTRS_MAX = SLOT_SIZE - _ATTRS_OFFSET
+ATTR_THREAD_NAME = 0  # key_idx of thread.name in the slot's attribute entries
+_INVALID = bytes(26)
+
+# prctl(2) constants from linux/prctl.h (PR_SET_VMA since Linux 5.17).
+_PR_SET_VMA = 0x53564D41
+_PR_SET_VMA_ANON_NAME = 0
+
+
+def _libc() -> Any | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc (static embed)
+        return None
+
+
+def buffer_address(mm: mmap.mmap) -> int:
+    """Virtual address of an mmap's first byte (from_buffer pins the mapping open)."""
+    holder = ctypes.c_char.from_buffer(mm)
+    address = ctypes.addressof(holder)
+    del holder  # a live export would make mm.close() fail later
+    return address
+
+
+def name_mapping(address: int, length: int, name: bytes) -> bool:
+    """Name an anonymous mapping in /proc/PID/maps; False where the kernel refuses
+    (before 5.17, or without CONFIG_ANON_VMA_NAME, or on file-backed memory)."""
+    libc = _libc()
+    if libc is None:
+        return False
+    c_name = ctypes.c_char_p(name)
+    rc = libc.prctl(ctypes.c_int(_PR_SET_VMA), ctypes.c_ulong(_PR_SET_VMA_ANON_NAME),
+                    ctypes.c_ulong(address), ctypes.c_ulong(length), c_name)
+    return bool(rc == 0)
+
+
+def _ids_record(trace_id: int, span_id: int, flags: int) -> bytes:
+    """The 26 leading bytes of a thread_ctx record; ids big-endian as in W3C traceparent."""
+    return trace_id.to_bytes(16, "big") + span_id.to_bytes(8, "big") + bytes((1, flags & 0xFF))
+
+
+def _attrs(name: str) -> bytes:
+    """The attribute entries of a slot: thread.name, truncated on a character boundary."""
+    raw = name.encode("utf-8", "replace")[: _ATTRS_MAX - 2]
+    raw = raw.decode("utf-8", "ignore").encode("utf-8")
+    return bytes((ATTR_THREAD_NAME, len(raw))) + raw
+
+
+class _Lease:
+    """A thread's claim on a slot; kept in a threading.local so that it dies with
+    the thread (CPython clears a thread's locals in PyThreadState_Clear, on that
+    thread, as it exits: Modules/_threadmodule.c, 3.8 to 3.13) and frees the slot."""
+
+    __slots__ = ("claim", "index", "table")
+
+    def __init__(self, table: ContextTable, index: int, claim: int) -> None:
+        self.table = table
+        self.index = index
+        self.claim = claim  # the table remembers this number, not the lease itself
+
+    def __del__(self) -> None:
+        try:
+            self.table._release(self)
+        except Exception:  # noqa: BLE001, S110 - runs at thread exit, nothing may escape
+            pass
+
+
+class ContextTable:
+    """The app-side context table: one page-aligned anonymous mapping, kept for
+    the life of the process (the sidecar holds its address)."""
+
+    def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
+        if slots <= 0 or slots & (slots - 1):
+            raise ValueError(f"slots must be a power of two, not {slots}")
+        self.slots = slots
+        self.size = -(-(HEADER_SIZE + slots * SLOT_SIZE) // mmap.PAGESIZE) * mmap.PAGESIZE
+        # MAP_PRIVATE, not the default MAP_SHARED: a forked child must get its own
+        # copy, never write into its parent's table (see _after_fork).
+        self._mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE)
+        self.address = buffer_address(self._mm)
+        self.named = name_mapping(self.address, self.size, MAPPING_NAME)
+        _HEADER.pack_into(self._mm, 0, MAGIC, VERSION, slots, SLOT_SIZE, HEADER_SIZE)
+        self._owners: list[int] = [0] * slots  # claim number of each slot's lease
+        self._claims = 0
+        self._lock = threading.Lock()
+        self.unplaced = 0  # threads that found all their PROBES slots taken
+        self.errors = 0  # exceptions swallowed on the hot path
+
+    def slot_offset(self, index: int) -> int:
+        return HEADER_SIZE + index * SLOT_SIZE
+
+    def claim(self, tid: int, ident: int, name: str) -> _Lease | None:
+        """Claim tid's slot: the one already holding tid among its PROBES
+        candidates, else the first free one (the probes take the first whose tid
+        matches). None when all are taken by other threads."""
+        mask = self.slots - 1
+        with self._lock:  # two new threads could otherwise claim one free slot
+            candidates = [(tid + k) & mask for k in range(PROBES)]
+            tids = [_TID.unpack_from(self._mm, self.slot_offset(i))[0] for i in candidates]
+            chosen = next((i for i, t in zip(candidates, tids) if t == tid), None)
+            if chosen is None:
+                chosen = next((i for i, t in zip(candidates, tids) if t == 0), None)
+            if chosen is None:
+                self.unplaced += 1
+                return None
+            self._claims += 1
+            lease = _Lease(self, chosen, self._claims)
+            self._owners[chosen] = self._claims
+            attrs = _attrs(name)
+            head = _SLOT_HEAD.pack(tid, 0, ident, b"", b"", 0, 0, len(attrs))
+            self._mm[self.slot_offset(chosen):self.slot_offset(chosen + 1)] = (
+                (head + attrs).ljust(SLOT_SIZE, b"\0"))
+            return lease
+
+    def _release(self, lease: _Lease) -> None:
+        with self._lock:
+            if self._owners[lease.index] == lease.claim:  # not re-claimed by a reused tid
+                self._owners[lease.index] = 0
+                _TID.pack_into(self._mm, self.slot_offset(lease.index), 0)
+
+    def view(self, lease: _Lease | None) -> memoryview:
+        """Where a thread writes its 26-byte id record: its slot, or scratch memory
+        for a thread without one (so the hot path has no branch for it)."""
+        if lease is None:
+            return memoryview(bytearray(_IDS_SIZE))
+        start = self.slot_offset(lease.index) + _IDS_OFFSET
+        return memoryview(self._mm)[start:start + _IDS_SIZE]
+
+    def clear_valid(self) -> None:
+        """Mark every record invalid (uninstall): a one-byte store per slot, which
+        a reader on another thread cannot see torn."""
+        for index in range(self.slots):
+            self._mm[self.slot_offset(index) + _IDS_OFFSET + 24] = 0
+
+    def reset(self) -> None:
+        """Forget every slot (a forked child: none of its parent's threads exist)."""
+        self._lock = threading.Lock()
+        self._owners = [0] * self.slots
+        self._mm[HEADER_SIZE:] = bytes(self.size - HEADER_SIZE)
+
+    def raw(self) -> bytes:
+        return bytes(self._mm)
+
+
+# --------------------------------------------------------------- the hot path
+
+_table: ContextTable | None = None
+_tls = threading.local()  # .view: the thread's record (see ContextTable.view); .lease
+# id(span) -> (span, record). Holding the span keeps its id from being reused
+# while cached (its span context never changes); cleared past _CACHE_MAX, so at
+# most that many ended spans stay alive a little longer.
+_cache: dict[int, tuple[object, bytes]] = {}
+_CACHE_MAX = 256
+
+
+def _claim_current() -> memoryview:
+    table = _table
+    if table is None:
+        return memoryview(bytearray(_IDS_SIZE))
+    lease = table.claim(threading.get_native_id(), threading.get_ident(),
+                        threading.current_thread().name)
+    view = table.view(lease)
+    _tls.lease = lease
+    _tls.view = view
+    return view
+
+
+def _remember(span: Any) -> bytes:
+    span_context = span.get_span_context()
+    if span_context.is_valid:
+        record = _ids_record(span_context.trace_id, span_context.span_id,
+                             int(span_context.trace_flags))
+    else:
+        record = _INVALID
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[id(span)] = (span, record)
+    return record
+
+
+def _publish(context: Context) -> None:
+    """Write the calling thread's record for ``context``. Never raises.
+
+    No reader can see a torn record: only the owning thread writes its slot,
+    the probes read a slot only from that same thread (at a GIL event on it),
+    and the write is one C call (a memoryview slice assignment: one memcpy,
+    like one struct.pack_into but cheaper to call) made while holding the GIL,
+    during which that thread reaches no GIL event.
+
+    PublishingRuntimeContext.attach/detach inline this body."""
+    try:
+        span = context.get(_SPAN_KEY)
+        if span is None:
+            record = _INVALID
+        else:
+            hit = _cache.get(id(span))
+            record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+        try:
+            _tls.view[:] = record
+        except AttributeError:
+            _claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def _failed() -> None:
+    """Count a hot-path failure and publish "no context" rather than a stale one."""
+    try:
+        if _table is not None:
+            _table.errors += 1
+        _tls.view[:] = _INVALID
+    except Exception:  # noqa: BLE001, S110 - never raise into the app
+        pass
+
+
+class PublishingRuntimeContext(_RuntimeContext):
+    """Delegates to the app's runtime context, then publishes the now-current span."""
+
+    def __init__(self, inner: _RuntimeContext) -> None:
+        self.inner = inner
+        self.enabled = True
+        var = getattr(inner, "_current_context", None)
+        if type(inner) is ContextVarsRuntimeContext and isinstance(var, ContextVar):
+            # The default runtime context is these three ContextVar calls
+            # (opentelemetry/context/contextvars_context.py); calling them directly
+            # saves a Python frame on each attach and detach.
+            self._attach: Callable[[Context], Any] = var.set
+            self._detach: Callable[[Any], None] = var.reset
+            self._get: Callable[[], Context] = var.get
+        else:
+            self._attach, self._detach, self._get = inner.attach, inner.detach, inner.get_current
+
+    # attach() and detach() inline _publish(): a Python call costs ~70 ns here,
+    # a tenth of the budget (bench/context_switch.py).
+    def attach(self, context: Context) -> Any:
+        token = self._attach(context)
+        if self.enabled:
+            try:
+                span = context.get(_SPAN_KEY)
+                if span is None:
+                    record = _INVALID
+                else:
+                    hit = _cache.get(id(span))
+                    record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+                try:
+                    _tls.view[:] = record
+                except AttributeError:
+                    _claim_current()[:] = record
+            except Exception:  # noqa: BLE001 - never raise into the app
+                _failed()
+        return token
+
+    def get_current(self) -> Context:
+        return self._get()
+
+    def detach(self, token: Any) -> None:
+        self._detach(token)
+        if self.enabled:
+            try:
+                span = self._get().get(_SPAN_KEY)
+                if span is None:
+                    record = _INVALID
+                else:
+                    hit = _cache.get(id(span))
+                    record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+                try:
+                    _tls.view[:] = record
+                except AttributeError:
+                    _claim_current()[:] = record
+            except Exception:  # noqa: BLE001 - never raise into the app
+                _failed()
+
+
+def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
+    """Create the table (once per process), hook OpenTelemetry's runtime context
+    and publish the calling thread's current context. Idempotent. Threads with a
+    context attached before install() publish it at their next attach/detach."""
+    global _table
+    if _table is None:
+        _table = ContextTable(slots)
+        os.register_at_fork(after_in_child=_after_fork)
+    runtime = otel_context._RUNTIME_CONTEXT
+    if isinstance(runtime, PublishingRuntimeContext):
+        runtime.enabled = True
+    else:
+        otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
+    _publish(otel_context.get_current())
+    return _table
+
+
+def uninstall() -> None:
+    """Put the original runtime context back and mark every record invalid. The
+    table stays mapped (the sidecar may hold its address); install() reuses it.
+    If something else wrapped our hook meanwhile, the hook turns pass-through."""
+    runtime = otel_context._RUNTIME_CONTEXT
+    if isinstance(runtime, PublishingRuntimeContext):
+        otel_context._RUNTIME_CONTEXT = runtime.inner
+        runtime.enabled = False
+    else:
+        _disable_nested(runtime)
+    if _table is not None:
+        _table.clear_valid()
+
+
+def _disable_nested(runtime: object) -> None:
+    seen = 0
+    while runtime is not None and seen < 16:
+        if isinstance(runtime, PublishingRuntimeContext):
+            runtime.enabled = False
+        runtime = getattr(runtime, "inner", getattr(runtime, "_inner", None))
+        seen += 1
+
+
+def current_table() -> ContextTable | None:
+    return _table
+
+
+def _after_fork() -> None:
+    """In a forked child only the forking thread exists, under a new tid: forget
+    the parent's slots and let this thread claim afresh."""
+    global _cache
+    if _table is None:
+        return
+    _table.reset()
+    for name in ("view", "lease"):
+        _tls.__dict__.pop(name, None)
+    _cache = {}
+    if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
+        _publish(otel_context.get_current())
+
+
+# ------------------------------------------------------------ the sidecar side
+
+
+class SlotRecord(Tuple[int, int, bytes, bytes, int, int, str]):
+    """One occupied slot as read from outside: (tid, ident, trace_id, span_id,
+    valid, trace_flags, thread_name)."""
+
+    @property
+    def tid(self) -> int:
+        return self[0]
+
+    @property
+    def ident(self) -> int:
+        return self[1]
+
+    @property
+    def trace_id(self) -> bytes:
+        return self[2]
+
+    @property
+    def span_id(self) -> bytes:
+        return self[3]
+
+    @property
+    def valid(self) -> int:
+        return self[4]
+
+    @property
+    def trace_flags(self) -> int:
+        return self[5]
+
+    @property
+    def thread_name(self) -> str:
+        return self[6]
+
+
+def read_memory(pid: int, address: int, length: int) -> bytes:
+    """Read another process's memory through /proc/PID/mem."""
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            data = mem.read(length)
+    except PermissionError as err:
+        raise TargetError(f"cannot read the memory of process {pid}: {err}",
+                          "run as root, as the same user, or with CAP_SYS_PTRACE") from err
+    except (OSError, ValueError) as err:
+        raise TargetError(f"cannot read {length} bytes at {address:#x} in process {pid}: {err}",
+                          "check the pid and that the process is still running") from err
+    if len(data) != length:
+        raise TargetError(f"short read at {address:#x} in process {pid}",
+                          "the process may have exited or unmapped its context table")
+    return data
+
+
+def parse_slots(raw: bytes) -> list[SlotRecord]:
+    """Decode a table image (header and slots): the occupied slots."""
+    magic, version, slots, slot_size, header_size = _HEADER.unpack_from(raw, 0)
+    if magic != MAGIC or version != VERSION or slot_size != SLOT_SIZE or \
+            header_size != HEADER_SIZE or slots & (slots - 1):
+        raise TargetError("no otel-gil context table at that address",
+                          "pass the address printed by otel_gil.context.install()")
+    records = []
+    for index in range(slots):
+        offset = HEADER_SIZE + index * SLOT_SIZE
+        if offset + SLOT_SIZE > len(raw):
+            break
+        tid, _, ident, trace_id, span_id, valid, flags, size = _SLOT_HEAD.unpack_from(raw, offset)
+        if tid == 0:
+            continue
+        records.append(SlotRecord((tid, ident, trace_id, span_id, valid, flags,
+                                   _thread_name(raw[offset + _ATTRS_OFFSET:offset + SLOT_SIZE],
+                                                size))))
+    return records
+
+
+def _thread_name(attrs: bytes, size: int) -> str:
+    pos, end = 0, min(size, len(attrs))
+    while pos + 2 <= end:
+        key, length = attrs[pos], attrs[pos + 1]
+        if key == ATTR_THREAD_NAME:
+            return attrs[pos + 2:pos + 2 + length].decode("utf-8", "replace")
+        pos += 2 + length
+    return ""
+
+
+def read_slots(pid: int, table_address: int) -> list[SlotRecord]:
+    """The occupied slots of process pid's table, read via /proc/PID/mem."""
+    header = read_memory(pid, table_address, HEADER_SIZE)
+    slots = _HEADER.unpack_from(header, 0)[2]
+    if slots == 0 or slots > 1 << 20:
+        raise TargetError("no otel-gil context table at that address",
+                          "pass the address printed by otel_gil.context.install()")
+    return parse_slots(read_memory(pid, table_address, HEADER_SIZE + slots * SLOT_SIZE))
+
+
+def read_thread_names(pid: int, table_address: int) -> dict[int, tuple[int, str]]:
+    """native tid (in the app's PID namespace) -> (Python ident, thread name)."""
+    return {r.tid: (r.ident, r.thread_name) for r in read_slots(pid, table_address)}
+
+
+# ------------------------------------------- OTEP 4719 process context (resource)
+
+PROCESS_CTX_SIGNATURE = b"OTEL_CTX"
+PROCESS_CTX_VERSION = 2
+_PROCESS_HEADER = struct.Struct("<8sIIQQ")  # signature, version, payload_size, published_at, ptr
+_TS_OFFSET = 16
+_process_mm: mmap.mmap | None = None
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | 0x80 if value else byte)
+        if not value:
+            return bytes(out)
+
+
+def _len_field(number: int, data: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _any_value(value: object) -> bytes:
+    """opentelemetry.proto.common.v1.AnyValue (common.proto field numbers)."""
+    if isinstance(value, bool):  # before int: bool is an int
+        return _varint(2 << 3) + _varint(int(value))
+    if isinstance(value, int):  # int64: negative values as 64-bit two's complement
+        return _varint(3 << 3) + _varint(value & 0xFFFFFFFFFFFFFFFF)
+    if isinstance(value, float):
+        return _varint(4 << 3 | 1) + struct.pack("<d", value)
+    if isinstance(value, bytes):
+        return _len_field(7, value)
+    if isinstance(value, (list, tuple)):  # ArrayValue{repeated AnyValue values = 1}
+        return _len_field(5, b"".join(_len_field(1, _any_value(v)) for v in value))
+    return _len_field(1, str(value).encode("utf-8"))
+
+
+def encode_process_context(attributes: Mapping[str, object]) -> bytes:
+    """ProcessContext{Resource resource = 1}, Resource{repeated KeyValue attributes = 1},
+    KeyValue{string key = 1; AnyValue value = 2}, encoded by hand so the app needs
+    no protobuf runtime."""
+    resource = b"".join(
+        _len_field(1, _len_field(1, key.encode("utf-8")) + _len_field(2, _any_value(value)))
+        for key, value in attributes.items())
+    return _len_field(1, resource)
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one protobuf message."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        value: Any
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos:pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            value, pos = data[pos:pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, pos
+
+
+def _decode_any(data: bytes) -> object:
+    for number, _, value in _fields(data):
+        if number == 1:
+            return bytes(value).decode("utf-8", "replace")
+        if number == 2:
+            return bool(value)
+        if number == 3:
+            return value - (1 << 64) if value >> 63 else value
+        if number == 4:
+            return struct.unpack("<d", value)[0]
+        if number == 5:
+            return [_decode_any(v) for n, _, v in _fields(value) if n == 1]
+        if number == 7:
+            return bytes(value)
+    return None
+
+
+def decode_process_context(payload: bytes) -> dict[str, object]:
+    """The resource attributes of an encoded ProcessContext."""
+    attributes: dict[str, object] = {}
+    for number, _, resource in _fields(payload):
+        if number != 1:
+            continue
+        for field, _, key_value in _fields(resource):
+            if field != 1:
+                continue
+            parts = {n: v for n, _, v in _fields(key_value)}
+            attributes[bytes(parts.get(1, b"")).decode("utf-8", "replace")] = \
+                _decode_any(parts.get(2, b""))
+    return attributes
+
+
+def _new_process_mapping(size: int) -> mmap.mmap:
+    """memfd_create("OTEL_CTX") mapping, else an anonymous one (OTEP 4719 steps 2-5)."""
+    try:
+        fd = os.memfd_create("OTEL_CTX", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError):  # no memfd (seccomp, old kernel)
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    try:  # a forked child must not expose its parent's resource (service.instance.id)
+        mm.madvise(mmap.MADV_DONTFORK)
+    except (AttributeError, OSError):
+        pass
+    return mm
+
+
+def publish_process_context(resource: Any) -> None:
+    """Publish ``resource.attributes`` (an opentelemetry Resource) as the process's
+    OTEP 4719 context; republishing updates it in place. Never raises."""
+    global _process_mm
+    try:
+        payload = encode_process_context(dict(resource.attributes))
+        needed = _PROCESS_HEADER.size + len(payload)
+        mm = _process_mm
+        if mm is not None and needed > len(mm):
+            mm[_TS_OFFSET:_TS_OFFSET + 8] = bytes(8)  # readers mid-read retry, then move on
+            mm[0:8] = bytes(8)
+            mm.close()
+            mm = None
+        if mm is None:
+            mm = _new_process_mapping(-(-needed // mmap.PAGESIZE) * mmap.PAGESIZE)
+        address = buffer_address(mm)
+        # Updating protocol: timestamp 0 first, then payload and fields, then the
+        # signature (new mappings), and the timestamp last. Readers re-check the
+        # timestamp after reading. Stores from one thread reach other CPUs in
+        # order on x86-64 (TSO); elsewhere the re-check makes a torn read a retry.
+        mm[_TS_OFFSET:_TS_OFFSET + 8] = bytes(8)
+        mm[_PROCESS_HEADER.size:needed] = payload
+        struct.pack_into("<IIQQ", mm, 8, PROCESS_CTX_VERSION, len(payload), 0,
+                         address + _PROCESS_HEADER.size)
+        mm[0:8] = PROCESS_CTX_SIGNATURE
+        struct.pack_into("<Q", mm, _TS_OFFSET,
+                         max(1, time.clock_gettime_ns(time.CLOCK_BOOTTIME)))
+        name_mapping(address, len(mm), PROCESS_CTX_SIGNATURE)  # fails on memfd: fine
+        _process_mm = mm
+    except Exception:  # noqa: BLE001, S110 - the app must start whatever happens here
+        pass
+
+
+def _process_ctx_mappings(pid: int) -> list[int]:
+    starts = []
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            for line in maps:
+                parts = line.split(maxsplit=5)
+                name = parts[5].strip() if len(parts) == 6 else ""
+                if name.startswith("/memfd:OTEL_CTX") or name in (
+                        "[anon_shmem:OTEL_CTX]", "[anon:OTEL_CTX]"):
+                    starts.append(int(parts[0].split("-")[0], 16))
+    except OSError as err:
+        raise TargetError(f"cannot read /proc/{pid}/maps: {err}",
+                          "check the pid, and run as root or as the same user") from err
+    return starts
+
+
+def read_process_context(pid: int, attempts: int = 8) -> dict[str, object]:
+    """The resource attributes process pid published (OTEP 4719 reading protocol);
+    {} when it published none."""
+    for start in _process_ctx_mappings(pid):
+        for _ in range(attempts):
+            header = read_memory(pid, start, _PROCESS_HEADER.size)
+            signature, version, size, stamp, pointer = _PROCESS_HEADER.unpack(header)
+            if signature != PROCESS_CTX_SIGNATURE or version != PROCESS_CTX_VERSION:
+                break
+            if stamp == 0:  # being written
+                time.sleep(0.001)
+                continue
+            payload = read_memory(pid, pointer, size)
+            if read_memory(pid, start + _TS_OFFSET, 8) == header[_TS_OFFSET:_TS_OFFSET + 8]:
+                try:
+                    return decode_process_context(payload)
+                except (ValueError, IndexError, struct.error):
+                    break
+    return {}
