@@ -15,7 +15,7 @@ import re
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Tuple
 
 from otel_gil.elfsyms import (
     ElfObject,
@@ -92,6 +92,10 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
     ``cache=False`` ignores (and does not fill) the build-id caches, for
     callers that must see how this very file resolves (tests of stripped copies).
     """
+    if cache:
+        known = _BUILD_IDS.get(_identity(path))
+        if known is not None and known in _MEMORY_CACHE:
+            return dataclasses.replace(_MEMORY_CACHE[known], path=path)
     try:
         obj = ElfObject(path)
     except FileNotFoundError as err:
@@ -100,6 +104,8 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
         raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
     with obj:
         build_id = obj.build_id()
+        if build_id:
+            _BUILD_IDS[_identity(path)] = build_id
         if cache and build_id:
             hit = _MEMORY_CACHE.get(build_id) or _disk_load(build_id)
             if hit is not None:
@@ -113,7 +119,26 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
 
 
 def clear_memory_cache() -> None:
-    _MEMORY_CACHE.clear()
+    for table in (_MEMORY_CACHE, _BUILD_IDS, _SEGMENTS, _COND_SIGNAL):
+        table.clear()
+
+
+# What a file is, cheaply: re-reading ELF headers of a big libpython for every
+# process of the same build is what made the 50th inspect_process cost 20 ms.
+_Identity = Tuple[int, int, int, int]
+_BUILD_IDS: dict[_Identity, str] = {}
+_SEGMENTS: dict[_Identity, list[tuple[int, int, int]]] = {}
+_COND_SIGNAL: dict[_Identity, int | None] = {}
+
+
+def _identity(path: str) -> _Identity:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as err:
+        raise TargetError(f"no such file: {path}") from err
+    except PermissionError as err:
+        raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _inspect(obj: ElfObject, root: str) -> Interpreter:
@@ -379,11 +404,14 @@ def _open_path(pid: int, m: _Mapping) -> str:
 def _load_bias(path: str, maps: list[_Mapping]) -> int:
     """runtime address - link-time address, from the file's first mapping."""
     first = min(maps, key=lambda m: m.offset)
-    with ElfObject(path) as obj:
-        for p_offset, p_vaddr, _size in obj.load_segments():
-            page = p_offset & ~0xFFF
-            if page == first.offset:
-                return first.start - (p_vaddr - (p_offset - page))
+    key = _identity(path)
+    if key not in _SEGMENTS:
+        with ElfObject(path) as obj:
+            _SEGMENTS[key] = obj.load_segments()
+    for p_offset, p_vaddr, _size in _SEGMENTS[key]:
+        page = p_offset & ~0xFFF
+        if page == first.offset:
+            return first.start - (p_vaddr - (p_offset - page))
     raise TargetError(f"{path}: no PT_LOAD matches its first mapping at offset {first.offset:#x}")
 
 
@@ -395,10 +423,14 @@ def _cond_signal(pid: int, maps: list[_Mapping]) -> tuple[str, int]:
             continue
         seen.append(m.path)
         path = _open_path(pid, m)
-        with ElfObject(path) as obj:
-            found = obj.versioned_dynsym("pthread_cond_signal")
-        if found is not None:
-            return path, found[0].value
+        key = _identity(path)
+        if key not in _COND_SIGNAL:
+            with ElfObject(path) as obj:
+                found = obj.versioned_dynsym("pthread_cond_signal")
+            _COND_SIGNAL[key] = found[0].value if found is not None else None
+        address = _COND_SIGNAL[key]
+        if address is not None:
+            return path, address
     raise TargetError(f"pid {pid}: no libc with pthread_cond_signal is mapped")
 
 
