@@ -40,6 +40,7 @@ from otel_gil.layout import (
 )
 
 CACHE_FORMAT = 1
+FALLBACK_SOURCE = "no symbols: call target of PyEval_AcquireLock (capstone)"
 ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
 
 
@@ -114,7 +115,9 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
         interp = _inspect(obj, root)
     if cache and build_id:
         _MEMORY_CACHE[build_id] = interp
-        _disk_store(build_id, interp)
+        if interp.symbol_source != FALLBACK_SOURCE:
+            # Not persisted: installing the debug symbols later must be noticed.
+            _disk_store(build_id, interp)
     return interp
 
 
@@ -219,7 +222,7 @@ def _fallback(obj: ElfObject) -> tuple[list[Function], list[Function], str]:
     The extent comes from the ``.eh_frame`` FDE, as there is no symbol size.
     Finds one copy only (3.8's eval-loop ``take_gil`` is not reached this way).
     """
-    source = "no symbols: call target of PyEval_AcquireLock (capstone)"
+    source = FALLBACK_SOURCE
     acquire = obj.lookup("PyEval_AcquireLock", (".dynsym",))
     if acquire is None:
         raise TargetError(f"{obj.path}: no symbols, and PyEval_AcquireLock is not exported")

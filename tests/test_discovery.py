@@ -224,3 +224,114 @@ def need(path: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+
+
+PY313T = f"{TARGETS}/py313t"
+SID = f"{TARGETS}/sid-3.14"
+STRIPPED = f"{TARGETS}/stripped-3.11"
+
+
+def test_free_threaded_313t_binary() -> None:
+    # GIVEN the free-threaded 3.13 build of scripts/targets.sh
+    lib = f"{PY313T}/lib/libpython3.13t.so.1.0"
+    need(lib)
+    # WHEN its libpython is inspected
+    interp = inspect_binary(lib, cache=False)
+    # THEN it is free-threaded; take_gil has its early `enabled == 0` return as a
+    # second ret; drop_gil is inlined everywhere (no symbol)
+    assert interp.version[:2] == (3, 13) and interp.free_threaded
+    assert [f.name for f in interp.take_gil] == ["take_gil"]
+    assert len(interp.take_gil[0].ret_addresses) == 2
+    assert interp.drop_gil == ()
+    # AND the GIL struct fields sit 8 bytes later, behind `int enabled`
+    layout = interp.gil_layout
+    assert layout is not None
+    assert (layout.enabled, layout.interval, layout.locked, layout.cond) == (0, 8, 24, 40)
+
+
+@pytest.mark.parametrize("gil_env, enabled", [(None, False), ("1", True)])
+def test_free_threaded_313t_process(gil_env: str | None, enabled: bool) -> None:
+    # GIVEN a running python3.13t, with the GIL off (default) or on (PYTHON_GIL=1)
+    exe = f"{PY313T}/bin/python3.13t"
+    need(exe)
+    env = {"PATH": "/usr/bin:/bin"}
+    if gil_env is not None:
+        env["PYTHON_GIL"] = gil_env
+    proc = spawn([exe], env=env)
+    try:
+        # WHEN it is inspected
+        target = inspect_process(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    # THEN gil.enabled says which, the interval is the default, and require_gil
+    # refuses only the GIL-less process
+    assert target.interpreter.free_threaded
+    assert target.gil.enabled is enabled
+    assert target.gil.interval_us == 5000
+    assert target.gil.cond_address == target.gil.address + 40
+    if enabled:
+        require_gil(target)
+    else:
+        with pytest.raises(GilDisabledError):
+            require_gil(target)
+
+
+def test_sid_314_binary_in_its_root() -> None:
+    # GIVEN sid's stripped LTO python3.14, unpacked in a root tree with python3.14-dbg
+    exe = f"{SID}/usr/bin/python3.14"
+    need(exe)
+    with discovery.ElfObject(exe) as obj:
+        build_id = obj.build_id()
+    assert build_id is not None
+    # WHEN it is inspected with that tree as its root
+    interp = inspect_binary(exe, root=SID, cache=False)
+    # THEN symbols come from the -dbg file inside the tree, matched by build-id
+    debug = f"{SID}/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    assert interp.symbol_source == f"debug file {debug} (build-id)"
+    assert interp.version[:2] == (3, 14) and not interp.free_threaded
+    assert [f.name for f in interp.take_gil] == ["take_gil.lto_priv.0"]
+    assert [f.name for f in interp.drop_gil] == ["drop_gil.constprop.0"]
+    assert all(len(f.ret_addresses) == 1 for f in interp.take_gil)
+    # AND the GIL is located through 3.14's _Py_DebugOffsets (threads_main layout)
+    assert interp.gil_layout is not None and interp.gil_layout.how == "_Py_DebugOffsets"
+
+
+def test_sid_314_process_in_chroot_and_pid_namespace() -> None:
+    # GIVEN python3.14 running chrooted in the sid tree, in its own PID namespace
+    need(f"{SID}/usr/bin/python3.14")
+    proc = subprocess.Popen(
+        ["/usr/bin/unshare", "--pid", "--fork", f"--mount-proc={SID}/proc",
+         "/usr/sbin/chroot", SID, "/usr/bin/python3.14", "-c", CHILD],
+        stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                               text=True, check=True).stdout.split()[0])
+    try:
+        # WHEN the python inside is inspected by its host pid
+        target = inspect_process(child)
+        # THEN it is pid 1 in its namespace, its GIL is found, and the libc to
+        # probe is the tree's own (sid's), not the host's
+        assert target.nspid == (child, 1)
+        assert target.interpreter.version[:2] == (3, 14)
+        assert target.gil.interval_us == 5000
+        assert target.gil.cond_address == target.gil.address + 32
+        assert os.path.samefile(target.cond_signal[0], f"{SID}/usr/lib/x86_64-linux-gnu/libc.so.6")
+        assert peek_int(child, target.gil.address + 16) in (0, 1)
+    finally:
+        os.kill(child, 9)
+        proc.wait()
+
+
+def test_stripped_311_copy() -> None:
+    # GIVEN the stripped pyenv 3.11 prefix of scripts/targets.sh
+    lib = f"{STRIPPED}/lib/libpython3.11.so.1.0"
+    need(lib)
+    # WHEN its libpython is inspected without the build-id cache
+    interp = inspect_binary(lib, cache=False)
+    # THEN the symbol-free fallback finds pyenv 3.11.7's take_gil
+    truth = inspect_binary(f"{PYENV}/3.11.7/lib/libpython3.11.so.1.0", cache=False)
+    assert interp.symbol_source == discovery.FALLBACK_SOURCE
+    assert interp.take_gil[0].address == truth.take_gil[0].address
+    assert interp.take_gil[0].ret_addresses == truth.take_gil[0].ret_addresses
