@@ -1,0 +1,351 @@
+"""The CPython builds the tests run against, and how to start a workload under one.
+
+The matrix is the one of shared/reference/test-targets.md: the pyenv builds
+already on the machine, plus what scripts/targets.sh builds into
+$OTEL_GIL_TARGETS (Debian's python3.11 with its -dbg symbols, a free-threaded
+3.13, sid's 3.14 in a chroot tree, a stripped copy of pyenv 3.11).
+
+A test picks targets with `all_targets()`, calls `require(target)` (skip, or
+fail under CI=true), then `spawn(target, code)` and talks to the child through
+its stdin/stdout, typically one JSON line each way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Self
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS_SCRIPT = REPO / "scripts" / "targets.sh"
+TARGETS_DIR = Path(os.environ.get("OTEL_GIL_TARGETS", "/var/cache/otel-gil/targets"))
+PYENV_VERSIONS = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+
+
+@dataclass(frozen=True)
+class PythonTarget:
+    name: str
+    version: tuple[int, int]
+    binary: str  # host path of the python executable
+    expect_gil: bool
+    # Host path of the ELF object that holds the interpreter (take_gil): the
+    # libpython .so for --enable-shared builds, the executable for Debian's.
+    interpreter_elf: str
+    # Where take_gil's symbol is found: "symtab" (in interpreter_elf itself),
+    # "build-id" (a .debug file under <root>/usr/lib/debug/.build-id), "none".
+    symbols: str
+    root: str | None = None  # chroot directory; binary lies inside it
+    env: tuple[tuple[str, str], ...] = ()  # what the target needs to run
+    stamp: str | None = None  # written by scripts/targets.sh once built
+
+    @property
+    def debug_file(self) -> str | None:
+        """The .debug file whose build-id matches interpreter_elf, if symbols == "build-id"."""
+        if self.symbols != "build-id" or not os.path.exists(self.interpreter_elf):
+            return None
+        bid = build_id(self.interpreter_elf)
+        return f"{self.root or ''}/usr/lib/debug/.build-id/{bid[:2]}/{bid[2:]}.debug"
+
+    def why_unavailable(self) -> str | None:
+        for path in (self.binary, self.interpreter_elf, self.stamp):
+            if path is not None and not os.path.exists(path):
+                return f"{path} is missing (run scripts/targets.sh as root)"
+        debug = self.debug_file
+        if debug is not None and not os.path.exists(debug):
+            return f"{debug} is missing: the -dbg package does not match {self.interpreter_elf}"
+        return None
+
+    def available(self) -> bool:
+        return self.why_unavailable() is None
+
+
+def build_id(path: str) -> str:
+    """The GNU build-id of an ELF file, as hex (binutils' readelf)."""
+    out = subprocess.run(["readelf", "-n", path], capture_output=True, text=True, check=True)
+    match = re.search(r"Build ID: ([0-9a-f]+)", out.stdout)
+    if match is None:
+        raise ValueError(f"{path} has no build-id note")
+    return match.group(1)
+
+
+def _pyenv(minor: int) -> PythonTarget:
+    # The newest 3.<minor>.<patch> (pyenv also names builds like 3.13.0t).
+    found = sorted(
+        (p for p in PYENV_VERSIONS.glob(f"3.{minor}.*") if re.fullmatch(r"3\.\d+\.\d+", p.name)),
+        key=lambda p: int(p.name.split(".")[2]),
+    )
+    prefix = found[-1] if found else PYENV_VERSIONS / f"3.{minor}"
+    return PythonTarget(
+        name=f"pyenv-3.{minor}",
+        version=(3, minor),
+        binary=f"{prefix}/bin/python3.{minor}",
+        expect_gil=True,
+        interpreter_elf=f"{prefix}/lib/libpython3.{minor}.so.1.0",
+        symbols="symtab",
+    )
+
+
+def all_targets() -> list[PythonTarget]:
+    """Every target, in a stable order (pyenv ones first, by version)."""
+    t = str(TARGETS_DIR)
+    # PYTHON_GIL is read at startup by free-threaded builds (3.13 Python/initconfig.c).
+    py313t_gil = PythonTarget(
+        name="py313t-gil", version=(3, 13), binary=f"{t}/py313t/bin/python3.13t",
+        expect_gil=True, interpreter_elf=f"{t}/py313t/lib/libpython3.13t.so.1.0",
+        symbols="symtab", env=(("PYTHON_GIL", "1"),), stamp=f"{t}/py313t.stamp",
+    )  # fmt: skip
+    sid = f"{t}/sid-3.14"
+    stripped = f"{t}/stripped-3.11"
+    return [_pyenv(minor) for minor in range(8, 14)] + [
+        PythonTarget(
+            name="debian-3.11", version=(3, 11), binary="/usr/bin/python3.11",
+            expect_gil=True, interpreter_elf="/usr/bin/python3.11", symbols="build-id",
+        ),
+        py313t_gil,
+        replace(py313t_gil, name="py313t-nogil", expect_gil=False, env=(("PYTHON_GIL", "0"),)),
+        PythonTarget(
+            name="sid-3.14", version=(3, 14), binary=f"{sid}/usr/bin/python3.14",
+            expect_gil=True, interpreter_elf=f"{sid}/usr/bin/python3.14", symbols="build-id",
+            root=sid, stamp=f"{t}/sid-3.14.stamp",
+        ),
+        # The executable's RUNPATH still names the pyenv prefix: LD_LIBRARY_PATH
+        # is searched first (ld.so(8)), so the stripped copy is the one loaded.
+        PythonTarget(
+            name="stripped-3.11", version=(3, 11), binary=f"{stripped}/bin/python3.11",
+            expect_gil=True, interpreter_elf=f"{stripped}/lib/libpython3.11.so.1.0",
+            symbols="none", env=(("LD_LIBRARY_PATH", f"{stripped}/lib"),),
+            stamp=f"{t}/stripped-3.11.stamp",
+        ),
+    ]  # fmt: skip
+
+
+_ensure_error: str | None = None
+_ensured = False
+
+
+def ensure_targets() -> None:
+    """Run scripts/targets.sh (once per session) if a target it builds is missing.
+
+    Raises RuntimeError when it cannot run or fails; the outcome is cached.
+    """
+    global _ensured, _ensure_error
+    if not _ensured:
+        _ensured = True
+        built_here = [t for t in all_targets() if not t.name.startswith("pyenv-")]
+        if not all(t.available() for t in built_here):
+            _ensure_error = _run_targets_script()
+    if _ensure_error is not None:
+        raise RuntimeError(_ensure_error)
+
+
+def _run_targets_script() -> str | None:
+    if os.geteuid() != 0:
+        return f"{TARGETS_SCRIPT} needs root to build the missing targets"
+    proc = subprocess.run(
+        ["bash", str(TARGETS_SCRIPT)], check=False, stderr=subprocess.PIPE, text=True
+    )
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        return f"{TARGETS_SCRIPT} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}"
+    return None
+
+
+def require(target: PythonTarget) -> None:
+    """Skip the calling test if target is missing; under CI=true fail instead.
+
+    A skip in CI would hide a broken setup. Tries scripts/targets.sh first.
+    """
+    reason = target.why_unavailable()
+    if reason is not None:
+        try:
+            ensure_targets()
+        except RuntimeError as exc:
+            reason = f"{reason}; {exc}"
+        else:
+            reason = target.why_unavailable()
+    if reason is None:
+        return
+    message = f"target {target.name} is not available: {reason}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass
+class Child:
+    popen: subprocess.Popen[str]
+    host_pid: int  # the Python process, in the host PID namespace
+    ns_pid: int  # the same process as it sees itself (os.getpid())
+    _lines: queue.Queue[str | None] = field(repr=False)
+    _stderr: IO[str] = field(repr=False)
+
+    def send(self, line: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(line if line.endswith("\n") else line + "\n")
+        self.popen.stdin.flush()
+
+    def read_json(self, timeout: float) -> dict[str, Any]:
+        """The next stdout line, parsed as a JSON object."""
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no line from pid {self.host_pid} in {timeout} s{self._tail()}")
+        if line is None:
+            raise EOFError(
+                f"pid {self.host_pid} closed stdout (exit {self.popen.poll()}){self._tail()}"
+            )
+        value = json.loads(line)
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a JSON object from pid {self.host_pid}, got {line!r}")
+        return value
+
+    def stderr(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read()
+
+    def _tail(self) -> str:
+        text = self.stderr().strip()
+        return f"; stderr: {text[-2000:]}" if text else ""
+
+    def close(self) -> None:
+        """Kill the child if it still runs, and reap it."""
+        if self.popen.poll() is None:
+            # Under unshare the Python process is a grandchild (PID 1 of its
+            # namespace). Kill it alone: unshare then reaps it and exits with
+            # its status. Killing unshare too would leave it a zombie for init.
+            try:
+                os.kill(self.host_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        self.popen.wait(timeout=10)
+        for stream in (self.popen.stdin, self.popen.stdout, self._stderr):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass  # a broken pipe to a dead child
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def spawn(
+    target: PythonTarget, code: str, env: dict[str, str] | None = None, own_pidns: bool = False
+) -> Child:
+    """Start `python -c code` under target; return once that Python has exec'd.
+
+    The child inherits this environment less PYTHON* and VIRTUAL_ENV (the test
+    runner's own), plus the target's variables, PYTHONUNBUFFERED=1 and `env`.
+    sid-3.14 always runs in its own PID namespace, chrooted into its tree;
+    own_pidns=True gives any other target its own PID namespace too.
+    """
+    argv = [target.binary, "-c", code]
+    proc_dir = "/proc"
+    if target.root is not None:
+        argv = ["chroot", target.root, "/" + os.path.relpath(target.binary, target.root)] + argv[1:]
+        proc_dir = os.path.join(target.root, "proc")
+    if target.root is not None or own_pidns:
+        # --mount-proc mounts the new namespace's /proc, in a private mount
+        # namespace, at the path the child will see as /proc.
+        unshare = ["unshare", "--pid", "--fork", f"--mount-proc={proc_dir}", "--kill-child"]
+        argv = unshare + argv
+    child_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"
+    }
+    child_env.update(target.env)
+    child_env["PYTHONUNBUFFERED"] = "1"
+    child_env.update(env or {})
+    # A file, not a pipe: nobody reads stderr while the child runs, and a full
+    # pipe would block it. Child.close() closes it.
+    stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+    popen = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+        text=True, bufsize=1, env=child_env,
+    )  # fmt: skip
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(popen.stdout, lines), daemon=True).start()
+    child = Child(popen, popen.pid, popen.pid, lines, stderr)
+    try:
+        child.host_pid = _find_python(popen, target.binary, timeout=10.0)
+        child.ns_pid = _ns_pid(child.host_pid)
+    except (RuntimeError, TimeoutError) as exc:
+        tail = child._tail()
+        child.close()
+        raise RuntimeError(f"{target.name}: {exc}{tail}") from exc
+    except BaseException:
+        child.close()
+        raise
+    return child
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _find_python(popen: subprocess.Popen[str], binary: str, timeout: float) -> int:
+    """The pid of the process under popen whose /proc/PID/exe is binary (exec done)."""
+    want = os.stat(binary)
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in _descendants(popen.pid):
+            try:
+                exe = os.stat(f"/proc/{pid}/exe")
+            except OSError:
+                continue  # gone, or a zombie
+            if (exe.st_dev, exe.st_ino) == (want.st_dev, want.st_ino):
+                return pid
+        if popen.poll() is not None:
+            raise RuntimeError(f"{popen.args!r} exited with {popen.returncode} before starting")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no process running {binary} under pid {popen.pid}")
+        time.sleep(0.005)
+
+
+def _descendants(root: int) -> list[int]:
+    """root and every process below it, parents first (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Field 4 is the ppid; comm (field 2) may hold spaces and parentheses.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    order = [root]
+    for pid in order:
+        order.extend(children.get(pid, []))
+    return order
+
+
+def _ns_pid(host_pid: int) -> int:
+    """The pid in the process's innermost PID namespace (last NSpid field)."""
+    with open(f"/proc/{host_pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise RuntimeError(f"/proc/{host_pid}/status has no NSpid line")
