@@ -125,7 +125,8 @@ class ElfObject:
         self._symcache[section] = out
         return out
 
-    def lookup(self, name: str, sections: tuple[str, ...] = (".dynsym", ".symtab")) -> Symbol | None:
+    def lookup(self, name: str,
+               sections: tuple[str, ...] = (".dynsym", ".symtab")) -> Symbol | None:
         for section in sections:
             for sym in self.symbols(section):
                 if sym.name == name:

@@ -50,9 +50,11 @@ class Attribute:
 
 
 # Semantic-convention attributes we set.
-THREAD_ID = Attribute("thread.id", "int", "Python thread ident (threading.get_ident()), where known.")
+THREAD_ID = Attribute(
+    "thread.id", "int", "Python thread ident (threading.get_ident()), where known.")
 THREAD_NAME = Attribute("thread.name", "string", "Python thread name, or the OS thread name.")
-PROCESS_PID = Attribute("process.pid", "int", "Process id as the app sees it (its own PID namespace).")
+PROCESS_PID = Attribute(
+    "process.pid", "int", "Process id as the app sees it (its own PID namespace).")
 
 # otel-gil's own.
 THREAD_NATIVE_ID = Attribute(
@@ -114,9 +116,11 @@ class Metric:
 
 
 WAIT_DURATION = Metric(
-    "otel_gil.wait.duration", "histogram", "s", "Duration of each GIL wait (take_gil entry to return).")
+    "otel_gil.wait.duration", "histogram", "s",
+    "Duration of each GIL wait (take_gil entry to return).")
 HOLD_DURATION = Metric(
-    "otel_gil.hold.duration", "histogram", "s", "Duration of each GIL hold (acquisition to release).")
+    "otel_gil.hold.duration", "histogram", "s",
+    "Duration of each GIL hold (acquisition to release).")
 HELD_TIME = Metric(
     "otel_gil.held", "counter", "s", "Total time threads held the GIL.")
 WAITED_TIME = Metric(
@@ -128,13 +132,14 @@ HANDOFFS = Metric(
     "Acquisitions by a different thread than the previous holder.")
 FORCED_SWITCHES = Metric(
     "otel_gil.forced_switches", "counter", "{switch}",
-    "Hand-offs forced by a drop request: the new holder had waited at least the switch "
-    "interval, so it asked the holder to drop the GIL.")
+    "Hand-offs forced by a drop request. CPython asks the holder to drop the GIL only "
+    "after a waiter has waited one switch interval (5 ms), so a hand-off that ends a hold, "
+    "or a wait, of at least the interval is counted as forced.")
 LOST_EVENTS = Metric(
     "otel_gil.lost_events", "counter", "{event}",
     "Events the kernel could not deliver (ring buffer full) or user space could not place.")
 CONTENTION_RATIO = Metric(
-    "otel_gil.contention", "gauge", "1",
+    "otel_gil.contention.ratio", "gauge", "1",
     "Per process: time threads spent waiting for the GIL over wall time, since the last "
     "collection. Above 1 means several threads wait at once.")
 

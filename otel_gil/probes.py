@@ -8,6 +8,7 @@ says what to do.
 from __future__ import annotations
 
 import ctypes
+import os
 import subprocess
 from dataclasses import dataclass
 from importlib import resources
@@ -28,9 +29,10 @@ class ProbeConfig:
     max_threads: int = 8192
     max_targets: int = 256
     ringbuf_pages: int = 256  # 1 MiB
+    empty: bool = False  # probes that return at once: the overhead floor (bench/)
 
     def cflags(self) -> List[str]:
-        return [
+        return (["-DEMPTY_PROBES"] if self.empty else []) + [
             f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
             f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
             f"-DMAX_THREADS={self.max_threads}",
@@ -100,6 +102,18 @@ def ensure_tracefs() -> None:
         )
 
 
+def proc_path(pid: int, path: str) -> str:
+    """A path BCC will use as given. BCC rewrites a plain path to
+    /proc/PID/root/<path>, which is wrong for a chrooted target whose
+    /proc/PID/maps shows host paths (BCC then fails with "cannot attach uprobe");
+    a path already under /proc/PID is left alone, so hand it one."""
+    if path.startswith("/proc/"):
+        return path
+    root = os.path.realpath(f"/proc/{pid}/root")
+    inside = path[len(root):] if root != "/" and path.startswith(root + "/") else path
+    return f"/proc/{pid}/root{inside}"
+
+
 class Probes:
     """One loaded BPF program; targets are added and removed while it runs."""
 
@@ -112,7 +126,9 @@ class Probes:
         self._attached: Dict[int, List[Tuple[str, int]]] = {}
         try:
             self._bpf = bcc.BPF(src_file=str(bpf_dir() / "gil.bpf.c"),
-                                cflags=config.cflags() + [f"-I{bpf_dir()}"])
+                                cflags=config.cflags() + [f"-I{bpf_dir()}",
+                                                          # TRACEPOINT_PROBE's own struct
+                                                          "-Wno-visibility"])
         except Exception as exc:  # BCC raises bare Exception
             raise ProbeError(
                 f"compiling the BPF program failed: {exc}",
@@ -148,11 +164,12 @@ class Probes:
         self._targets[ctypes.c_uint32(target.pid)] = cfg
         interp = target.interpreter
         points: List[Tuple[str, str, int]] = []
+        obj = proc_path(target.pid, target.object_path)
         for fn in interp.take_gil:
-            points.append(("on_take_gil", target.object_path, fn.address))
-            points += [("on_take_gil_return", target.object_path, r) for r in fn.ret_addresses]
+            points.append(("on_take_gil", obj, fn.address))
+            points += [("on_take_gil_return", obj, r) for r in fn.ret_addresses]
         libc_path, cond_signal = target.cond_signal
-        points.append(("on_cond_signal", libc_path, cond_signal))
+        points.append(("on_cond_signal", proc_path(target.pid, libc_path), cond_signal))
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
         for fn_name, path, addr in points:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Self
@@ -153,12 +154,16 @@ def ensure_targets() -> None:
 def _run_targets_script() -> str | None:
     if os.geteuid() != 0:
         return f"{TARGETS_SCRIPT} needs root to build the missing targets"
-    proc = subprocess.run(
-        ["bash", str(TARGETS_SCRIPT)], check=False, stderr=subprocess.PIPE, text=True
-    )
-    sys.stderr.write(proc.stderr)
+    # Echo its progress lines as they come (a first build takes minutes) and
+    # keep the last ones for the error message.
+    last: deque[str] = deque(maxlen=20)
+    with subprocess.Popen(["bash", str(TARGETS_SCRIPT)], stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            last.append(line)
     if proc.returncode != 0:
-        return f"{TARGETS_SCRIPT} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}"
+        return f"{TARGETS_SCRIPT} failed ({proc.returncode}): {''.join(last).strip()}"
     return None
 
 
@@ -201,7 +206,8 @@ class Child:
         try:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise TimeoutError(f"no line from pid {self.host_pid} in {timeout} s{self._tail()}")
+            raise TimeoutError(
+                f"no line from pid {self.host_pid} in {timeout} s{self._tail()}") from None
         if line is None:
             raise EOFError(
                 f"pid {self.host_pid} closed stdout (exit {self.popen.poll()}){self._tail()}"

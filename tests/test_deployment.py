@@ -55,7 +55,8 @@ def scraped() -> Iterator[dict[str, tuple[str, set[str]]]]:
     reader = PrometheusMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     meter = provider.get_meter(names.INSTRUMENTATION_SCOPE)
-    labels: dict[str, str | int] = {names.LABEL_SERVICE: "gil-demo", names.LABEL_PID: 7, names.LABEL_THREAD: "worker-1"}
+    labels: dict[str, str | int] = {names.LABEL_SERVICE: "gil-demo", names.LABEL_PID: 7,
+                                    names.LABEL_THREAD: "worker-1"}
     for metric in names.METRICS:
         if metric.instrument == "histogram":
             meter.create_histogram(metric.name, unit=metric.unit).record(0.002, labels)
@@ -85,7 +86,8 @@ def scraped() -> Iterator[dict[str, tuple[str, set[str]]]]:
 
 # What the exporter (opentelemetry-exporter-prometheus 0.66b2) really serves. Its unit
 # map turns "1" into no suffix, where the Collector's prometheus exporter (Go,
-# prometheus/otlptranslator) appends "_ratio" to gauges of unit "1".
+# prometheus/otlptranslator) appends "_ratio" to gauges of unit "1": the contention
+# gauge is named "....ratio" so both serve the same series.
 REAL_SERIES = {
     "otel_gil.wait.duration": "otel_gil_wait_duration_seconds",
     "otel_gil.hold.duration": "otel_gil_hold_duration_seconds",
@@ -95,7 +97,7 @@ REAL_SERIES = {
     "otel_gil.handoffs": "otel_gil_handoffs_total",
     "otel_gil.forced_switches": "otel_gil_forced_switches_total",
     "otel_gil.lost_events": "otel_gil_lost_events_total",
-    "otel_gil.contention": "otel_gil_contention",
+    "otel_gil.contention.ratio": "otel_gil_contention_ratio",
 }
 
 
@@ -118,18 +120,7 @@ def test_exporter_serves_exactly_the_expected_series(
         assert {"service_name", "process_pid", "thread_name"} <= labels
 
 
-def _prometheus_param(metric: names.Metric) -> Any:
-    if metric.name == "otel_gil.contention":
-        # names.py bug, reported to the lead: the Python exporter serves
-        # otel_gil_contention, the Collector serves otel_gil_contention_ratio. Renaming
-        # the metric to "otel_gil.contention.ratio" makes both (and Metric.prometheus)
-        # agree; then this marker must go (strict: the test fails once it passes).
-        return pytest.param(metric, id=metric.name, marks=pytest.mark.xfail(
-            strict=True, reason="Metric.prometheus says _ratio; the Python exporter adds none"))
-    return pytest.param(metric, id=metric.name)
-
-
-@pytest.mark.parametrize("metric", [_prometheus_param(m) for m in names.METRICS])
+@pytest.mark.parametrize("metric", names.METRICS, ids=lambda m: m.name)
 def test_metric_prometheus_property_names_the_served_series(
         metric: names.Metric, scraped: dict[str, tuple[str, set[str]]]) -> None:
     # GIVEN the series the real exporter serves

@@ -191,7 +191,8 @@ def test_missing_pid_and_non_python_pid() -> None:
         # WHEN/THEN inspecting them raises TargetError with a plain message
         with pytest.raises(TargetError, match=f"^no process with pid {missing}$"):
             inspect_process(missing)
-        with pytest.raises(TargetError, match=rf"^pid {sleep.pid} \(sleep\) is not a Python process$"):
+        not_python = rf"^pid {sleep.pid} \(sleep\) is not a Python process$"
+        with pytest.raises(TargetError, match=not_python):
             inspect_process(sleep.pid)
     finally:
         sleep.kill()

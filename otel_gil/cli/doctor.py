@@ -1,0 +1,158 @@
+"""`otel-gil doctor`: can tracing work here, and on this target? Every failed
+check says exactly what to do. Exit 0 only if tracing would work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+from otel_gil import discovery
+from otel_gil.cli.base import Command, pid_arg
+from otel_gil.errors import GilDisabledError, OtelGilError
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    remedy: str = ""
+
+
+def _check(name: str, fn: Callable[[], str]) -> Check:
+    """Run one check: fn returns a detail line, or raises OtelGilError."""
+    try:
+        return Check(name, True, fn())
+    except OtelGilError as err:
+        return Check(name, False, err.args[0] if err.args else str(err), err.remedy)
+
+
+def _fail(message: str, remedy: str) -> OtelGilError:
+    return OtelGilError(message, remedy)
+
+
+def _root() -> str:
+    if os.geteuid() != 0:
+        raise _fail("not running as root",
+                    "run as root (or grant CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE, CAP_SYS_ADMIN)")
+    return "running as root"
+
+
+def _kernel() -> str:
+    missing = []
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        missing.append("BTF (/sys/kernel/btf/vmlinux)")
+    if not os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
+        missing.append("the uprobe perf PMU (CONFIG_UPROBE_EVENTS)")
+    release = platform.release()
+    major, minor = (int(x) for x in release.split(".")[:2])
+    if (major, minor) < (5, 8):
+        missing.append("BPF ring buffer (Linux 5.8+)")
+    if missing:
+        raise _fail(f"kernel {release} lacks " + ", ".join(missing),
+                    "use Linux 5.8 or later built with CONFIG_BPF_SYSCALL and CONFIG_UPROBE_EVENTS")
+    return f"kernel {release}: BPF, uprobe perf events, ring buffer, BTF"
+
+
+def _headers() -> str:
+    build = f"/lib/modules/{platform.release()}/build"
+    if not os.path.exists(os.path.join(build, "include")):
+        raise _fail(f"no kernel headers at {build}",
+                    "run scripts/setup.sh (installs linux-headers and links them there)")
+    return f"kernel headers: {os.path.realpath(build)}"
+
+
+def _bpf_program() -> str:
+    from otel_gil.probes import ProbeConfig, Probes  # noqa: PLC0415 - imports bcc
+
+    probes = Probes(ProbeConfig(), lambda _iv: None)
+    probes.close()
+    return "BCC compiled and the kernel loaded the probes (uprobes, ring buffer, tracepoint)"
+
+
+def _describe(interp: discovery.Interpreter) -> Dict[str, Any]:
+    return {
+        "binary": interp.path,
+        "version": ".".join(map(str, interp.version)),
+        "flavour": "free-threaded" if interp.free_threaded else "default",
+        "static": interp.static,
+        "build_id": interp.build_id,
+        "symbols": interp.symbol_source,
+        "take_gil": [{"name": f.name, "address": hex(f.address), "rets": len(f.ret_addresses),
+                      "source": f.source} for f in interp.take_gil],
+        "drop_gil": [{"name": f.name, "address": hex(f.address), "source": f.source}
+                     for f in interp.drop_gil],
+        "release_fidelity": "exact: every release seen at pthread_cond_signal(&gil->cond), "
+                            "whether or not drop_gil is inlined",
+    }
+
+
+class DoctorCommand(Command):
+    name = "doctor"
+    help = "check the kernel, BCC, headers and a target; exit 0 only if tracing would work"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        target = parser.add_mutually_exclusive_group()
+        target.add_argument("--pid", "-p", type=pid_arg, help="a running Python process")
+        target.add_argument("--python", metavar="PATH", help="a Python interpreter binary")
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+    def run(self, args: argparse.Namespace) -> int:
+        checks = [_check("root", _root), _check("kernel", _kernel),
+                  _check("headers", _headers)]
+        if all(c.ok for c in checks):
+            checks.append(_check("bpf", _bpf_program))
+        target: Optional[Dict[str, Any]] = None
+        if args.pid or args.python:
+            target = {}
+            checks.append(_check("target", lambda: self._target(args, target)))
+        ok = all(c.ok for c in checks)
+        if args.json:
+            print(json.dumps({"ok": ok, "checks": [asdict(c) for c in checks],
+                              "target": target}, indent=1))
+        else:
+            self._print(checks, target)
+        return 0 if ok else 1
+
+    @staticmethod
+    def _target(args: argparse.Namespace, out: Dict[str, Any]) -> str:
+        if args.python:
+            interp = discovery.inspect_binary(args.python)
+            out.update(_describe(interp))
+            if interp.free_threaded:
+                out["gil"] = "free-threaded build: the GIL is measurable when it runs with " \
+                             "PYTHON_GIL=1 (checked per process with --pid)"
+            return f"{args.python}: CPython {out['version']} ({out['flavour']}), " \
+                   f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
+        target = discovery.inspect_process(args.pid)
+        out.update(_describe(target.interpreter))
+        out.update(pid=target.pid, nspid=list(target.nspid),
+                   gil={"address": hex(target.gil.address), "enabled": target.gil.enabled,
+                        "interval_us": target.gil.interval_us, "found_by": target.gil.how})
+        discovery.require_gil(target)
+        return f"pid {args.pid}: CPython {out['version']} ({out['flavour']}), " \
+               f"{len(target.interpreter.take_gil)} take_gil copies via " \
+               f"{target.interpreter.symbol_source}"
+
+    @staticmethod
+    def _print(checks: List[Check], target: Optional[Dict[str, Any]]) -> None:
+        for c in checks:
+            print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+            if not c.ok and c.remedy:
+                print(f"       remedy: {c.remedy}")
+        if target:
+            for key, value in target.items():
+                print(f"  {key}: {value}")
+        failed = [c for c in checks if not c.ok]
+        if any(c.name == "target" and "GIL disabled" in c.detail for c in failed):
+            print("verdict: GIL disabled: nothing to measure")
+        else:
+            print("verdict: tracing would work" if not failed else
+                  f"verdict: tracing would NOT work ({', '.join(c.name for c in failed)})")
+
+
+__all__ = ["DoctorCommand", "GilDisabledError"]

@@ -1,0 +1,124 @@
+"""`otel-gil record` and `otel-gil top`: trace running processes, print per-thread GIL use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from types import FrameType
+from typing import Callable, Optional
+
+from otel_gil import report
+from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
+from otel_gil.errors import OtelGilError
+from otel_gil.probes import ProbeConfig, program_text
+from otel_gil.session import Session
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the loop then detaches cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.requested = True
+
+
+def add_probe_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pid", "-p", type=pid_arg, action="append", default=[],
+                        help="process to trace (repeat for several)")
+    parser.add_argument("--wait-threshold-ms", type=positive_float, default=1.0,
+                        help="waits at least this long are recorded one by one (default 1)")
+    parser.add_argument("--hold-threshold-ms", type=positive_float, default=50.0,
+                        help="holds at least this long are recorded one by one (default 50)")
+    parser.add_argument("--dump-bpf", action="store_true",
+                        help="print the BPF program as it would be compiled, and exit")
+
+
+def probe_config(args: argparse.Namespace) -> ProbeConfig:
+    return ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
+                       hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+
+
+def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], None]] = None,
+          ) -> Session:
+    """Attach to every --pid, then run until --duration, the targets exit, or a signal."""
+    if not args.pid:
+        raise OtelGilError("no target", "give at least one --pid PID")
+    require_root()
+    stop = _Stop()
+    session = Session(probe_config(args))
+    try:
+        for pid in args.pid:
+            target = session.add(pid)
+            interp = target.interpreter
+            print(f"otel-gil: tracing pid {pid} (CPython {'.'.join(map(str, interp.version))}"
+                  f"{' free-threaded' if interp.free_threaded else ''}, take_gil via "
+                  f"{interp.symbol_source}); Ctrl-C to stop", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        next_tick = time.monotonic() + 1
+        while session.active and not stop.requested:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            session.step(100)
+            if each_second is not None and time.monotonic() >= next_tick:
+                next_tick += 1
+                each_second(session)
+    finally:
+        session.close()
+    return session
+
+
+class RecordCommand(Command):
+    name = "record"
+    help = "trace running Python processes and print per-thread GIL hold and wait"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        add_probe_options(parser)
+        parser.add_argument("--duration", "-d", type=positive_float, default=None,
+                            help="seconds to trace (default: until the targets exit or Ctrl-C)")
+        parser.add_argument("--output", "-o", default=None,
+                            help="write the full record as JSON here (docs/record-json.md)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        if args.dump_bpf:
+            print(program_text(probe_config(args)))
+            return 0
+        session = trace(args)
+        doc = report.to_json(session)
+        print(report.table(doc))
+        if args.output:
+            try:
+                with open(args.output, "w") as f:
+                    json.dump(doc, f, indent=1)
+            except OSError as exc:
+                raise OtelGilError(f"cannot write {args.output}: {exc.strerror}",
+                                   "choose a writable --output path") from None
+            print(f"full record written to {args.output}", file=sys.stderr)
+        return 0
+
+
+class TopCommand(Command):
+    name = "top"
+    help = "live per-thread GIL table of running processes, refreshed every second"
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        add_probe_options(parser)
+        parser.add_argument("--duration", "-d", type=positive_float, default=None,
+                            help="seconds to run (default: until the targets exit or Ctrl-C)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        def redraw(session: Session) -> None:
+            doc = report.to_json(session)
+            sys.stdout.write("\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n")
+            sys.stdout.write(report.table(doc) + "\n")
+            sys.stdout.flush()
+
+        session = trace(args, each_second=redraw)
+        print(report.table(report.to_json(session)))
+        return 0

@@ -1,0 +1,45 @@
+"""`otel-gil sidecar`: trace the processes that register, export their GIL spans."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from otel_gil import config
+from otel_gil.cli.base import Command, positive_float, require_root
+from otel_gil.probes import ProbeConfig
+
+
+class SidecarCommand(Command):
+    name = "sidecar"
+    help = ("trace the Python processes that register on a Unix socket and export their "
+            "GIL waits as spans (OTLP, per OTEL_EXPORTER_OTLP_*)")
+
+    def prepare_parser(self, parser: argparse.ArgumentParser) -> None:
+        opts = config.load()
+        parser.add_argument("--listen", default=opts.socket,
+                            help=f"Unix socket to accept registrations on (default {opts.socket}; "
+                                 "'@name' for the abstract namespace)")
+        parser.add_argument("--owner-fd", type=int, default=None, help=argparse.SUPPRESS)
+        parser.add_argument("--wait-threshold-ms", type=positive_float,
+                            default=opts.wait_threshold_ms,
+                            help="waits at least this long become gil.wait spans")
+        parser.add_argument("--hold-threshold-ms", type=positive_float,
+                            default=opts.hold_threshold_ms,
+                            help="holds at least this long become gil.hold spans")
+
+    def run(self, args: argparse.Namespace) -> int:
+        require_root()
+        from otel_gil.sidecar import Sidecar  # noqa: PLC0415 - imports bcc
+
+        logging.getLogger("otel_gil").setLevel(logging.INFO)
+        cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
+                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+        sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd)
+        if args.owner_fd is None:
+            print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
+                  file=sys.stderr, flush=True)
+        sidecar.serve()
+        return 0

@@ -1,0 +1,179 @@
+"""A tracing session: the probes, the targets they watch, and per-thread totals.
+
+`otel-gil record`, `top` and the sidecar all drive one Session: add targets,
+call step() in a loop, read threads()/intervals. The session turns the kernel's
+per-thread entries into ThreadTotals that outlive the threads (the kernel entry
+of an exited thread is read one last time, then deleted).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+from otel_gil import discovery, events, timeline
+from otel_gil.discovery import Target
+from otel_gil.probes import ContextTable, ProbeConfig, Probes
+
+
+@dataclass
+class ThreadTotals:
+    """Everything known about one traced thread (host tid)."""
+
+    tid: int
+    pid: int
+    ns_tid: int = 0  # tid in the target's own PID namespace
+    name: str = "?"
+    acquisitions: int = 0
+    wait_ns: int = 0
+    hold_ns: int = 0
+    max_wait_ns: int = 0
+    max_hold_ns: int = 0
+    unmatched: int = 0
+    exited: bool = False
+    wait_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
+    hold_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
+
+    def update(self, raw: events.ThreadStats) -> None:
+        self.acquisitions = raw.acquisitions
+        self.wait_ns = raw.wait_ns
+        self.hold_ns = raw.hold_ns
+        self.max_wait_ns = raw.max_wait_ns
+        self.max_hold_ns = raw.max_hold_ns
+        self.unmatched = raw.unmatched
+        self.exited = bool(raw.exited)
+        self.wait_hist = list(raw.wait_hist)
+        self.hold_hist = list(raw.hold_hist)
+
+    @property
+    def p99_wait_ns(self) -> int:
+        return timeline.percentile(self.wait_hist, 0.99)
+
+
+@dataclass
+class TargetInfo:
+    target: Target
+    started_ns: int  # CLOCK_MONOTONIC when its probes were attached
+    ended_ns: int = 0
+    state: Optional[events.Target] = None  # last read of the kernel's per-process state
+
+
+def _thread_identity(pid: int, tid: int) -> Tuple[str, int]:
+    """(OS thread name, tid in the target's namespace), from /proc while the thread lives."""
+    base = f"/proc/{pid}/task/{tid}"
+    name, ns_tid = "?", tid
+    try:
+        with open(f"{base}/comm") as f:
+            name = f.read().strip()
+        with open(f"{base}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    ns_tid = int(line.split()[-1])
+    except OSError:
+        pass
+    return name, ns_tid
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """Field 22 of /proc/PID/stat, which tells a live target from a reused pid;
+    None once the process is gone or a zombie (exited, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+class Session:
+    def __init__(self, config: ProbeConfig,
+                 on_interval: Optional[Callable[[events.Interval], None]] = None) -> None:
+        self.intervals: List[events.Interval] = []
+        self._on_interval = on_interval or self.intervals.append
+        self.probes = Probes(config, self._on_interval)
+        self.targets: Dict[int, TargetInfo] = {}
+        self.threads: Dict[int, ThreadTotals] = {}
+        self._start_times: Dict[int, Optional[str]] = {}
+        self._names_read_ns = 0
+
+    def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
+        """Inspect and attach to a running Python process (raises TargetError)."""
+        target = discovery.inspect_process(pid)
+        discovery.require_gil(target)
+        self._start_times[pid] = _start_time(pid)
+        self.probes.add(target, ctx_table)
+        self.targets[pid] = TargetInfo(target, time.monotonic_ns())
+        return target
+
+    def alive(self, pid: int) -> bool:
+        return pid in self.targets and not self.targets[pid].ended_ns
+
+    def step(self, timeout_ms: int = 100) -> None:
+        """Deliver events, refresh totals, and retire targets that exited."""
+        self.probes.poll(timeout_ms)
+        self.refresh()
+        for pid, info in list(self.targets.items()):
+            if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
+                self.detach(pid)
+
+    def detach(self, pid: int) -> None:
+        """Stop tracing a target: last events and totals, then remove its probes."""
+        info = self.targets.get(pid)
+        if info is None or info.ended_ns:
+            return
+        self.probes.poll(0)
+        self.refresh()
+        info.state = self.probes.target_state(pid) or info.state
+        info.ended_ns = time.monotonic_ns()
+        self.probes.remove(pid)
+
+    def refresh(self) -> None:
+        """Copy the kernel's per-thread entries; reap those of exited threads.
+        Thread names are re-read once a second: apps name threads after start."""
+        reaped: List[int] = []
+        now = time.monotonic_ns()
+        reread = now - self._names_read_ns > 1_000_000_000
+        if reread:
+            self._names_read_ns = now
+        for tid, raw in self.probes.threads().items():
+            totals = self.threads.get(tid)
+            if totals is None:
+                totals = ThreadTotals(tid=tid, pid=raw.pid)
+                self.threads[tid] = totals
+            if totals.name == "?" or (reread and not raw.exited):
+                name, totals.ns_tid = _thread_identity(raw.pid, tid)
+                totals.name = name if name != "?" else totals.name
+            totals.update(raw)
+            if raw.exited:
+                reaped.append(tid)
+        self.probes.forget_threads(reaped)
+        for pid, info in self.targets.items():
+            if not info.ended_ns:
+                info.state = self.probes.target_state(pid) or info.state
+
+    @property
+    def active(self) -> bool:
+        return any(not info.ended_ns for info in self.targets.values())
+
+    def lost_events(self) -> int:
+        kernel = sum(info.state.lost for info in self.targets.values() if info.state)
+        return kernel + self.probes.undecodable
+
+    def forget(self, pid: int) -> None:
+        """Drop an ended target and its threads (a long-running sidecar's memory)."""
+        self.detach(pid)
+        self.targets.pop(pid, None)
+        self._start_times.pop(pid, None)
+        for tid in [t for t, totals in self.threads.items() if totals.pid == pid]:
+            del self.threads[tid]
+
+    def close(self) -> None:
+        for pid in list(self.targets):
+            self.detach(pid)
+        self.probes.close()
+
+
+def pid_exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")

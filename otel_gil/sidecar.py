@@ -1,0 +1,197 @@
+"""The sidecar: accepts registrations, traces the registered processes, exports spans.
+
+Two ways to run it, one loop:
+- `otel-gil sidecar --listen PATH`: long-running (a sidecar container, a node
+  daemon); apps connect to PATH.
+- spawned by `otel_gil.instrument()` with `--owner-fd FD`: a private sidecar
+  for one app (and the workers it forks, which connect to its abstract
+  `--listen @name`). It exits when the owner's end of FD closes, which the
+  kernel does when the app exits, SIGKILL included.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Dict, Optional
+
+from otel_gil import context, protocol
+from otel_gil.clock import Clock
+from otel_gil.errors import OtelGilError
+from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
+from otel_gil.probes import ContextTable, ProbeConfig
+from otel_gil.session import Session
+
+log = logging.getLogger("otel_gil.sidecar")
+
+
+@dataclass
+class Client:
+    sock: socket.socket
+    reader: protocol.LineReader
+    pid: Optional[int] = None  # host pid once registered
+    owner: bool = False  # the app that spawned this sidecar: when it goes, we go
+
+
+class Sidecar:
+    def __init__(self, config: ProbeConfig, listen: Optional[str] = None,
+                 owner_fd: Optional[int] = None, export: Optional[SpanExport] = None) -> None:
+        self.clock = Clock()
+        self.export = export if export is not None else SpanExport(self.clock)
+        self.session = Session(config, self._on_interval)
+        self._clients: Dict[int, Client] = {}  # by fd
+        self._stop = False
+        self._listener: Optional[socket.socket] = None
+        if listen:
+            self._listener = _listen(listen)
+        if owner_fd is not None:
+            owner = socket.socket(fileno=owner_fd)
+            self._clients[owner.fileno()] = Client(owner, protocol.LineReader(), owner=True)
+
+    def _on_interval(self, iv: Any) -> None:
+        try:
+            self.export.on_interval(iv)
+        except Exception:  # noqa: BLE001 - one bad span must not stop tracing
+            log.exception("exporting a GIL span failed")
+
+    # ------------------------------------------------------------------ the loop
+
+    def serve(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle_signal)
+        try:
+            while not self._stop:
+                self._accept_and_read()
+                self.session.step(50)
+                self._retire_exited()
+                self.clock.refresh_if_older_than(10.0)
+        finally:
+            self.close()
+
+    def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        self._stop = True
+
+    def _accept_and_read(self) -> None:
+        socks = [c.sock for c in self._clients.values()]
+        if self._listener is not None:
+            socks.append(self._listener)
+        readable, _, _ = select.select(socks, [], [], 0)
+        for s in readable:
+            if s is self._listener:
+                conn, _ = s.accept()
+                self._clients[conn.fileno()] = Client(conn, protocol.LineReader())
+                continue
+            self._read(self._clients[s.fileno()])
+
+    def _read(self, client: Client) -> None:
+        try:
+            data = client.sock.recv(4096)
+            messages = client.reader.feed(data) if data else None
+        except (OSError, ValueError):
+            messages = None
+        if messages is None:  # closed, or garbage: the app is gone or broken
+            self._drop(client)
+            return
+        for msg in messages:
+            reply = self._register(client, msg)
+            try:
+                client.sock.sendall(protocol.encode(reply))
+            except OSError:
+                self._drop(client)
+                return
+
+    def _register(self, client: Client, msg: Dict[str, Any]) -> Dict[str, Any]:
+        if msg.get("op") != "register" or client.pid is not None:
+            return {"ok": False, "error": "expected one register message"}
+        pid = protocol.peer_pid(client.sock)
+        claimed = msg.get("pid")
+        nspid = _nspid(pid)
+        if claimed is not None and claimed not in nspid:
+            log.warning("refused: pid %s asked to trace pid %s", pid, claimed)
+            return {"ok": False, "error": f"registration refused: the connecting process is "
+                                          f"pid {nspid[-1]}, not {claimed}; a process may only "
+                                          "ask for itself to be traced"}
+        table = None
+        if msg.get("ctx_table"):
+            table = ContextTable(int(msg["ctx_table"]), int(msg.get("ctx_slots", 0)))
+        try:
+            target = self.session.add(pid, table)
+        except OtelGilError as err:
+            log.warning("cannot trace pid %s: %s", pid, err)
+            return {"ok": False, "error": str(err)}
+        client.pid = pid
+        resource = msg.get("resource") or {}
+        self.export.add_process(pid, target.nspid[-1], resource,
+                                ThreadDirectory(lambda tid: self._thread_info(pid, tid, table)))
+        log.info("tracing pid %s (%s)", pid, resource.get("service.name", "?"))
+        return {"ok": True, "host_pid": pid}
+
+    def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable]) -> ThreadInfo:
+        self.session.refresh()
+        totals = self.session.threads.get(tid)
+        ns_tid = totals.ns_tid if totals else tid
+        name = totals.name if totals else "?"
+        ident = None
+        if table is not None:
+            try:
+                published = context.read_thread_names(pid, table.address)
+            except (OSError, ValueError, OtelGilError):
+                published = {}
+            if ns_tid in published:
+                ident, py_name = published[ns_tid]
+                name = py_name or name
+        return ThreadInfo(tid, ns_tid, name, ident)
+
+    def _drop(self, client: Client) -> None:
+        self._clients.pop(client.sock.fileno(), None)
+        client.sock.close()
+        if client.pid is not None:
+            self.session.detach(client.pid)
+            self.export.remove_process(client.pid)
+        if client.owner:
+            self._stop = True  # our app is gone
+
+    def _retire_exited(self) -> None:
+        """A long-running sidecar forgets processes once they are gone and flushed."""
+        for pid in [p for p, info in self.session.targets.items() if info.ended_ns]:
+            self.export.remove_process(pid)
+            self.session.forget(pid)
+
+    def close(self) -> None:
+        self.session.close()
+        self.export.close()
+        for c in list(self._clients.values()):
+            c.sock.close()
+        if self._listener is not None:
+            self._listener.close()
+
+
+def _nspid(pid: int) -> tuple:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return tuple(int(x) for x in line.split()[1:])
+    except OSError:
+        pass
+    return (pid,)
+
+
+def _listen(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if not path.startswith("@"):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    sock.bind(protocol.unix_address(path))
+    if not path.startswith("@"):
+        os.chmod(path, 0o666)  # any local process may ask to be traced (itself only)
+    sock.listen(64)
+    return sock
