@@ -207,7 +207,8 @@ class Child:
             line = self._lines.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(
-                f"no line from pid {self.host_pid} in {timeout} s{self._tail()}") from None
+                f"no line from pid {self.host_pid} in {timeout} s{self._tail()}"
+            ) from None
         if line is None:
             raise EOFError(
                 f"pid {self.host_pid} closed stdout (exit {self.popen.poll()}){self._tail()}"
