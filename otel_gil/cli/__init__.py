@@ -10,12 +10,14 @@ from typing import List, Optional, Sequence, Type
 
 from otel_gil import __version__
 from otel_gil.cli.base import Command
+from otel_gil.cli.demo import DemoCommand
 from otel_gil.cli.doctor import DoctorCommand
 from otel_gil.cli.record import RecordCommand, TopCommand
 from otel_gil.cli.sidecar import SidecarCommand
 from otel_gil.errors import OtelGilError
 
-COMMANDS: List[Type[Command]] = [DoctorCommand, RecordCommand, TopCommand, SidecarCommand]
+COMMANDS: List[Type[Command]] = [DoctorCommand, RecordCommand, TopCommand, SidecarCommand,
+                                 DemoCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
