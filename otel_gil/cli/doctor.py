@@ -21,6 +21,7 @@ class Check:
     ok: bool
     detail: str
     remedy: str = ""
+    exit_code: int = 0  # the error's own status (errors.py), when the check failed
 
 
 def _check(name: str, fn: Callable[[], str]) -> Check:
@@ -28,7 +29,8 @@ def _check(name: str, fn: Callable[[], str]) -> Check:
     try:
         return Check(name, True, fn())
     except OtelGilError as err:
-        return Check(name, False, err.args[0] if err.args else str(err), err.remedy)
+        return Check(name, False, err.args[0] if err.args else str(err), err.remedy,
+                     err.exit_code)
 
 
 def _fail(message: str, remedy: str) -> OtelGilError:
@@ -74,9 +76,11 @@ def _bpf_program() -> str:
     return "BCC compiled and the kernel loaded the probes (uprobes, ring buffer, tracepoint)"
 
 
-def _describe(interp: discovery.Interpreter) -> Dict[str, Any]:
+def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str, Any]:
     return {
-        "binary": interp.path,
+        "binary": binary,
+        "object": interp.path,
+        "root": root,
         "version": ".".join(map(str, interp.version)),
         "flavour": "free-threaded" if interp.free_threaded else "default",
         "static": interp.static,
@@ -110,36 +114,45 @@ class DoctorCommand(Command):
         if args.pid or args.python:
             target = {}
             checks.append(_check("target", lambda: self._target(args, target)))
-        ok = all(c.ok for c in checks)
+        failed = [c for c in checks if not c.ok]
+        verdict = _verdict(failed)
         if args.json:
-            print(json.dumps({"ok": ok, "checks": [asdict(c) for c in checks],
-                              "target": target}, indent=1))
+            print(json.dumps({"ok": not failed, "verdict": verdict,
+                              "checks": [asdict(c) for c in checks], "target": target},
+                             indent=1))
         else:
-            self._print(checks, target)
-        return 0 if ok else 1
+            self._print(checks, target, verdict)
+        if any(c.exit_code == GilDisabledError.exit_code for c in failed):
+            return GilDisabledError.exit_code  # its own status, as for record (README)
+        return 1 if failed else 0
 
     @staticmethod
     def _target(args: argparse.Namespace, out: Dict[str, Any]) -> str:
+        # Files are read afresh (cache=False): doctor reports how symbols resolve
+        # now, e.g. after the -dbg package was installed, and for this very file
+        # (a stripped copy shares its build-id, so its cache entry, with the original).
         if args.python:
-            interp = discovery.inspect_binary(args.python)
-            out.update(_describe(interp))
+            elf, root = discovery.interpreter_object(args.python, os.environ)
+            interp = discovery.inspect_binary(elf, root=root, cache=False)
+            out.update(_describe(interp, args.python, root))
             if interp.free_threaded:
                 out["gil"] = "free-threaded build: the GIL is measurable when it runs with " \
                              "PYTHON_GIL=1 (checked per process with --pid)"
             return f"{args.python}: CPython {out['version']} ({out['flavour']}), " \
                    f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
         target = discovery.inspect_process(args.pid)
-        out.update(_describe(target.interpreter))
+        interp = discovery.inspect_binary(target.object_path, root=target.root, cache=False)
+        out.update(_describe(interp, _exe(args.pid), os.path.realpath(target.root)))
+        out["object"] = _host_path(args.pid, target.object_path)
         out.update(pid=target.pid, nspid=list(target.nspid),
                    gil={"address": hex(target.gil.address), "enabled": target.gil.enabled,
                         "interval_us": target.gil.interval_us, "found_by": target.gil.how})
         discovery.require_gil(target)
         return f"pid {args.pid}: CPython {out['version']} ({out['flavour']}), " \
-               f"{len(target.interpreter.take_gil)} take_gil copies via " \
-               f"{target.interpreter.symbol_source}"
+               f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
 
     @staticmethod
-    def _print(checks: List[Check], target: Optional[Dict[str, Any]]) -> None:
+    def _print(checks: List[Check], target: Optional[Dict[str, Any]], verdict: str) -> None:
         for c in checks:
             print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
             if not c.ok and c.remedy:
@@ -147,12 +160,31 @@ class DoctorCommand(Command):
         if target:
             for key, value in target.items():
                 print(f"  {key}: {value}")
-        failed = [c for c in checks if not c.ok]
-        if any(c.name == "target" and "GIL disabled" in c.detail for c in failed):
-            print("verdict: GIL disabled: nothing to measure")
-        else:
-            print("verdict: tracing would work" if not failed else
-                  f"verdict: tracing would NOT work ({', '.join(c.name for c in failed)})")
+        print(f"verdict: {verdict}")
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return "?"  # it exited since: the check above already read what it needed
+
+
+def _host_path(pid: int, path: str) -> str:
+    """path without its /proc/PID/root prefix when that root is ours (a path that
+    still means something once the process is gone)."""
+    prefix = f"/proc/{pid}/root"
+    if path.startswith(prefix + "/") and os.path.realpath(prefix) == "/":
+        return path[len(prefix):]
+    return path
+
+
+def _verdict(failed: List[Check]) -> str:
+    if any(c.exit_code == GilDisabledError.exit_code for c in failed):
+        return "GIL disabled: nothing to measure"
+    if not failed:
+        return "tracing would work"
+    return f"tracing would NOT work ({', '.join(c.name for c in failed)})"
 
 
 __all__ = ["DoctorCommand", "GilDisabledError"]
