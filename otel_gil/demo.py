@@ -120,7 +120,7 @@ def check_reachable(url: Any) -> None:
         status = _get(conn, url.path.rstrip("/") + "/healthz")
     except (OSError, http.client.HTTPException) as exc:
         raise OtelGilError(f"cannot reach {url.geturl()}: {exc}",
-                           "start the demo app there first (python examples/demo_app.py)") \
+                           "start the demo app there first: python examples/demo_app.py") \
             from None
     finally:
         conn.close()
@@ -281,8 +281,8 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
     if endpoint:
         say(f"OTEL_EXPORTER_OTLP_ENDPOINT is set: the app and its sidecar export to {endpoint}")
         stats = run_app_under_load(app_env(None), duration)
-        print(f"{stats.line()} sent. The spans (request spans with gil.wait children) and "
-              f"the sidecar's metrics went to {endpoint}.")
+        print(f"Sent {stats.line()}. The spans (request spans with gil.wait children) "
+              f"and the sidecar's metrics went to {endpoint}.")
         return 0
     from otel_gil.receiver import OtlpReceiver  # noqa: PLC0415 - grpc only when needed
 

@@ -40,7 +40,7 @@ class DemoCommand(Command):
         duration = _duration(args.duration)
         if args.url:
             stats = demo.load(args.url, duration)
-            print(f"{stats.line()} sent to {args.url}")
+            print(f"Sent {stats.line()} to {args.url}")
             return 0
         require_root()
         return demo.run(duration, args.output)
