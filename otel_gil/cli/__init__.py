@@ -13,11 +13,12 @@ from otel_gil.cli.base import Command
 from otel_gil.cli.demo import DemoCommand
 from otel_gil.cli.doctor import DoctorCommand
 from otel_gil.cli.record import RecordCommand, TopCommand
+from otel_gil.cli.run import RunCommand
 from otel_gil.cli.sidecar import SidecarCommand
 from otel_gil.errors import OtelGilError
 
 COMMANDS: List[Type[Command]] = [DoctorCommand, RecordCommand, TopCommand, SidecarCommand,
-                                 DemoCommand]
+                                 DemoCommand, RunCommand]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="otel-gil: %(message)s")
+                        format="%(message)s")
     try:
         return int(args._command.run(args))
     except OtelGilError as err:

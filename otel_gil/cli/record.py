@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from otel_gil import report
 from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
+from otel_gil.discovery import Target
 from otel_gil.errors import OtelGilError
 from otel_gil.probes import ProbeConfig, program_text
 from otel_gil.session import Session
@@ -29,9 +30,10 @@ class _Stop:
         self.requested = True
 
 
-def add_probe_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pid", "-p", type=pid_arg, action="append", default=[],
-                        help="process to trace (repeat for several)")
+def add_probe_options(parser: argparse.ArgumentParser, pids: bool = True) -> None:
+    if pids:
+        parser.add_argument("--pid", "-p", type=pid_arg, action="append", default=[],
+                            help="process to trace (repeat for several)")
     parser.add_argument("--wait-threshold-ms", type=positive_float, default=1.0,
                         help="waits at least this long are recorded one by one (default 1)")
     parser.add_argument("--hold-threshold-ms", type=positive_float, default=50.0,
@@ -45,6 +47,13 @@ def probe_config(args: argparse.Namespace) -> ProbeConfig:
                        hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
 
 
+def announce(target: Target, how: str = "Ctrl-C to stop") -> None:
+    interp = target.interpreter
+    print(f"otel-gil: tracing pid {target.pid} (CPython {'.'.join(map(str, interp.version))}"
+          f"{' free-threaded' if interp.free_threaded else ''}, take_gil via "
+          f"{interp.symbol_source}); {how}", file=sys.stderr, flush=True)
+
+
 def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], None]] = None,
           ) -> Session:
     """Attach to every --pid, then run until --duration, the targets exit, or a signal."""
@@ -55,23 +64,39 @@ def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], No
     session = Session(probe_config(args))
     try:
         for pid in args.pid:
-            target = session.add(pid)
-            interp = target.interpreter
-            print(f"otel-gil: tracing pid {pid} (CPython {'.'.join(map(str, interp.version))}"
-                  f"{' free-threaded' if interp.free_threaded else ''}, take_gil via "
-                  f"{interp.symbol_source}); Ctrl-C to stop", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + args.duration if args.duration else None
-        next_tick = time.monotonic() + 1
-        while session.active and not stop.requested:
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            session.step(100)
-            if each_second is not None and time.monotonic() >= next_tick:
-                next_tick += 1
-                each_second(session)
+            announce(session.add(pid))
+        follow(session, lambda: stop.requested, args.duration, each_second)
     finally:
         session.close()
     return session
+
+
+def follow(session: Session, stop: Callable[[], bool], duration: Optional[float] = None,
+           each_second: Optional[Callable[[Session], None]] = None) -> None:
+    """Deliver events until duration seconds pass, the targets exit, or stop() is true."""
+    deadline = time.monotonic() + duration if duration else None
+    next_tick = time.monotonic() + 1
+    while session.active and not stop():
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        session.step(100)
+        if each_second is not None and time.monotonic() >= next_tick:
+            next_tick += 1
+            each_second(session)
+
+
+def write_record(session: Session, output: Optional[str]) -> None:
+    """Print the per-thread table; with output, write the JSON record there too."""
+    doc = report.to_json(session)
+    print(report.table(doc), flush=True)
+    if output:
+        try:
+            with open(output, "w") as f:
+                json.dump(doc, f, indent=1)
+        except OSError as exc:
+            raise OtelGilError(f"cannot write {output}: {exc.strerror}",
+                               "choose a writable --output path") from None
+        print(f"full record written to {output}", file=sys.stderr)
 
 
 class RecordCommand(Command):
@@ -89,17 +114,7 @@ class RecordCommand(Command):
         if args.dump_bpf:
             print(program_text(probe_config(args)))
             return 0
-        session = trace(args)
-        doc = report.to_json(session)
-        print(report.table(doc))
-        if args.output:
-            try:
-                with open(args.output, "w") as f:
-                    json.dump(doc, f, indent=1)
-            except OSError as exc:
-                raise OtelGilError(f"cannot write {args.output}: {exc.strerror}",
-                                   "choose a writable --output path") from None
-            print(f"full record written to {args.output}", file=sys.stderr)
+        write_record(trace(args), args.output)
         return 0
 
 
