@@ -50,6 +50,7 @@ class LoadStats:
     by_path: Dict[str, int] = field(default_factory=dict)
     errors: int = 0
     last_error: str = ""
+    elapsed_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def ok(self, path: str) -> None:
@@ -70,7 +71,8 @@ class LoadStats:
         return f"{self.sent} requests ({paths or 'none yet'}), {self.errors} errors"
 
     def to_json(self) -> Dict[str, Any]:
-        return {"sent": self.sent, "errors": self.errors, "by_path": dict(self.by_path)}
+        return {"sent": self.sent, "errors": self.errors, "by_path": dict(self.by_path),
+                "seconds": round(self.elapsed_s, 2)}
 
 
 def parse_url(url: str) -> Any:
@@ -143,9 +145,10 @@ def load(url: str, duration: float, clients: int = CLIENTS) -> LoadStats:
     try:
         for t in threads:
             t.start()
-        while not stop.wait(1.0):
+        elapsed = 0.0
+        while not stop.wait(min(1.0, duration - elapsed) if duration else 1.0):
             elapsed = time.monotonic() - start
-            total = f"/{duration:.0f}" if duration else ""
+            total = f"/{duration:g}" if duration else ""
             say(f"load {elapsed:.0f}{total} s: {stats.line()}")
             if duration and elapsed >= duration:
                 break
@@ -153,6 +156,7 @@ def load(url: str, duration: float, clients: int = CLIENTS) -> LoadStats:
         stop.set()
         for t in threads:
             t.join(15)
+        stats.elapsed_s = time.monotonic() - start
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return stats
@@ -203,9 +207,10 @@ class DemoApp:
         lines = [ln.strip() for ln in self._stderr.read().splitlines() if ln.strip()]
         return lines[-1] if lines else "no output"
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0) -> str:
         """SIGTERM the app (it flushes its spans), then wait for its sidecar,
-        which flushes and exits once the app is gone."""
+        which flushes and exits once the app is gone. Returns their stderr's
+        last line (the sidecar inherits the app's stderr)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -216,7 +221,9 @@ class DemoApp:
         deadline = time.monotonic() + timeout
         while self.sidecar and _alive(self.sidecar) and time.monotonic() < deadline:
             time.sleep(0.05)
+        last = self.last_error()
         self._stderr.close()
+        return last
 
 
 def _child_of(pid: int) -> Optional[int]:
@@ -258,7 +265,8 @@ def app_env(receiver_endpoint: Optional[str]) -> Dict[str, str]:
     return env
 
 
-def run_app_under_load(env: Dict[str, str], duration: float) -> LoadStats:
+def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats, str]:
+    """(load statistics, the app's and sidecar's last line on stderr)"""
     say("starting examples/demo_app.py under otel-gil (compiling and attaching the probes)")
     app = DemoApp(env)
     try:
@@ -271,8 +279,8 @@ def run_app_under_load(env: Dict[str, str], duration: float) -> LoadStats:
         stats = load(f"http://127.0.0.1:{ready['port']}", duration)
         say("collecting: stopping the app; waiting for its sidecar to flush the GIL spans")
     finally:
-        app.stop()
-    return stats
+        last_words = app.stop()
+    return stats, last_words
 
 
 def run(duration: float, output: str, slowest: int = 10) -> int:
@@ -280,7 +288,7 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
     endpoint = endpoint_configured()
     if endpoint:
         say(f"OTEL_EXPORTER_OTLP_ENDPOINT is set: the app and its sidecar export to {endpoint}")
-        stats = run_app_under_load(app_env(None), duration)
+        stats, _ = run_app_under_load(app_env(None), duration)
         print(f"Sent {stats.line()}. The spans (request spans with gil.wait children) "
               f"and the sidecar's metrics went to {endpoint}.")
         return 0
@@ -289,8 +297,10 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
     with OtlpReceiver() as receiver:
         say(f"no OTEL_EXPORTER_OTLP_ENDPOINT: collecting on an embedded receiver "
             f"at {receiver.endpoint}")
-        stats = run_app_under_load(app_env(receiver.endpoint), duration)
-        result = summarize(receiver.spans(), receiver.metrics(), stats, duration, slowest)
+        stats, last_words = run_app_under_load(app_env(receiver.endpoint), duration)
+        result = summarize(receiver.spans(), receiver.metrics(), stats, slowest)
+    if not result["gil_spans"]["wait"]:
+        say(f"warning: no gil.wait spans arrived; the app and sidecar said last: {last_words}")
     print(render(result))
     _write(output, result)
     print(f"\nMachine-readable result: {output}")
@@ -369,7 +379,7 @@ def _endpoints(requests: Sequence[Any], wait_ns: Dict[str, int]) -> List[Dict[st
 
 
 def summarize(spans: Sequence[Any], metrics: Sequence[Any], stats: LoadStats,
-              duration: float, slowest: int = 10) -> Dict[str, Any]:
+              slowest: int = 10) -> Dict[str, Any]:
     """The demo's result (out/demo.json) from the received spans and metric points."""
     by_id = {s.span_id: s for s in spans}
     requests = [s for s in spans if s.kind == SERVER]
@@ -387,7 +397,7 @@ def summarize(spans: Sequence[Any], metrics: Sequence[Any], stats: LoadStats,
     top = sorted(requests, key=lambda r: r.start_ns - r.end_ns)[:slowest]
     return {
         "service": requests[0].resource.get("service.name") if requests else None,
-        "duration_s": duration, "load": stats.to_json(),
+        "load": stats.to_json(),
         "requests": {"total": len(requests), "with_gil_wait": len(waits),
                      "time_ms": _ms(total_ns), "gil_wait_ms": _ms(sum(wait_ns.values())),
                      "gil_wait_share": round(sum(wait_ns.values()) / total_ns, 4)
@@ -462,7 +472,7 @@ def _slow_lines(i: int, r: Dict[str, Any], holders: int = 3) -> List[str]:
 def render(result: Dict[str, Any]) -> str:
     req, load_ = result["requests"], result["load"]
     out = [f"\nGIL contention in {result['service'] or 'the demo app'}: "
-           f"{result['duration_s']:g} s of load, {load_['sent']} requests sent, "
+           f"{load_['seconds']:.1f} s of load, {load_['sent']} requests sent, "
            f"{load_['errors']} errors",
            f"  {req['total']} request spans received; {req['with_gil_wait']} of them waited "
            f"for the GIL (waits over the 1 ms threshold)",

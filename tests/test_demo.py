@@ -70,7 +70,7 @@ def test_demo_json_is_complete_and_consistent(demo_run: Any) -> None:
     doc = json.loads(out.read_text())
     load, req = doc["load"], doc["requests"]
     assert doc["service"] == "gil-demo"
-    assert doc["duration_s"] == 5.0
+    assert 5.0 <= doc["load"]["seconds"] < 6.5
     # THEN every request sent arrived as a span (+1: the /healthz reachability check)
     assert load["errors"] == 0
     assert req["total"] == load["sent"] + 1
@@ -102,7 +102,8 @@ def test_demo_slowest_requests_name_their_waits_and_holders(demo_run: Any) -> No
         assert (r["gil_waits"] > 0) == (r["gil_wait_ms"] > 0)
         for h in r["holders"]:
             assert h["held_ms"] > 0
-            assert h["thread"] != r["thread"]  # a thread never waits behind itself
+            # the Python name, not the OS name every thread of a 3.11 app has
+            assert h["thread"] not in ("", "python", "?"), r
         for s in r["holder_spans"]:
             assert HEX32.match(s["trace_id"]) and s["trace_id"] != "0" * 32
             assert s["trace_id"] != r["trace_id"]
@@ -111,8 +112,13 @@ def test_demo_slowest_requests_name_their_waits_and_holders(demo_run: Any) -> No
     # THEN the slowest requests waited, behind named handler threads in /cpu traces
     waited = [r for r in slowest if r["gil_wait_ms"] > 0]
     assert len(waited) >= 5
-    assert all(HANDLER.match(h["thread"]) for r in waited for h in r["holders"])
-    assert any(s["name"] == "GET /cpu" for r in waited for s in r["holder_spans"])
+    assert all(HANDLER.match(r["thread"]) for r in waited)
+    # (holders may also be MainThread, accepting, or the SDK's span export thread)
+    held = [(h["thread"], h["held_ms"]) for r in waited for h in r["holders"]]
+    by_handlers = sum(ms for name, ms in held if HANDLER.match(name))
+    assert by_handlers >= 0.8 * sum(ms for _, ms in held), held
+    assert any(s["name"] == "GET /cpu" and s["thread"] and HANDLER.match(s["thread"])
+               for r in waited for s in r["holder_spans"])
 
 
 @pytest.mark.ebpf
@@ -268,7 +274,7 @@ def test_summarize_adds_up_waits_holders_and_their_traces() -> None:
         _wait("w3", "c1", cpu_t, "T-cpu", 2.0, [("T-light", 2.0)], []),
     ]
     stats = demo.LoadStats(by_path={"/cpu": 1, "/light": 2})
-    doc = demo.summarize(spans, [], stats, 1.0, slowest=2)
+    doc = demo.summarize(spans, [], stats, slowest=2)
     # THEN the totals are exact
     assert doc["requests"] == {"total": 3, "with_gil_wait": 2, "time_ms": 67.0,
                                "gil_wait_ms": 14.0, "gil_wait_share": round(14 / 67, 4)}
@@ -314,7 +320,7 @@ def test_summarize_metrics_takes_the_latest_point_of_each_series() -> None:
     assert (got[names.WAIT_DURATION.name]["count"], got[names.WAIT_DURATION.name]["max"]) == \
         (8, 0.009)
     assert got[names.WAIT_DURATION.name]["sum"] == pytest.approx(0.04)
-    text = demo.render({"service": "svc", "duration_s": 1, "load": {"sent": 0, "errors": 0},
+    text = demo.render({"service": "svc", "load": {"sent": 0, "errors": 0, "seconds": 1.0},
                         "requests": {"total": 0, "with_gil_wait": 0, "gil_wait_share": 0.0,
                                      "gil_wait_ms": 0.0, "time_ms": 0.0},
                         "endpoints": [], "slowest": [], "metrics": list(got.values())})
