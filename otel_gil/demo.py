@@ -299,11 +299,12 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
             f"at {receiver.endpoint}")
         stats, last_words = run_app_under_load(app_env(receiver.endpoint), duration)
         result = summarize(receiver.spans(), receiver.metrics(), stats, slowest)
-    if not result["gil_spans"]["wait"]:
-        say(f"warning: no gil.wait spans arrived; the app and sidecar said last: {last_words}")
     print(render(result))
     _write(output, result)
     print(f"\nMachine-readable result: {output}")
+    if not result["gil_spans"]["wait"]:  # the app is built to contend: tracing broke
+        raise OtelGilError(f"no gil.wait span arrived; the app and its sidecar said last: "
+                           f"{last_words}", "run `otel-gil doctor`")
     return 0
 
 

@@ -174,6 +174,22 @@ def test_demo_with_an_endpoint_exports_there(tmp_path: Path,
     assert all(requests[w.parent_span_id].trace_id == w.trace_id for w in waits)
 
 
+@pytest.mark.ebpf
+def test_demo_without_gil_spans_fails_after_showing_what_it_has(tmp_path: Path) -> None:
+    # GIVEN a wait threshold no wait reaches: the sidecar runs, but emits no gil.wait
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS"] = "100000"
+    proc = _demo("--duration", "1", "--output", str(tmp_path / "demo.json"), env=env)
+    # THEN the result is shown and written, and the run fails with one error line
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(
+        "otel-gil: error: no gil.wait span arrived; the app and its sidecar said last: ")
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert doc["gil_spans"]["wait"] == 0 and doc["requests"]["total"] > 0
+    assert " 0 of them waited for the GIL" in proc.stdout
+
+
 # ----------------------------------------------------------------- load only
 
 
