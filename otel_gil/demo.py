@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import otel_gil
 from otel_gil import names
@@ -68,14 +68,15 @@ class LoadStats:
 
     def line(self) -> str:
         paths = ", ".join(f"{n} {p}" for p, n in sorted(self.by_path.items()))
-        return f"{self.sent} requests ({paths or 'none yet'}), {self.errors} errors"
+        last = f" (last: {self.last_error})" if self.errors else ""
+        return f"{self.sent} requests ({paths or 'none yet'}), {self.errors} errors{last}"
 
     def to_json(self) -> Dict[str, Any]:
         return {"sent": self.sent, "errors": self.errors, "by_path": dict(self.by_path),
                 "seconds": round(self.elapsed_s, 2)}
 
 
-def parse_url(url: str) -> Any:
+def parse_url(url: str) -> SplitResult:
     """The URL split, or OtelGilError for anything but http(s)://host[:port]."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -88,9 +89,9 @@ def parse_url(url: str) -> Any:
     return parts
 
 
-def _connect(url: Any) -> http.client.HTTPConnection:
+def _connect(url: SplitResult) -> http.client.HTTPConnection:
     cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    return cls(url.hostname, url.port, timeout=10)
+    return cls(url.hostname or "", url.port, timeout=10)  # parse_url checked the host
 
 
 def _get(conn: http.client.HTTPConnection, path: str) -> int:
@@ -100,14 +101,17 @@ def _get(conn: http.client.HTTPConnection, path: str) -> int:
     return response.status
 
 
-def _client(url: Any, offset: int, stats: LoadStats, stop: threading.Event) -> None:
+def _client(url: SplitResult, offset: int, stats: LoadStats, stop: threading.Event) -> None:
     conn = _connect(url)
     for path in itertools.islice(itertools.cycle(MIX), offset, None):
         if stop.is_set():
             break
         try:
             status = _get(conn, url.path.rstrip("/") + path)
-            stats.ok(path) if status == 200 else stats.failed(f"{path}: HTTP {status}")
+            if status == 200:
+                stats.ok(path)
+            else:
+                stats.failed(f"{path}: HTTP {status}")
         except (OSError, http.client.HTTPException) as exc:
             stats.failed(f"{path}: {exc or type(exc).__name__}")
             conn.close()
@@ -116,7 +120,7 @@ def _client(url: Any, offset: int, stats: LoadStats, stop: threading.Event) -> N
     conn.close()
 
 
-def check_reachable(url: Any) -> None:
+def check_reachable(url: SplitResult) -> None:
     conn = _connect(url)
     try:
         status = _get(conn, url.path.rstrip("/") + "/healthz")
@@ -265,8 +269,9 @@ def app_env(receiver_endpoint: Optional[str]) -> Dict[str, str]:
     return env
 
 
-def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats, str]:
-    """(load statistics, the app's and sidecar's last line on stderr)"""
+def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats, str, bool]:
+    """(load statistics, the app's and sidecar's last line on stderr, whether the
+    sidecar was still running at the end of the load)"""
     say("starting examples/demo_app.py under otel-gil (compiling and attaching the probes)")
     app = DemoApp(env)
     try:
@@ -277,10 +282,11 @@ def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats,
         say(f"tracing live: demo app pid {ready['pid']} on port {ready['port']}, "
             f"sidecar pid {app.sidecar or '?'}")
         stats = load(f"http://127.0.0.1:{ready['port']}", duration)
+        survived = app.sidecar is None or _alive(app.sidecar)
         say("collecting: stopping the app; waiting for its sidecar to flush the GIL spans")
     finally:
         last_words = app.stop()
-    return stats, last_words
+    return stats, last_words, survived
 
 
 def run(duration: float, output: str, slowest: int = 10) -> int:
@@ -288,24 +294,34 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
     endpoint = endpoint_configured()
     if endpoint:
         say(f"OTEL_EXPORTER_OTLP_ENDPOINT is set: the app and its sidecar export to {endpoint}")
-        stats, _ = run_app_under_load(app_env(None), duration)
+        stats, last_words, survived = run_app_under_load(app_env(None), duration)
         print(f"Sent {stats.line()}. The spans (request spans with gil.wait children) "
               f"and the sidecar's metrics went to {endpoint}.")
+        _check(survived, True, last_words)
         return 0
     from otel_gil.receiver import OtlpReceiver  # noqa: PLC0415 - grpc only when needed
 
     with OtlpReceiver() as receiver:
         say(f"no OTEL_EXPORTER_OTLP_ENDPOINT: collecting on an embedded receiver "
             f"at {receiver.endpoint}")
-        stats, last_words = run_app_under_load(app_env(receiver.endpoint), duration)
+        stats, last_words, survived = run_app_under_load(app_env(receiver.endpoint), duration)
         result = summarize(receiver.spans(), receiver.metrics(), stats, slowest)
     print(render(result))
     _write(output, result)
     print(f"\nMachine-readable result: {output}")
-    if not result["gil_spans"]["wait"]:  # the app is built to contend: tracing broke
+    _check(survived, bool(result["gil_spans"]["wait"]), last_words)
+    return 0
+
+
+def _check(survived: bool, got_waits: bool, last_words: str) -> None:
+    """After the result is shown: a sidecar that died during the load, or no
+    gil.wait span at all (the app is built to contend), means tracing broke."""
+    if not survived:
+        raise OtelGilError(f"the sidecar exited during the load; the app and its sidecar "
+                           f"said last: {last_words}", "the result above is incomplete")
+    if not got_waits:
         raise OtelGilError(f"no gil.wait span arrived; the app and its sidecar said last: "
                            f"{last_words}", "run `otel-gil doctor`")
-    return 0
 
 
 def _write(path: str, result: Dict[str, Any]) -> None:

@@ -67,6 +67,7 @@ def test_demo_runs_end_to_end_with_progress(demo_run: Any) -> None:
 @pytest.mark.ebpf
 def test_demo_json_is_complete_and_consistent(demo_run: Any) -> None:
     proc, out, _ = demo_run
+    assert proc.returncode == 0, proc.stderr[-300:]
     doc = json.loads(out.read_text())
     load, req = doc["load"], doc["requests"]
     assert doc["service"] == "gil-demo"
@@ -91,7 +92,8 @@ def test_demo_json_is_complete_and_consistent(demo_run: Any) -> None:
 
 @pytest.mark.ebpf
 def test_demo_slowest_requests_name_their_waits_and_holders(demo_run: Any) -> None:
-    _, out, _ = demo_run
+    proc, out, _ = demo_run
+    assert proc.returncode == 0, proc.stderr[-300:]
     slowest = json.loads(out.read_text())["slowest"]
     assert len(slowest) == 10
     durations = [r["duration_ms"] for r in slowest]
@@ -124,6 +126,7 @@ def test_demo_slowest_requests_name_their_waits_and_holders(demo_run: Any) -> No
 @pytest.mark.ebpf
 def test_demo_terminal_shows_the_slow_requests_waits_and_holders(demo_run: Any) -> None:
     proc, out, _ = demo_run
+    assert proc.returncode == 0, proc.stderr[-300:]
     doc = json.loads(out.read_text())
     text = proc.stdout
     assert f"{doc['requests']['total']} request spans received" in text
@@ -188,6 +191,28 @@ def test_demo_without_gil_spans_fails_after_showing_what_it_has(tmp_path: Path) 
     doc = json.loads((tmp_path / "demo.json").read_text())
     assert doc["gil_spans"]["wait"] == 0 and doc["requests"]["total"] > 0
     assert " 0 of them waited for the GIL" in proc.stdout
+
+
+@pytest.mark.ebpf
+def test_demo_says_so_when_the_sidecar_dies_during_the_load(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.Popen([sys.executable, "-m", "otel_gil", "demo", "--duration", "3",
+                             "--output", str(tmp_path / "demo.json")], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        m = re.search(r"tracing live: .* sidecar pid (\d+)", line)
+        if m:
+            break
+    assert m is not None
+    # GIVEN the demo under load WHEN its sidecar is SIGKILLed
+    os.kill(int(m.group(1)), signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    # THEN the demo still shows what it got, and fails with one line saying why
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith("otel-gil: error: the sidecar exited during the load")
+    assert "request spans received" in out
 
 
 # ----------------------------------------------------------------- load only
