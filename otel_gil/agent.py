@@ -41,7 +41,9 @@ def sidecar_command(options: Options, owner_fd: int, listen: str) -> List[str]:
     python = options.sidecar_python or sys.executable
     return [python, "-m", "otel_gil", "sidecar", "--owner-fd", str(owner_fd),
             "--listen", listen, "--wait-threshold-ms", str(options.wait_threshold_ms),
-            "--hold-threshold-ms", str(options.hold_threshold_ms)]
+            "--hold-threshold-ms", str(options.hold_threshold_ms),
+            "--prometheus-port", str(options.prometheus_port),
+            "--max-thread-labels", str(options.max_thread_labels)]
 
 
 def sidecar_env() -> Dict[str, str]:

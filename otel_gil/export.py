@@ -14,6 +14,7 @@ so the spans land in the app's service in Jaeger or Tempo.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -46,7 +47,7 @@ class ProcessExport:
     ns_pid: int
     provider: TracerProvider
     tracer: Any
-    threads: Callable[[int], ThreadInfo]
+    threads: "ThreadDirectory"
 
 
 @dataclass
@@ -91,12 +92,16 @@ class SpanExport:
         self._processes: Dict[int, ProcessExport] = {}
 
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
-                    threads: Callable[[int], ThreadInfo]) -> None:
+                    threads: "ThreadDirectory") -> None:
         provider = TracerProvider(resource=Resource.create(dict(resource)))
         provider.add_span_processor(BatchSpanProcessor(self._exporter_factory(),
                                                        schedule_delay_millis=500))
         tracer = provider.get_tracer(names.INSTRUMENTATION_SCOPE)
         self._processes[pid] = ProcessExport(pid, ns_pid, provider, tracer, threads)
+
+    def thread(self, pid: int, tid: int) -> Optional[ThreadInfo]:
+        proc = self._processes.get(pid)
+        return proc.threads(tid) if proc is not None else None
 
     def remove_process(self, pid: int) -> None:
         proc = self._processes.pop(pid, None)
@@ -111,14 +116,14 @@ class SpanExport:
         for pid in list(self._processes):
             self.remove_process(pid)
 
-    def on_interval(self, iv: Interval) -> None:
+    def on_interval(self, iv: Interval) -> Optional[SpanContext]:
+        """Export one interval; returns the new span's context (None: not exported)."""
         proc = self._processes.get(iv.pid)
         if proc is None:
-            return
+            return None
         if iv.kind == "wait":
-            self._wait(proc, iv)
-        else:
-            self._hold(proc, iv)
+            return self._wait(proc, iv)
+        return self._hold(proc, iv)
 
     def _common(self, proc: ProcessExport, thread: ThreadInfo, iv: Interval) -> Dict[str, Any]:
         attrs: Dict[str, Any] = {
@@ -134,20 +139,21 @@ class SpanExport:
         return attrs
 
     def _emit(self, proc: ProcessExport, name: str, parent: SpanRef, iv: Interval,
-              attrs: Dict[str, Any], links: List[Link]) -> None:
+              attrs: Dict[str, Any], links: List[Link]) -> SpanContext:
         span = proc.tracer.start_span(
             name, context=_parent(parent), kind=trace.SpanKind.INTERNAL,
             start_time=self.clock.to_realtime(iv.start_ns), attributes=attrs, links=links)
         span.end(end_time=self.clock.to_realtime(iv.end_ns))
+        return span.get_span_context()  # type: ignore[no-any-return]
 
-    def _wait(self, proc: ProcessExport, iv: Interval) -> None:
+    def _wait(self, proc: ProcessExport, iv: Interval) -> Optional[SpanContext]:
         if iv.span is None:
             self.counters.waits_outside_span += 1
-            return
+            return None
         if not iv.span.sampled:
             self.counters.waits_unsampled += 1
-            return
-        attrs = self._common(proc, proc.threads(iv.tid), iv)
+            return None
+        attrs = self._common(proc, proc.threads(iv.tid, published=True), iv)
         attrs[names.WAIT_NS.name] = iv.duration_ns
         blame = timeline.blame(iv)
         holders = [(b, proc.threads(b.tid)) for b in blame]
@@ -155,20 +161,20 @@ class SpanExport:
         attrs[names.HOLDER_NAMES.name] = [t.name for _, t in holders]
         attrs[names.HOLDER_HELD_NS.name] = [b.held_ns for b, _ in holders]
         attrs[names.HOLDERS_TRUNCATED.name] = timeline.holds_truncated(iv)
-        self._emit(proc, names.GIL_WAIT.name, iv.span, iv, attrs, _holder_links(iv))
         self.counters.waits_exported += 1
+        return self._emit(proc, names.GIL_WAIT.name, iv.span, iv, attrs, _holder_links(iv))
 
-    def _hold(self, proc: ProcessExport, iv: Interval) -> None:
+    def _hold(self, proc: ProcessExport, iv: Interval) -> Optional[SpanContext]:
         if iv.span is None:
             self.counters.holds_outside_span += 1
-            return
+            return None
         if not iv.span.sampled:
             self.counters.holds_unsampled += 1
-            return
-        attrs = self._common(proc, proc.threads(iv.tid), iv)
+            return None
+        attrs = self._common(proc, proc.threads(iv.tid, published=True), iv)
         attrs[names.HOLD_NS.name] = iv.duration_ns
-        self._emit(proc, names.GIL_HOLD.name, iv.span, iv, attrs, [])
         self.counters.holds_exported += 1
+        return self._emit(proc, names.GIL_HOLD.name, iv.span, iv, attrs, [])
 
 
 def _holder_links(iv: Interval) -> List[Link]:
@@ -194,14 +200,22 @@ def _holder_links(iv: Interval) -> List[Link]:
 @dataclass
 class ThreadDirectory:
     """Thread identities of one process: the app's context table when it has one
-    (Python ident and thread name), else /proc (OS name), else the session."""
+    (Python ident and thread name), else /proc (OS name). A thread not (yet)
+    found in the table is looked up again after RETRY_NS, not on every span."""
+
+    RETRY_NS = 1_000_000_000
 
     lookup: Callable[[int], ThreadInfo]
-    cache: Dict[int, ThreadInfo] = field(default_factory=dict)
+    cache: Dict[int, Tuple[ThreadInfo, int]] = field(default_factory=dict)
 
-    def __call__(self, host_tid: int) -> ThreadInfo:
-        info = self.cache.get(host_tid)
-        if info is None:
-            info = self.lookup(host_tid)
-            self.cache[host_tid] = info
+    def __call__(self, host_tid: int, published: bool = False) -> ThreadInfo:
+        """published: the thread is known to have a slot (its span came from it),
+        so a cached miss is stale: look again now."""
+        now = time.monotonic_ns()
+        hit = self.cache.get(host_tid)
+        if hit is not None and (hit[0].ident is not None or
+                                (not published and now - hit[1] < self.RETRY_NS)):
+            return hit[0]
+        info = self.lookup(host_tid)
+        self.cache[host_tid] = (info, now)
         return info

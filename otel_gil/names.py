@@ -137,7 +137,8 @@ FORCED_SWITCHES = Metric(
     "or a wait, of at least the interval is counted as forced.")
 LOST_EVENTS = Metric(
     "otel_gil.lost_events", "counter", "{event}",
-    "Events the kernel could not deliver (ring buffer full) or user space could not place.")
+    "Events the kernel could not deliver (ring buffer full), probe runs it skipped "
+    "(recursion_misses), and records user space could not decode.")
 CONTENTION_RATIO = Metric(
     "otel_gil.contention.ratio", "gauge", "1",
     "Per process: time threads spent waiting for the GIL over wall time, since the last "

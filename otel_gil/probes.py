@@ -82,6 +82,7 @@ def _recent_kernel_log() -> str:
 
 
 TRACEFS = Path("/sys/kernel/tracing")
+PROBE_FUNCTIONS = ("on_take_gil", "on_take_gil_return", "on_cond_signal")
 
 
 def ensure_tracefs() -> None:
@@ -137,7 +138,7 @@ class Probes:
             ) from None
         try:
             # Load every probe now, so a verifier rejection is reported as such.
-            for fn_name in ("on_take_gil", "on_take_gil_return", "on_cond_signal"):
+            for fn_name in PROBE_FUNCTIONS:
                 self._bpf.load_func(fn_name, bcc.BPF.KPROBE)
         except Exception as exc:
             raise ProbeError(f"the kernel's verifier rejected the BPF program: {exc}",
@@ -232,6 +233,24 @@ class Probes:
     def poll(self, timeout_ms: int) -> None:
         """Deliver pending events to on_event; waits at most timeout_ms for the first."""
         self._bpf.ring_buffer_poll(timeout_ms)
+
+    def skipped_runs(self) -> int:
+        """Probe hits whose BPF program the kernel did not run: a uprobe program
+        preempted on a CPU blocks others there (bpf_prog_active), and those are
+        skipped and counted as recursion_misses (Linux 5.12+, in fdinfo). The
+        state machine survives a skipped hit (the interval is dropped and the
+        thread's `unmatched` counts it), but the count is reported as lost."""
+        total = 0
+        for fn_name in PROBE_FUNCTIONS:
+            fd = self._bpf.funcs[fn_name.encode()].fd
+            try:
+                with open(f"/proc/self/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("recursion_misses:"):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
 
     def threads(self) -> Dict[int, events.ThreadStats]:
         """Every tracked thread's totals, by host tid."""

@@ -114,6 +114,7 @@ def to_json(session: Session) -> Dict[str, Any]:
         "hold_histogram": _histogram(timeline.merge(t.hold_hist for t in threads)),
         "intervals": [_interval(iv) for iv in session.intervals],
         "lost_events": session.lost_events(),
+        "skipped_probe_runs": session.skipped_runs,
     }
 
 

@@ -97,6 +97,7 @@ class Session:
         self.threads: Dict[int, ThreadTotals] = {}
         self._start_times: Dict[int, Optional[str]] = {}
         self._names_read_ns = 0
+        self._skipped: Optional[int] = None  # frozen at close(), when the program goes
 
     def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
         """Inspect and attach to a running Python process (raises TargetError)."""
@@ -158,8 +159,16 @@ class Session:
         return any(not info.ended_ns for info in self.targets.values())
 
     def lost_events(self) -> int:
+        """Everything that did not make it: ring buffer full, undecodable records,
+        and probe runs the kernel skipped (see Probes.skipped_runs)."""
         kernel = sum(info.state.lost for info in self.targets.values() if info.state)
-        return kernel + self.probes.undecodable
+        return kernel + self.probes.undecodable + self.skipped_runs
+
+    @property
+    def skipped_runs(self) -> int:
+        if self._skipped is None:
+            return self.probes.skipped_runs()
+        return self._skipped
 
     def forget(self, pid: int) -> None:
         """Drop an ended target and its threads (a long-running sidecar's memory)."""
@@ -172,6 +181,7 @@ class Session:
     def close(self) -> None:
         for pid in list(self.targets):
             self.detach(pid)
+        self._skipped = self.probes.skipped_runs()
         self.probes.close()
 
 

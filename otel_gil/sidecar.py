@@ -18,12 +18,15 @@ import signal
 import socket
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+from opentelemetry.sdk.metrics.export import MetricReader
 
 from otel_gil import context, protocol
 from otel_gil.clock import Clock
 from otel_gil.errors import OtelGilError
 from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
+from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ContextTable, ProbeConfig
 from otel_gil.session import Session
 
@@ -40,12 +43,16 @@ class Client:
 
 class Sidecar:
     def __init__(self, config: ProbeConfig, listen: Optional[str] = None,
-                 owner_fd: Optional[int] = None, export: Optional[SpanExport] = None) -> None:
+                 owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
+                 metric_readers: Optional[List[MetricReader]] = None,
+                 max_thread_labels: int = 20) -> None:
         self.clock = Clock()
         self.export = export if export is not None else SpanExport(self.clock)
         self.session = Session(config, self._on_interval)
+        self.metrics = GilMetrics(self.session, metric_readers or [], max_thread_labels)
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
+        self._metrics_failed = False
         self._listener: Optional[socket.socket] = None
         if listen:
             self._listener = _listen(listen)
@@ -55,7 +62,8 @@ class Sidecar:
 
     def _on_interval(self, iv: Any) -> None:
         try:
-            self.export.on_interval(iv)
+            span = self.export.on_interval(iv)
+            self.metrics.record_interval(iv, span)
         except Exception:  # noqa: BLE001 - one bad span must not stop tracing
             log.exception("exporting a GIL span failed")
 
@@ -68,10 +76,19 @@ class Sidecar:
             while not self._stop:
                 self._accept_and_read()
                 self.session.step(50)
+                self._update_metrics()
                 self._retire_exited()
                 self.clock.refresh_if_older_than(10.0)
         finally:
             self.close()
+
+    def _update_metrics(self) -> None:
+        try:
+            self.metrics.update()
+        except Exception:  # noqa: BLE001 - metrics must never stop tracing
+            if not self._metrics_failed:
+                log.exception("otel-gil: updating metrics failed (reported once)")
+            self._metrics_failed = True
 
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._stop = True
@@ -112,7 +129,7 @@ class Sidecar:
         claimed = msg.get("pid")
         nspid = _nspid(pid)
         if claimed is not None and claimed not in nspid:
-            log.warning("refused: pid %s asked to trace pid %s", pid, claimed)
+            log.warning("otel-gil: refused: pid %s asked to trace pid %s", pid, claimed)
             return {"ok": False, "error": f"registration refused: the connecting process is "
                                           f"pid {nspid[-1]}, not {claimed}; a process may only "
                                           "ask for itself to be traced"}
@@ -122,13 +139,15 @@ class Sidecar:
         try:
             target = self.session.add(pid, table)
         except OtelGilError as err:
-            log.warning("cannot trace pid %s: %s", pid, err)
+            log.warning("otel-gil: cannot trace pid %s: %s", pid, err)
             return {"ok": False, "error": str(err)}
         client.pid = pid
         resource = msg.get("resource") or {}
-        self.export.add_process(pid, target.nspid[-1], resource,
-                                ThreadDirectory(lambda tid: self._thread_info(pid, tid, table)))
-        log.info("tracing pid %s (%s)", pid, resource.get("service.name", "?"))
+        directory = ThreadDirectory(lambda tid: self._thread_info(pid, tid, table))
+        self.export.add_process(pid, target.nspid[-1], resource, directory)
+        self.metrics.add_process(pid, str(resource.get("service.name", "unknown")),
+                                 target.nspid[-1], lambda tid: directory(tid).name)
+        log.info("otel-gil: tracing pid %s (%s)", pid, resource.get("service.name", "?"))
         return {"ok": True, "host_pid": pid}
 
     def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable]) -> ThreadInfo:
@@ -145,6 +164,7 @@ class Sidecar:
             if ns_tid in published:
                 ident, py_name = published[ns_tid]
                 name = py_name or name
+
         return ThreadInfo(tid, ns_tid, name, ident)
 
     def _drop(self, client: Client) -> None:
@@ -159,12 +179,16 @@ class Sidecar:
     def _retire_exited(self) -> None:
         """A long-running sidecar forgets processes once they are gone and flushed."""
         for pid in [p for p, info in self.session.targets.items() if info.ended_ns]:
+            self._update_metrics()
             self.export.remove_process(pid)
+            self.metrics.forget(pid)
             self.session.forget(pid)
 
     def close(self) -> None:
         self.session.close()
+        self._update_metrics()
         self.export.close()
+        self.metrics.shutdown()
         for c in list(self._clients.values()):
             c.sock.close()
         if self._listener is not None:

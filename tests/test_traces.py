@@ -44,7 +44,8 @@ class AppRun:
 
 def _env(receiver: OtlpReceiver, **extra: str) -> Dict[str, str]:
     env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
-               OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_BSP_SCHEDULE_DELAY="200")
+               OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_BSP_SCHEDULE_DELAY="200",
+               OTEL_PYTHON_GIL_PROMETHEUS_PORT="0")
     env.update(extra)
     return env
 

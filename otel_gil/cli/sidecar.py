@@ -29,6 +29,11 @@ class SidecarCommand(Command):
         parser.add_argument("--hold-threshold-ms", type=positive_float,
                             default=opts.hold_threshold_ms,
                             help="holds at least this long become gil.hold spans")
+        parser.add_argument("--prometheus-port", type=int, default=opts.prometheus_port,
+                            help=f"Prometheus metrics endpoint port (default "
+                                 f"{opts.prometheus_port}; 0: none)")
+        parser.add_argument("--max-thread-labels", type=int, default=opts.max_thread_labels,
+                            help="distinct thread names per process in metric labels")
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -37,7 +42,11 @@ class SidecarCommand(Command):
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
                           hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
-        sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd)
+        from otel_gil.metrics import default_readers  # noqa: PLC0415
+
+        sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
+                          metric_readers=default_readers(args.prometheus_port),
+                          max_thread_labels=args.max_thread_labels)
         if args.owner_fd is None:
             print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
                   file=sys.stderr, flush=True)

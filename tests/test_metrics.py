@@ -1,0 +1,134 @@
+"""Sidecar metrics from a real traced child: names, units and values, read through
+an in-memory reader and through a real HTTP scrape of the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+from typing import Any, Dict, Tuple
+
+import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import start_http_server
+from targets import all_targets, require, spawn
+from test_record import WORKLOAD
+
+from otel_gil import names
+from otel_gil.metrics import GilMetrics
+from otel_gil.probes import ProbeConfig
+from otel_gil.session import Session
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def traced() -> Any:
+    """GIVEN a child with 4 CPU-bound threads, traced by a session with metrics."""
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    memory = InMemoryMetricReader()
+    port = _free_port()
+    start_http_server(port, addr="127.0.0.1")
+    child = spawn(target, WORKLOAD)
+    try:
+        child.read_json(timeout=60)
+        intervals: list = []
+
+        def on_interval(iv: Any) -> None:
+            intervals.append(iv)
+            metrics.record_interval(iv, None)
+
+        session = Session(ProbeConfig(hold_threshold_ns=20_000_000), on_interval)
+        metrics = GilMetrics(session, [memory, PrometheusMetricReader()])
+        target_info = session.add(child.host_pid)
+        metrics.add_process(child.host_pid, "metrics-test", target_info.nspid[-1],
+                            lambda tid: "main" if tid == child.host_pid else "burner")
+        child.send("go")
+        result: Dict[str, Any] = {}
+        while not result:
+            session.step(50)
+            metrics.update()
+            try:
+                result = child.read_json(timeout=0.05)
+            except TimeoutError:
+                continue
+        session.step(50)
+        metrics.update()
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        data = memory.get_metrics_data()
+        child.send("exit")
+        session.intervals = intervals
+        yield session, result, data, scrape.decode()
+        session.close()
+    finally:
+        child.close()
+
+
+def _points(data: Any) -> Dict[str, Tuple[str, list]]:
+    out: Dict[str, Tuple[str, list]] = {}
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            assert sm.scope.name == names.INSTRUMENTATION_SCOPE
+            for m in sm.metrics:
+                out[m.name] = (m.unit, list(m.data.data_points))
+    return out
+
+
+@pytest.mark.ebpf
+def test_every_metric_is_exported_with_its_unit(traced: Any) -> None:
+    _, _, data, _ = traced
+    points = _points(data)
+    # THEN every documented metric is there, with its documented unit
+    for metric in names.METRICS:
+        assert metric.name in points, metric.name
+        assert points[metric.name][0] == metric.unit
+
+
+@pytest.mark.ebpf
+def test_held_seconds_match_the_workloads_cpu_time(traced: Any) -> None:
+    session, result, data, _ = traced
+    points = _points(data)
+    burner = [p for p in points[names.HELD_TIME.name][1]
+              if p.attributes[names.LABEL_THREAD] == "burner"]
+    assert len(burner) == 1
+    assert burner[0].attributes[names.LABEL_SERVICE] == "metrics-test"
+    cpu_s = sum(result["cpu_ns"].values()) / 1e9
+    # THEN the burners' held seconds are their CPU time, within a few % (5)
+    assert abs(burner[0].value - cpu_s) <= 0.05 * cpu_s, (burner[0].value, cpu_s)
+    acquisitions = sum(p.value for p in points[names.ACQUISITIONS.name][1])
+    assert acquisitions == sum(t.acquisitions for t in session.threads.values())
+    forced = sum(p.value for p in points[names.FORCED_SWITCHES.name][1])
+    handoffs = sum(p.value for p in points[names.HANDOFFS.name][1])
+    assert 0 < forced <= handoffs
+    assert sum(p.value for p in points[names.LOST_EVENTS.name][1]) == 0
+
+
+@pytest.mark.ebpf
+def test_long_waits_fill_the_histogram(traced: Any) -> None:
+    session, _, data, _ = traced
+    points = _points(data)
+    counted = sum(p.count for p in points[names.WAIT_DURATION.name][1])
+    # THEN every wait at or above the threshold was recorded, in seconds
+    waits = [iv for iv in session.intervals if iv.kind == "wait"]
+    assert counted == len(waits) > 0
+    total = sum(p.sum for p in points[names.WAIT_DURATION.name][1])
+    assert total == pytest.approx(sum(iv.duration_ns for iv in waits) / 1e9, rel=1e-6)
+
+
+@pytest.mark.ebpf
+def test_prometheus_scrape_shows_the_documented_series(traced: Any) -> None:
+    _, result, data, scrape = traced
+    # THEN a real scrape serves each documented series, with the labels
+    for metric in names.METRICS:
+        series = metric.prometheus + ("_bucket" if metric.instrument == "histogram" else "")
+        assert f"\n{series}{{" in scrape, series
+    line = next(ln for ln in scrape.splitlines()
+                if ln.startswith(names.HELD_TIME.prometheus + "{") and 'thread_name="burner"' in ln)
+    assert 'service_name="metrics-test"' in line
+    cpu_s = sum(result["cpu_ns"].values()) / 1e9
+    assert abs(float(line.rsplit(" ", 1)[1]) - cpu_s) <= 0.05 * cpu_s
