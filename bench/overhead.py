@@ -4,9 +4,11 @@
 
 A child runs `hashlib.sha1(b"x" * 2048)` in a loop: CPython releases and
 re-takes the GIL around each call (HASHLIB_GIL_MINSIZE is 2048), so every call
-is one release + one acquisition, about 1 µs uncontended. Three setups run
-interleaved, R rounds each, best round kept (2 noisy cores: only ratios within
-one run mean anything):
+is one release + one acquisition, about 1 µs uncontended (checked: the run
+reports acquisitions and releases per call, which must be ~1). Three setups run
+interleaved, R rounds each, the order rotated every round, best round kept
+(2 noisy cores: only ratios within one run mean anything; the median and max
+per setup show the spread):
 
   none   no probes
   floor  the same uprobes (take_gil entry, its ret(s), pthread_cond_signal),
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from typing import Dict, List
@@ -62,32 +65,37 @@ def main() -> int:
     target = discovery.inspect_process(child.pid)
     setups = {"floor": ProbeConfig(empty=True), "full": ProbeConfig()}
     probes = {name: Probes(cfg, lambda _iv: None) for name, cfg in setups.items()}
-    best: Dict[str, List[float]] = {"none": [], "floor": [], "full": []}
-    acquisitions = 0
+    order = ["none", "floor", "full"]
+    best: Dict[str, List[float]] = {name: [] for name in order}
+    acquisitions = releases = 0
     try:
         run_batch(child, args.calls // 10)  # warm up
-        for _ in range(args.rounds):
-            for name in ("none", "floor", "full"):
+        for r in range(args.rounds):
+            for name in order[r % 3:] + order[:r % 3]:
                 if name != "none":
-                    probes[name].add(target)
+                    probes[name].add(target)  # fresh per-target counters
                 best[name].append(run_batch(child, args.calls))
                 if name == "full":
                     st = probes[name].target_state(child.pid)
                     acquisitions += st.acq_seq if st else 0
+                    releases += st.releases if st else 0
                 if name != "none":
                     probes[name].remove(child.pid)
     finally:
         for p in probes.values():
             p.close()
         child.kill()
-    none, floor, full = (min(best[k]) for k in ("none", "floor", "full"))
-    per_call = acquisitions / (args.calls * args.rounds)
+    none, floor, full = (min(best[k]) for k in order)
+    calls = args.calls * args.rounds
     result = {
         "python": args.python,
         "version": ".".join(map(str, target.interpreter.version)),
         "calls_per_round": args.calls, "rounds": args.rounds,
-        "acquisitions_per_call": round(per_call, 3),
+        "acquisitions_per_call": round(acquisitions / calls, 3),
+        "releases_per_call": round(releases / calls, 3),
         "ns_per_call": {"none": round(none), "floor": round(floor), "full": round(full)},
+        "spread_ns_per_call": {k: {"median": round(statistics.median(v)), "max": round(max(v))}
+                               for k, v in best.items()},
         "added_ns_per_transition": {"floor": round(floor - none), "full": round(full - none)},
         "full_over_floor": round((full - none) / (floor - none), 3),
         "slowdown": {"floor": round(floor / none, 2), "full": round(full / none, 2)},

@@ -16,7 +16,10 @@
  * Compile-time settings (-D, set by the loader): WAIT_THRESHOLD_NS,
  * HOLD_THRESHOLD_NS, MAX_THREADS, MAX_TARGETS, RINGBUF_PAGES, and
  * EMPTY_PROBES, which makes every uprobe return at once: the cost floor that
- * bench/overhead.py compares the real probes against.
+ * bench/overhead.py compares the real probes against, and SIDECAR_PIDNS_DEV /
+ * SIDECAR_PIDNS_INO when the sidecar runs in a child PID namespace (a sidecar
+ * container sharing the app pod's namespace): then every pid and tid here is
+ * the one the sidecar sees, not the host's.
  */
 #include <uapi/linux/ptrace.h> /* struct pt_regs: the stable x86-64 uapi layout */
 #include "gil.h"
@@ -47,6 +50,24 @@ BPF_HASH(threads, u32, struct thread_stats, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Scratch for building a new thread's entry: too large for the BPF stack. */
 BPF_PERCPU_ARRAY(zero_thread, struct thread_stats, 1);
+
+/* The current process and thread, as the sidecar sees them. -1: a task the
+ * sidecar cannot see, so not one of its targets. */
+static __always_inline int current_ids(u32 *pid, u32 *tid)
+{
+#ifdef SIDECAR_PIDNS_INO
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(SIDECAR_PIDNS_DEV, SIDECAR_PIDNS_INO, &ns, sizeof(ns)))
+        return -1;
+    *pid = ns.tgid;
+    *tid = ns.pid;
+#else
+    u64 id = bpf_get_current_pid_tgid();
+    *pid = id >> 32;
+    *tid = (u32)id;
+#endif
+    return 0;
+}
 
 /* Bucket of a duration: see gil.h; mirrored by otel_gil.timeline.bucket_of. */
 static __always_inline u32 bucket_of(u64 ns)
@@ -125,8 +146,9 @@ static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ct
 int on_take_gil(struct pt_regs *ctx)
 {
     FLOOR_ONLY();
-    u64 id = bpf_get_current_pid_tgid();
-    u32 pid = id >> 32, tid = (u32)id;
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
     struct target *t = targets.lookup(&pid);
     if (!t)
         return 0;
@@ -181,8 +203,9 @@ int on_take_gil_return(struct pt_regs *ctx)
 {
     FLOOR_ONLY();
     u64 now = bpf_ktime_get_ns();
-    u64 id = bpf_get_current_pid_tgid();
-    u32 pid = id >> 32, tid = (u32)id;
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
     struct target *t = targets.lookup(&pid);
     if (!t)
         return 0;
@@ -240,16 +263,21 @@ static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 
 int on_cond_signal(struct pt_regs *ctx)
 {
     FLOOR_ONLY();
-    u64 id = bpf_get_current_pid_tgid();
-    u32 pid = id >> 32, tid = (u32)id;
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
     struct target *t = targets.lookup(&pid);
     if (!t || PT_REGS_PARM1(ctx) != t->cond_addr)
         return 0;
     u64 now = bpf_ktime_get_ns();
     struct thread_stats *th = threads.lookup(&tid);
     if (!th || !th->hold_start) {
-        /* Held since before we attached: no interval to report. */
-        if (th)
+        /* A waiter inside take_gil is not releasing: glibc's timed wait calls
+         * pthread_cond_signal itself to pass on a wake-up it consumed but
+         * gave up on (__condvar_cancel_waiting, nptl/pthread_cond_wait.c),
+         * and that internal call hits this probe too. Otherwise the GIL was
+         * held since before we attached: no interval to report. */
+        if (th && !th->wait_start)
             th->unmatched++;
         return 0;
     }
@@ -274,12 +302,24 @@ int on_cond_signal(struct pt_regs *ctx)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    u32 tid = (u32)bpf_get_current_pid_tgid();
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
     struct thread_stats *th = threads.lookup(&tid);
-    if (th) {
-        th->exited = 1;
-        th->wait_start = 0;
-        th->hold_start = 0;
+    if (!th)
+        return 0;
+    /* A process exits holding the GIL (Py_Finalize never drops it): that
+     * hold ends here. A thread can also die inside take_gil (finalization,
+     * PyThread_exit_thread): that wait never ends, so it is not counted. */
+    if (th->hold_start) {
+        u64 hold = bpf_ktime_get_ns() - th->hold_start;
+        th->hold_ns += hold;
+        if (hold > th->max_hold_ns)
+            th->max_hold_ns = hold;
+        th->hold_hist[bucket_of(hold)]++;
     }
+    th->exited = 1;
+    th->wait_start = 0;
+    th->hold_start = 0;
     return 0;
 }

@@ -52,6 +52,13 @@ def sidecar_env() -> Dict[str, str]:
     Python over libbcc.so, so any Python 3 can use it, but putting all of
     dist-packages on the path could shadow the app's own packages."""
     env = dict(os.environ)
+    # Under `opentelemetry-instrument`, PYTHONPATH carries its sitecustomize,
+    # which would instrument the sidecar too, and so spawn a sidecar of its
+    # own, and so on: the sidecar is never traced itself.
+    env["OTEL_PYTHON_GIL_MODE"] = "off"
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+             if p and "auto_instrumentation" not in p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     if importlib.util.find_spec("bcc") is None and os.path.isdir(OS_BCC):
         shim = os.path.join(tempfile.gettempdir(), f"otel-gil-bcc-{os.geteuid()}")
         os.makedirs(shim, exist_ok=True)

@@ -32,7 +32,11 @@ class ProbeConfig:
     empty: bool = False  # probes that return at once: the overhead floor (bench/)
 
     def cflags(self) -> List[str]:
-        return (["-DEMPTY_PROBES"] if self.empty else []) + [
+        flags = ["-DEMPTY_PROBES"] if self.empty else []
+        pidns = own_pid_namespace()
+        if pidns is not None:
+            flags += [f"-DSIDECAR_PIDNS_DEV={pidns[0]}ULL", f"-DSIDECAR_PIDNS_INO={pidns[1]}ULL"]
+        return flags + [
             f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
             f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
             f"-DMAX_THREADS={self.max_threads}",
@@ -47,6 +51,16 @@ class ContextTable:
 
     address: int
     slots: int
+
+
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial PID namespace's inode (include/linux/proc_ns.h)
+
+
+def own_pid_namespace() -> Optional[Tuple[int, int]]:
+    """(st_dev, st_ino) of our PID namespace when it is not the initial one,
+    e.g. a sidecar container sharing its pod's PID namespace; else None."""
+    st = os.stat("/proc/self/ns/pid")
+    return None if st.st_ino == PROC_PID_INIT_INO else (st.st_dev, st.st_ino)
 
 
 def bpf_dir() -> Path:

@@ -111,6 +111,7 @@ def test_doctor_pid_of_live_child(target: PythonTarget) -> None:
         assert doc["ok"] is True
         assert os.path.samefile(found["object"], target.interpreter_elf)
         assert found["gil"]["enabled"] is (True if target.name == "py313t-gil" else None)
+        assert os.path.basename(found["release_probe"]["path"]) == "libc.so.6"
         assert text.returncode == 0 and text.stdout.endswith("verdict: tracing would work\n")
     else:
         # THEN the free-threaded build running without its GIL gets its own verdict

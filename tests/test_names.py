@@ -38,3 +38,11 @@ def test_no_emitted_name_is_spelled_outside_names_py() -> None:
         # THEN none of them contains an emitted name as a string literal
         for name in spelled:
             assert f'"{name}"' not in text and f"'{name}'" not in text, (path, name)
+
+
+def test_configuration_doc_is_current() -> None:
+    from otel_gil import config
+
+    doc = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert doc.read_text() == config.markdown()
+    assert set(config.DOCS) == set(config.ENV.values())

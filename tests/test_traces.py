@@ -186,6 +186,23 @@ def test_app_in_its_own_pid_namespace_gets_namespaced_thread_ids(sidecar: Any) -
         assert gs.attributes[names.PROCESS_PID.name] == 1
 
 
+@pytest.mark.ebpf
+def test_sidecar_sharing_the_apps_pid_namespace(tmp_path: Path) -> None:
+    # GIVEN app and spawned sidecar both in a child PID namespace (a sidecar
+    # container in the app's pod, shareProcessNamespace)
+    with OtlpReceiver() as receiver:
+        run = _run_app(receiver, ["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                                  str(APP), "--seconds", "2"])
+    # THEN the probes, keyed by the ids the sidecar sees, still find the app
+    assert run.started["live"] is True, run.started
+    waits = [s for s in run.gil_spans() if s.name == names.GIL_WAIT.name]
+    assert waits
+    for gs in waits:
+        thread = run.threads[gs.attributes[names.THREAD_NAME.name]]
+        assert gs.attributes[names.THREAD_NATIVE_ID.name] == thread["native_id"]
+        assert gs.attributes[names.PROCESS_PID.name] == 1
+
+
 # -------------------------------------------------------------- the app comes first
 
 
@@ -231,6 +248,59 @@ def test_unprivileged_app_without_sidecar_warns_once_and_runs(tmp_path: Path) ->
     assert proc.stderr.count("GIL tracing off") == 1, proc.stderr
     assert "may not use eBPF" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.ebpf
+def test_opentelemetry_instrument_path_needs_no_code_change() -> None:
+    with OtlpReceiver() as receiver:
+        # GIVEN an app with no otel-gil code, run under opentelemetry-instrument
+        env = _env(receiver, OTEL_SERVICE_NAME="auto-app", OTEL_METRICS_EXPORTER="none",
+                   OTEL_LOGS_EXPORTER="none")
+        instrument = Path(sys.executable).parent / "opentelemetry-instrument"
+        proc = subprocess.run([str(instrument), sys.executable, str(ROOT / "examples" /
+                               "auto_app.py")], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        # THEN its work spans get gil.wait children, in its own service, from one sidecar
+        assert proc.stderr.count("otel-gil: tracing pid") == 1, proc.stderr
+        receiver.wait_for_spans(lambda spans: any(s.name == names.GIL_WAIT.name
+                                                  for s in spans), timeout=30)
+        time.sleep(1.0)
+        spans = receiver.spans()
+        by_id = {s.span_id: s for s in spans}
+        waits = [s for s in spans if s.name == names.GIL_WAIT.name]
+        assert waits
+        for w in waits:
+            assert by_id[w.parent_span_id].name.startswith("work-")
+            assert w.resource["service.name"] == "auto-app"
+
+
+UNINSTRUMENT = """
+import json, otel_gil
+from opentelemetry import context
+original = context._RUNTIME_CONTEXT
+otel_gil.instrument()
+otel_gil.instrument()  # twice is harmless
+live = otel_gil.wait_until_live(30)
+hooked = context._RUNTIME_CONTEXT is not original
+sidecar = otel_gil._agent.sidecar
+otel_gil.uninstrument()
+print(json.dumps({"live": live, "hooked": hooked, "restored": context._RUNTIME_CONTEXT is original,
+                  "sidecar_exit": sidecar.poll(), "status": otel_gil.status()}))
+"""
+
+
+@pytest.mark.ebpf
+def test_uninstrument_undoes_instrument() -> None:
+    with OtlpReceiver() as receiver:
+        proc = subprocess.run([sys.executable, "-c", UNINSTRUMENT], env=_env(receiver),
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # THEN the hook was in place while live, and uninstrument() put the original
+    # runtime context back and let the spawned sidecar exit
+    assert json.loads(proc.stdout) == {"live": True, "hooked": True, "restored": True,
+                                       "sidecar_exit": 0, "status": "not instrumented"}
+    assert proc.stderr.count("otel-gil: tracing pid") == 1
 
 
 FORKING_APP = r"""

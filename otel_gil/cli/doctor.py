@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -51,8 +52,8 @@ def _kernel() -> str:
     if not os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
         missing.append("the uprobe perf PMU (CONFIG_UPROBE_EVENTS)")
     release = platform.release()
-    major, minor = (int(x) for x in release.split(".")[:2])
-    if (major, minor) < (5, 8):
+    match = re.match(r"(\d+)\.(\d+)", release)  # e.g. 6.18.44-fc-v657, 6.9-rc1
+    if match is None or (int(match.group(1)), int(match.group(2))) < (5, 8):
         missing.append("BPF ring buffer (Linux 5.8+)")
     if missing:
         raise _fail(f"kernel {release} lacks " + ", ".join(missing),
@@ -146,7 +147,9 @@ class DoctorCommand(Command):
         out["object"] = _host_path(args.pid, target.object_path)
         out.update(pid=target.pid, nspid=list(target.nspid),
                    gil={"address": hex(target.gil.address), "enabled": target.gil.enabled,
-                        "interval_us": target.gil.interval_us, "found_by": target.gil.how})
+                        "interval_us": target.gil.interval_us, "found_by": target.gil.how},
+                   release_probe={"path": _host_path(args.pid, target.cond_signal[0]),
+                                  "address": hex(target.cond_signal[1])})
         discovery.require_gil(target)
         return f"pid {args.pid}: CPython {out['version']} ({out['flavour']}), " \
                f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"

@@ -1,0 +1,33 @@
+"""No otel-gil code at all: run it under OpenTelemetry's auto-instrumentation.
+
+    OTEL_SERVICE_NAME=auto-app opentelemetry-instrument python examples/auto_app.py
+
+`opentelemetry-instrument` finds otel-gil through its `opentelemetry_instrumentor`
+entry point and calls `otel_gil.instrument()`; the GIL waits of these threads
+then show up as `gil.wait` spans under their `work-N` spans.
+"""
+
+import threading
+import time
+
+from opentelemetry import trace
+
+tracer = trace.get_tracer("auto-app")
+
+
+def burn(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sum(i * i for i in range(300))
+
+
+def work(name: str) -> None:
+    with tracer.start_as_current_span(name):
+        burn(3.0)
+
+
+threads = [threading.Thread(target=work, args=(f"work-{i}",)) for i in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()

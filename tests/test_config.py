@@ -1,0 +1,42 @@
+"""Options: keyword arguments win over the environment; bad values are named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from otel_gil import config
+
+
+def test_defaults_environment_and_keywords() -> None:
+    assert config.load({}, {}) == config.Options()
+    env = {"OTEL_PYTHON_GIL_MODE": "connect", "OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS": "2.5"}
+    opts = config.load({}, env)
+    assert (opts.mode, opts.wait_threshold_ms) == ("connect", 2.5)
+    # GIVEN both WHEN loaded THEN the keyword wins
+    assert config.load({"mode": "spawn"}, env).mode == "spawn"
+
+
+@pytest.mark.parametrize("overrides, env, message", [
+    ({"mode": "sometimes"}, {}, "OTEL_PYTHON_GIL_MODE='sometimes'"),
+    ({}, {"OTEL_PYTHON_GIL_PROMETHEUS_PORT": "ninety"}, "OTEL_PYTHON_GIL_PROMETHEUS_PORT"),
+    ({}, {"OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS": "-1"}, "must not be negative"),
+    ({"colour": "blue"}, {}, "unknown option(s): colour"),
+])
+def test_bad_values_are_named(overrides: dict, env: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        config.load(overrides, env)
+    assert message in str(err.value)
+
+
+def test_instrument_with_bad_option_warns_once_and_never_raises() -> None:
+    code = ("import logging, otel_gil; logging.basicConfig(); "
+            "otel_gil.instrument(mode='sometimes'); print('ran', otel_gil.status())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == "ran not instrumented"
+    assert proc.stderr.count("GIL tracing off") == 1
+    assert "OTEL_PYTHON_GIL_MODE='sometimes'" in proc.stderr
