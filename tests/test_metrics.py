@@ -132,3 +132,56 @@ def test_prometheus_scrape_shows_the_documented_series(traced: Any) -> None:
     assert 'service_name="metrics-test"' in line
     cpu_s = sum(result["cpu_ns"].values()) / 1e9
     assert abs(float(line.rsplit(" ", 1)[1]) - cpu_s) <= 0.05 * cpu_s
+
+
+@pytest.mark.ebpf
+def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
+    """The Grafana dashboard's queries against what a real sidecar serves."""
+    import json
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from otlp_receiver import OtlpReceiver
+    from test_deployment import _dashboard_exprs
+
+    root = Path(__file__).parent.parent
+    port, sock = _free_port(), tmp_path / "gil.sock"
+    with OtlpReceiver() as receiver:
+        env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
+                   OTEL_EXPORTER_OTLP_INSECURE="true")
+        # GIVEN a long-running sidecar with its Prometheus endpoint, and an app using it
+        sidecar = subprocess.Popen([sys.executable, "-m", "otel_gil", "sidecar", "--listen",
+                                    str(sock), "--prometheus-port", str(port),
+                                    "--hold-threshold-ms", "4"],
+                                   env=env, stderr=subprocess.PIPE, text=True)
+        try:
+            assert sidecar.stderr is not None and "listening" in sidecar.stderr.readline()
+            app = subprocess.Popen([sys.executable, str(root / "examples" / "traced_app.py"),
+                                    "--seconds", "6"], stdout=subprocess.PIPE, text=True,
+                                   env=dict(env, OTEL_PYTHON_GIL_SOCKET=str(sock)))
+            assert app.stdout is not None
+            assert json.loads(app.stdout.readline())["live"] is True
+            time.sleep(5.5)  # past the contention window (5 s)
+            # WHEN Prometheus scrapes it, mid-run
+            scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                            timeout=10).read().decode()
+            app.wait(timeout=60)
+        finally:
+            sidecar.send_signal(signal.SIGTERM)
+            sidecar.wait(timeout=30)
+    served = {line.split("{")[0] for line in scrape.splitlines()
+              if line.startswith("otel_gil_")}
+    labels = set(re.findall(r'([a-z_]+)="', scrape))
+    # THEN every series the dashboard queries is served, with the labels it uses
+    for expr in _dashboard_exprs():
+        for series in re.findall(r"\botel_gil_[a-z_]+\b", expr):
+            assert series in served, (series, sorted(served))
+        grouped = {label.strip() for group in re.findall(r"by \(([^)]*)\)", expr)
+                   for label in group.split(",")}
+        assert grouped <= labels | {""}, (expr, labels)
+    assert 'service_name="gil-example"' in scrape
