@@ -121,7 +121,8 @@ def status() -> Optional[str]:
     agent = _agent
     if agent is None:
         return "not instrumented"
-    return agent.error
+    error: Optional[str] = agent.error
+    return error
 
 
 def uninstrument() -> None:

@@ -82,7 +82,7 @@ class Agent:
         self.done = threading.Event()
         self.error: Optional[str] = None
         self.listen: Optional[str] = None  # a spawned sidecar's address, for forked workers
-        self.sidecar: Optional[subprocess.Popen] = None
+        self.sidecar: Optional[subprocess.Popen[bytes]] = None
         self._sock: Optional[socket.socket] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="otel-gil-agent", daemon=True)

@@ -90,7 +90,7 @@ def load(overrides: Optional[Mapping[str, Any]] = None,
         if raw is None or raw == "":
             continue
         try:
-            value = type(f.default)(raw)
+            value = type(getattr(Options, f.name))(raw)
         except (TypeError, ValueError):
             raise ValueError(f"{ENV[f.name]}={raw!r} is not a valid {f.name}") from None
         if isinstance(value, (int, float)) and value < 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
@@ -32,7 +32,7 @@ class LineReader:
     def __init__(self) -> None:
         self._buf = b""
 
-    def feed(self, data: bytes) -> list:
+    def feed(self, data: bytes) -> List[Dict[str, Any]]:
         self._buf += data
         if len(self._buf) > MAX_MESSAGE:
             raise ValueError("message too long")
@@ -57,7 +57,7 @@ def read_message(sock: socket.socket, timeout: float) -> Dict[str, Any]:
             raise ConnectionError("connection closed")
         msgs = reader.feed(data)
         if msgs:
-            return msgs[0]  # type: ignore[no-any-return]
+            return msgs[0]
 
 
 def peer_pid(sock: socket.socket) -> int:

@@ -161,7 +161,7 @@ class Session:
     def lost_events(self) -> int:
         """Everything that did not make it: ring buffer full, undecodable records,
         and probe runs the kernel skipped (see Probes.skipped_runs)."""
-        kernel = sum(info.state.lost for info in self.targets.values() if info.state)
+        kernel = sum(int(info.state.lost) for info in self.targets.values() if info.state)
         return kernel + self.probes.undecodable + self.skipped_runs
 
     @property

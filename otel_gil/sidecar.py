@@ -18,7 +18,7 @@ import signal
 import socket
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
@@ -195,7 +195,7 @@ class Sidecar:
             self._listener.close()
 
 
-def _nspid(pid: int) -> tuple:
+def _nspid(pid: int) -> Tuple[int, ...]:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
