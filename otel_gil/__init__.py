@@ -44,12 +44,12 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
         with _lock:
             if _agent is not None:
                 return
-            from otel_gil import context  # noqa: PLC0415
+            from otel_gil import context, process_context  # noqa: PLC0415
 
             table = context.install()
             resource = _resource_attributes(tracer_provider)
             try:
-                context.publish_process_context(resource)
+                process_context.publish_process_context(resource)
             except Exception:  # noqa: BLE001, S110 - optional for other readers
                 pass
             _agent = _start_agent(opts, table, resource)

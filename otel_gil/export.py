@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
 
-from otel_gil import names, timeline
+from otel_gil import names, otlp, timeline
 from otel_gil.clock import Clock
 from otel_gil.events import Interval, SpanRef
 
@@ -62,19 +62,8 @@ class ExportCounters:
 
 def default_exporter() -> SpanExporter:
     """OTLP, honouring OTEL_EXPORTER_OTLP_* (protocol grpc, or http/protobuf)."""
-    import os  # noqa: PLC0415
-
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
-    if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-            OTLPSpanExporter as HttpExporter,
-        )
-        return HttpExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
-        OTLPSpanExporter as GrpcExporter,
-    )
-    return GrpcExporter()
+    exporter: SpanExporter = otlp.exporter("traces")
+    return exporter
 
 
 def _parent(ref: SpanRef) -> Any:

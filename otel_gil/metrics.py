@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import NonRecordingSpan, SpanContext, set_span_in_context
 
-from otel_gil import names
+from otel_gil import names, otlp
 from otel_gil.events import Interval
 from otel_gil.session import Session
 
@@ -206,7 +206,7 @@ def default_readers(prometheus_port: int, export_interval_ms: int = 5000) -> Lis
     """OTLP (honouring OTEL_EXPORTER_OTLP_*), and a Prometheus endpoint on the port
     (0: none). A port already in use is one warning, not a failure."""
     readers: List[MetricReader] = [PeriodicExportingMetricReader(
-        _otlp_metric_exporter(), export_interval_millis=export_interval_ms)]
+        otlp.exporter("metrics"), export_interval_millis=export_interval_ms)]
     if prometheus_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader  # noqa: PLC0415
         from prometheus_client import start_http_server  # noqa: PLC0415
@@ -218,19 +218,3 @@ def default_readers(prometheus_port: int, export_interval_ms: int = 5000) -> Lis
             log.warning("otel-gil: no Prometheus endpoint on port %s: %s",
                         prometheus_port, exc.strerror)
     return readers
-
-
-def _otlp_metric_exporter() -> Any:
-    import os  # noqa: PLC0415
-
-    protocol = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-                              os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
-    if protocol.startswith("http"):
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # noqa: PLC0415
-            OTLPMetricExporter as HttpExporter,
-        )
-        return HttpExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # noqa: PLC0415
-        OTLPMetricExporter as GrpcExporter,
-    )
-    return GrpcExporter()

@@ -20,6 +20,7 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
 from otel_gil import context as oc
+from otel_gil import process_context as pc
 
 CHILD = textwrap.dedent('''
     import json, os, sys, threading
@@ -28,6 +29,7 @@ CHILD = textwrap.dedent('''
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
     from otel_gil import context as oc
+    from otel_gil import process_context as pc
 
     def say(**kw):
         print(json.dumps(kw), flush=True)
@@ -38,7 +40,7 @@ CHILD = textwrap.dedent('''
     unsampled = TracerProvider(sampler=ALWAYS_OFF).get_tracer("test")
     table = oc.install()
     oc.install()  # twice: harmless
-    oc.publish_process_context(Resource.create({"service.name": "ctx-test-app"}))
+    pc.publish_process_context(Resource.create({"service.name": "ctx-test-app"}))
     steps = [threading.Barrier(3) for _ in range(4)]
     info = {}
 
@@ -167,7 +169,7 @@ def test_process_context_carries_the_resource(child: Child) -> None:
     # GIVEN a child that published its Resource (service.name=ctx-test-app)
     pid = child.read()["pid"]
     # WHEN the sidecar side reads it through /proc/PID/maps and /proc/PID/mem
-    resource = oc.read_process_context(pid)
+    resource = pc.read_process_context(pid)
     # THEN it finds the child's own resource
     assert resource["service.name"] == "ctx-test-app"
     assert resource["telemetry.sdk.language"] == "python"
@@ -294,9 +296,9 @@ def test_process_context_payload_decodes_with_opentelemetry_proto() -> None:
         "list": ["a", "b"], "ints": [1, -2],
     }
     # WHEN our hand encoder writes them and protobuf itself decodes the bytes
-    message = _process_context_class().FromString(oc.encode_process_context(attributes))
+    message = _process_context_class().FromString(pc.encode_process_context(attributes))
     decoded: list[Any] = [(kv.key, _plain(kv.value)) for kv in message.resource.attributes]
     # THEN protobuf sees exactly the same keys, order and values
     assert decoded == list(attributes.items())
     # and our own reader agrees
-    assert oc.decode_process_context(oc.encode_process_context(attributes)) == attributes
+    assert pc.decode_process_context(pc.encode_process_context(attributes)) == attributes

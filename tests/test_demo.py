@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import pytest
 from otlp_receiver import OtlpReceiver, SpanRecord, otlp_receiver  # noqa: F401 - fixture
 
-from otel_gil import demo, names
+from otel_gil import demo, demo_report, names
 
 ROOT = Path(__file__).parent.parent
 APP = ROOT / "examples" / "demo_app.py"
@@ -305,9 +305,9 @@ def test_summarize_adds_up_waits_holders_and_their_traces() -> None:
     # GIVEN a /light request that waited twice behind the thread of a /cpu request
     cpu_t, light_t = "c" * 32, "1" * 32
     spans = [
-        _span("GET /cpu", "c1", 0, 40, kind=demo.SERVER, trace=cpu_t),
-        _span("GET /light", "l1", 5, 30, kind=demo.SERVER, trace=light_t),
-        _span("GET /light", "l2", 50, 52, kind=demo.SERVER, trace="2" * 32),
+        _span("GET /cpu", "c1", 0, 40, kind=demo_report.SERVER, trace=cpu_t),
+        _span("GET /light", "l1", 5, 30, kind=demo_report.SERVER, trace=light_t),
+        _span("GET /light", "l2", 50, 52, kind=demo_report.SERVER, trace="2" * 32),
         _wait("w1", "l1", light_t, "T-light", 8.0, [("T-cpu", 7.0), ("T-x", 1.0)],
               [(cpu_t, "c1", 7.0)]),
         _wait("w2", "l1", light_t, "T-light", 4.0, [("T-cpu", 4.0)], [(cpu_t, "c1", 4.0)]),
@@ -315,7 +315,7 @@ def test_summarize_adds_up_waits_holders_and_their_traces() -> None:
         _wait("w3", "c1", cpu_t, "T-cpu", 2.0, [("T-light", 2.0)], []),
     ]
     stats = demo.LoadStats(by_path={"/cpu": 1, "/light": 2})
-    doc = demo.summarize(spans, [], stats, slowest=2)
+    doc = demo_report.summarize(spans, [], stats, slowest=2)
     # THEN the totals are exact
     assert doc["requests"] == {"total": 3, "with_gil_wait": 2, "time_ms": 67.0,
                                "gil_wait_ms": 14.0, "gil_wait_share": round(14 / 67, 4)}
@@ -331,7 +331,7 @@ def test_summarize_adds_up_waits_holders_and_their_traces() -> None:
                                       "name": "GET /cpu", "thread": "T-cpu"}]
     assert doc["endpoints"][1] == {"name": "GET /light", "count": 2, "mean_ms": 13.5,
                                    "max_ms": 25.0, "mean_gil_wait_ms": 6.0}
-    text = demo.render(doc)
+    text = demo_report.render(doc)
     assert "GET /light     25.0 ms, of which 12.0 ms waiting for the GIL (2 waits)" in text
     assert f"T-cpu{' ' * 29} held it  11.0 ms   in GET /cpu trace {cpu_t}" in text
     assert "no metrics received" in text
@@ -351,7 +351,7 @@ def test_summarize_metrics_takes_the_latest_point_of_each_series() -> None:
               point(names.CONTENTION_RATIO.name, "", 2, 0.4, "gauge"),
               point(names.WAIT_DURATION.name, "a", 2, hist, "histogram"),
               point(names.WAIT_DURATION.name, "b", 2, dict(hist, max=0.003), "histogram")]
-    got = {m["name"]: m for m in demo.summarize_metrics(points)}
+    got = {m["name"]: m for m in demo_report.summarize_metrics(points)}
     # THEN each series counts once, at its latest value, summed over threads
     assert set(got) == {names.HELD_TIME.name, names.CONTENTION_RATIO.name,
                         names.WAIT_DURATION.name}
@@ -361,7 +361,7 @@ def test_summarize_metrics_takes_the_latest_point_of_each_series() -> None:
     assert (got[names.WAIT_DURATION.name]["count"], got[names.WAIT_DURATION.name]["max"]) == \
         (8, 0.009)
     assert got[names.WAIT_DURATION.name]["sum"] == pytest.approx(0.04)
-    text = demo.render({"service": "svc", "load": {"sent": 0, "errors": 0, "seconds": 1.0},
+    text = demo_report.render({"service": "svc", "load": {"sent": 0, "errors": 0, "seconds": 1.0},
                         "requests": {"total": 0, "with_gil_wait": 0, "gil_wait_share": 0.0,
                                      "gil_wait_ms": 0.0, "time_ms": 0.0},
                         "endpoints": [], "slowest": [], "metrics": list(got.values())})

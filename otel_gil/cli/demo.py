@@ -1,5 +1,6 @@
 """`otel-gil demo`: the demo app under otel-gil, real load, the slow requests'
-GIL waits and their holders (otel_gil.demo). With --url: the load generator only."""
+GIL waits and their holders (otel_gil.demo; the result: otel_gil.demo_report).
+With --url: the load generator only."""
 
 from __future__ import annotations
 
