@@ -226,6 +226,10 @@ int on_take_gil_return(struct pt_regs *ctx)
     }
     th->wait_start = 0;
     th->hold_start = now;
+    if (t->ctx_table) {
+        __builtin_memset(&th->hold_ctx, 0, sizeof(th->hold_ctx));
+        read_ctx(t, tid, &th->hold_ctx);
+    }
     th->acquisitions++;
     if (t->holder_tid != tid) {
         t->handoffs++;
@@ -242,7 +246,17 @@ int on_take_gil_return(struct pt_regs *ctx)
     return 0;
 }
 
-static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 pid)
+/* Did the thread's span change between two context reads? */
+static __always_inline int span_changed(struct thread_ctx *a, struct thread_ctx *b)
+{
+    u64 x, y;
+    __builtin_memcpy(&x, a->span_id, sizeof(x));
+    __builtin_memcpy(&y, b->span_id, sizeof(y));
+    return x != y || a->valid != b->valid;
+}
+
+static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 pid,
+                                      struct thread_stats *th)
 {
     struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
     if (!ev) {
@@ -257,6 +271,7 @@ static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 
     ev->end_ns = h->end_ns;
     ev->holds_total = 0;
     __builtin_memcpy(&ev->ctx, &h->ctx, sizeof(ev->ctx));
+    ev->span_changed = span_changed(&th->hold_ctx, &h->ctx);
     events.ringbuf_submit(ev, 0);
 }
 
@@ -296,7 +311,7 @@ int on_cond_signal(struct pt_regs *ctx)
     t->releases++;
     th->hold_start = 0;
     if (hold >= HOLD_THRESHOLD_NS)
-        emit_hold(t, h, pid);
+        emit_hold(t, h, pid, th);
     return 0;
 }
 

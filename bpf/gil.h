@@ -70,7 +70,8 @@ struct gil_event {
     __u64 end_ns;
     __u64 holds_total;    /* acquisitions by others during the wait (may exceed nholds) */
     struct thread_ctx ctx; /* waiter's context (wait), holder's at release (hold) */
-    __u8 pad[4];
+    __u8 span_changed;    /* holds: the thread's span at acquisition was another one */
+    __u8 pad[3];
     struct gil_hold holds[GIL_MAX_HOLDERS];
 };
 
@@ -90,6 +91,8 @@ struct thread_stats {
     __u64 unmatched;      /* waits or holds whose start was not seen (attach, missed probe) */
     __u32 wait_hist[GIL_HIST_BUCKETS];
     __u32 hold_hist[GIL_HIST_BUCKETS];
+    struct thread_ctx hold_ctx; /* the thread's context when its current hold began */
+    __u8 pad[4];
 };
 
 /* Per traced process: configuration written by user space before the probes

@@ -64,6 +64,8 @@ MAPPING_NAME = b"otel-gil-ctx"
 _HEADER = struct.Struct("<8sIIII")
 _SLOT_HEAD = struct.Struct("<IIQ16s8sBBH")  # struct ctx_slot_head: 16 + 28 bytes
 _TID = struct.Struct("<I")
+_TID_EXITED = struct.Struct("<II")  # tid, then the slot's reserved word: 1 = thread exited
+_VALID_OFFSET = 16 + 24  # offsetof(struct ctx_slot_head, ctx.valid)
 _IDS_OFFSET = 16  # offsetof(struct ctx_slot_head, ctx)
 _IDS_SIZE = 26  # trace_id, span_id, valid, trace_flags: the hot write
 _ATTRS_OFFSET = _SLOT_HEAD.size  # 44
@@ -165,10 +167,11 @@ class ContextTable:
         mask = self.slots - 1
         with self._lock:  # two new threads could otherwise claim one free slot
             candidates = [(tid + k) & mask for k in range(PROBES)]
-            tids = [_TID.unpack_from(self._mm, self.slot_offset(i))[0] for i in candidates]
-            chosen = next((i for i, t in zip(candidates, tids) if t == tid), None)
-            if chosen is None:
-                chosen = next((i for i, t in zip(candidates, tids) if t == 0), None)
+            heads = [_TID_EXITED.unpack_from(self._mm, self.slot_offset(i)) for i in candidates]
+            chosen = next((i for i, (t, _) in zip(candidates, heads) if t == tid), None)
+            if chosen is None:  # free: never used, or left by a thread that exited
+                chosen = next((i for i, (t, gone) in zip(candidates, heads)
+                               if t == 0 or gone), None)
             if chosen is None:
                 self.unplaced += 1
                 return None
@@ -182,10 +185,15 @@ class ContextTable:
             return lease
 
     def _release(self, lease: _Lease) -> None:
+        """Mark the slot free but keep the thread's tid and name: the sidecar may
+        still have to name this thread (a holder in a wait it exports later).
+        The record is invalidated, so the probes read no context from it."""
         with self._lock:
             if self._owners[lease.index] == lease.claim:  # not re-claimed by a reused tid
                 self._owners[lease.index] = 0
-                _TID.pack_into(self._mm, self.slot_offset(lease.index), 0)
+                offset = self.slot_offset(lease.index)
+                self._mm[offset + _VALID_OFFSET] = 0
+                _TID_EXITED.pack_into(self._mm, offset, _TID.unpack_from(self._mm, offset)[0], 1)
 
     def view(self, lease: _Lease | None) -> memoryview:
         """Where a thread writes its 26-byte id record: its slot, or scratch memory
@@ -401,9 +409,10 @@ def _after_fork() -> None:
 # ------------------------------------------------------------ the sidecar side
 
 
-class SlotRecord(Tuple[int, int, bytes, bytes, int, int, str]):
-    """One occupied slot as read from outside: (tid, ident, trace_id, span_id,
-    valid, trace_flags, thread_name)."""
+class SlotRecord(Tuple[int, int, bytes, bytes, int, int, str, bool]):
+    """One used slot as read from outside: (tid, ident, trace_id, span_id,
+    valid, trace_flags, thread_name, exited). A slot whose thread exited keeps
+    its tid and name until another thread claims it."""
 
     @property
     def tid(self) -> int:
@@ -432,6 +441,10 @@ class SlotRecord(Tuple[int, int, bytes, bytes, int, int, str]):
     @property
     def thread_name(self) -> str:
         return self[6]
+
+    @property
+    def exited(self) -> bool:
+        return self[7]
 
 
 def read_memory(pid: int, address: int, length: int) -> bytes:
@@ -464,12 +477,13 @@ def parse_slots(raw: bytes) -> list[SlotRecord]:
         offset = HEADER_SIZE + index * SLOT_SIZE
         if offset + SLOT_SIZE > len(raw):
             break
-        tid, _, ident, trace_id, span_id, valid, flags, size = _SLOT_HEAD.unpack_from(raw, offset)
+        tid, gone, ident, trace_id, span_id, valid, flags, size = \
+            _SLOT_HEAD.unpack_from(raw, offset)
         if tid == 0:
             continue
-        records.append(SlotRecord((tid, ident, trace_id, span_id, valid, flags,
-                                   _thread_name(raw[offset + _ATTRS_OFFSET:offset + SLOT_SIZE],
-                                                size))))
+        name = _thread_name(raw[offset + _ATTRS_OFFSET:offset + SLOT_SIZE], size)
+        records.append(SlotRecord((tid, ident, trace_id, span_id, valid, flags, name,
+                                   bool(gone))))
     return records
 
 

@@ -64,7 +64,8 @@ class GilEvent(ctypes.Structure):
         ("end_ns", ctypes.c_uint64),
         ("holds_total", ctypes.c_uint64),
         ("ctx", ThreadCtx),
-        ("pad", ctypes.c_uint8 * 4),
+        ("span_changed", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
         ("holds", GilHold * GIL_MAX_HOLDERS),
     ]
 
@@ -84,6 +85,8 @@ class ThreadStats(ctypes.Structure):
         ("unmatched", ctypes.c_uint64),
         ("wait_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
         ("hold_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
+        ("hold_ctx", ThreadCtx),
+        ("pad", ctypes.c_uint8 * 4),
     ]
 
 
@@ -158,6 +161,7 @@ class Interval:
     span: SpanRef | None
     holds: Tuple[Hold, ...] = ()  # waits: holds that overlapped, newest first
     holds_total: int = 0  # waits: acquisitions by others during the wait
+    span_changed: bool = False  # holds: the thread entered another span during the hold
 
     @property
     def duration_ns(self) -> int:
@@ -179,4 +183,5 @@ def decode_event(data: bytes) -> Interval:
         kind="wait" if ev.kind == GIL_EVENT_WAIT else "hold",
         pid=ev.pid, tid=ev.tid, start_ns=ev.start_ns, end_ns=ev.end_ns,
         span=decode_ctx(ev.ctx), holds=holds, holds_total=ev.holds_total,
+        span_changed=bool(ev.span_changed),
     )

@@ -58,6 +58,7 @@ class ExportCounters:
     waits_unsampled: int = 0
     holds_outside_span: int = 0
     holds_unsampled: int = 0
+    holds_across_spans: int = 0
 
 
 def default_exporter() -> SpanExporter:
@@ -159,6 +160,11 @@ class SpanExport:
             return None
         if not iv.span.sampled:
             self.counters.holds_unsampled += 1
+            return None
+        if iv.span_changed:
+            # It began under another span: no single span contains it, so it
+            # is not exported (it stays in the metrics).
+            self.counters.holds_across_spans += 1
             return None
         attrs = self._common(proc, proc.threads(iv.tid, published=True), iv)
         attrs[names.HOLD_NS.name] = iv.duration_ns

@@ -34,8 +34,9 @@ GIL_WAIT = SpanName(
 )
 GIL_HOLD = SpanName(
     "gil.hold",
-    "A hold of the GIL longer than the hold threshold. Child of the span active on the "
-    "holding thread when it released the GIL.",
+    "A hold of the GIL longer than the hold threshold. Child of the span that was active "
+    "on the holding thread for the whole hold; a hold that began under another span is "
+    "not exported (no single span contains it) but stays in the metrics.",
 )
 SPANS: Tuple[SpanName, ...] = (GIL_WAIT, GIL_HOLD)
 

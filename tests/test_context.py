@@ -153,8 +153,12 @@ def test_each_thread_slot_follows_its_own_span(child: Child) -> None:
     # WHEN the threads leave every span and exit
     child.next()
     exited = child.read()
-    # THEN their slots are freed, and nothing was unplaced or failed
-    assert set(by_tid(pid, table)) == {first["main_tid"]}
+    # THEN their slots are freed (keeping the names, for holders named later),
+    # and nothing was unplaced or failed
+    slots = by_tid(pid, table)
+    assert {t for t, r in slots.items() if not r.exited} == {first["main_tid"]}
+    assert slots[a["tid"]].exited and slots[a["tid"]].thread_name == "worker-a"
+    assert slots[a["tid"]].valid == 0
     assert exited["unplaced"] == 0 and exited["errors"] == 0
 
     # WHEN the hook is uninstalled and a new span starts on the main thread

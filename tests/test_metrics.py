@@ -43,7 +43,7 @@ def traced() -> Any:
             intervals.append(iv)
             metrics.record_interval(iv, None)
 
-        session = Session(ProbeConfig(hold_threshold_ns=20_000_000), on_interval)
+        session = Session(ProbeConfig(hold_threshold_ns=4_000_000), on_interval)
         metrics = GilMetrics(session, [memory, PrometheusMetricReader()])
         target_info = session.add(child.host_pid)
         metrics.add_process(child.host_pid, "metrics-test", target_info.nspid[-1],
