@@ -39,7 +39,7 @@ from otel_gil.layout import (
     table_layout,
 )
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by build-id and symbol table; no pid-specific paths
 FALLBACK_SOURCE = "no symbols: call target of PyEval_AcquireLock (capstone)"
 ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
 
@@ -105,6 +105,10 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
         raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
     with obj:
         build_id = obj.build_id()
+        if build_id and obj.elf.get_section_by_name(".symtab") is None:
+            # A stripped copy keeps its original's build-id but resolves
+            # differently (no symbol table): cache it apart.
+            build_id += "-nosymtab"
         if build_id:
             _BUILD_IDS[_identity(path)] = build_id
         if cache and build_id:
