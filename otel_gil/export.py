@@ -198,9 +198,9 @@ class ThreadDirectory:
     (Python ident and thread name), else /proc (OS name). A thread not (yet)
     found in the table is looked up again after RETRY_NS, not on every span."""
 
-    RETRY_NS = 1_000_000_000
+    RETRY_NS = 50_000_000
 
-    lookup: Callable[[int], ThreadInfo]
+    lookup: Callable[[int, bool], ThreadInfo]  # (host tid, known to be published)
     cache: Dict[int, Tuple[ThreadInfo, int]] = field(default_factory=dict)
 
     def __call__(self, host_tid: int, published: bool = False) -> ThreadInfo:
@@ -211,6 +211,6 @@ class ThreadDirectory:
         if hit is not None and (hit[0].ident is not None or
                                 (not published and now - hit[1] < self.RETRY_NS)):
             return hit[0]
-        info = self.lookup(host_tid)
+        info = self.lookup(host_tid, published)
         self.cache[host_tid] = (info, now)
         return info

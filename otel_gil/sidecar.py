@@ -16,9 +16,11 @@ import os
 import select
 import signal
 import socket
+import time
+from collections import deque
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
@@ -31,6 +33,8 @@ from otel_gil.probes import ContextTable, ProbeConfig
 from otel_gil.session import Session
 
 log = logging.getLogger("otel_gil.sidecar")
+NAMES_TTL_NS = 50_000_000
+EXPORT_DELAY_NS = 200_000_000
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Sidecar:
         self.metrics = GilMetrics(self.session, metric_readers or [], max_thread_labels)
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
+        self._pending: Deque[Tuple[int, Any]] = deque()  # (arrival, interval), to export
+        self._names: Dict[int, Tuple[int, Dict[int, Tuple[int, str]]]] = {}
         self._metrics_failed = False
         self._listener: Optional[socket.socket] = None
         if listen:
@@ -61,11 +67,21 @@ class Sidecar:
             self._clients[owner.fileno()] = Client(owner, protocol.LineReader(), owner=True)
 
     def _on_interval(self, iv: Any) -> None:
-        try:
-            span = self.export.on_interval(iv)
-            self.metrics.record_interval(iv, span)
-        except Exception:  # noqa: BLE001 - one bad span must not stop tracing
-            log.exception("exporting a GIL span failed")
+        self._pending.append((time.monotonic_ns(), iv))
+
+    def _export_settled(self, everything: bool = False) -> None:
+        """Export intervals once EXPORT_DELAY_NS old. A thread publishes its name
+        at its first span, which can come just after it first held the GIL: the
+        delay lets a holder's name reach the table before the wait naming it is
+        exported."""
+        horizon = time.monotonic_ns() - EXPORT_DELAY_NS
+        while self._pending and (everything or self._pending[0][0] <= horizon):
+            _, iv = self._pending.popleft()
+            try:
+                span = self.export.on_interval(iv)
+                self.metrics.record_interval(iv, span)
+            except Exception:  # noqa: BLE001 - one bad span must not stop tracing
+                log.exception("otel-gil: exporting a GIL span failed")
 
     # ------------------------------------------------------------------ the loop
 
@@ -76,6 +92,7 @@ class Sidecar:
             while not self._stop:
                 self._accept_and_read()
                 self.session.step(50)
+                self._export_settled()
                 self._update_metrics()
                 self._retire_exited()
                 self.clock.refresh_if_older_than(10.0)
@@ -143,49 +160,75 @@ class Sidecar:
             return {"ok": False, "error": str(err)}
         client.pid = pid
         resource = msg.get("resource") or {}
-        directory = ThreadDirectory(lambda tid: self._thread_info(pid, tid, table))
+        directory = ThreadDirectory(
+            lambda tid, published: self._thread_info(pid, tid, table, published))
         self.export.add_process(pid, target.nspid[-1], resource, directory)
         self.metrics.add_process(pid, str(resource.get("service.name", "unknown")),
                                  target.nspid[-1], lambda tid: directory(tid).name)
         log.info("otel-gil: tracing pid %s (%s)", pid, resource.get("service.name", "?"))
         return {"ok": True, "host_pid": pid}
 
-    def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable]) -> ThreadInfo:
-        self.session.refresh()
+    def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable],
+                     published: bool = False) -> ThreadInfo:
+        """Who a thread is: its Python ident and name from the app's table, else
+        its OS name. Threads publish their name at their first span, so a thread
+        not found is looked up again (ThreadDirectory.RETRY_NS). published: the
+        thread is known to be in the table (its span came from there)."""
         totals = self.session.threads.get(tid)
+        if totals is None:  # newer than the session's last copy of the thread map
+            self.session.refresh()
+            totals = self.session.threads.get(tid)
         ns_tid = totals.ns_tid if totals else tid
         name = totals.name if totals else "?"
         ident = None
         if table is not None:
-            try:
-                published = context.read_thread_names(pid, table.address)
-            except (OSError, ValueError, OtelGilError):
-                published = {}
-            if ns_tid in published:
-                ident, py_name = published[ns_tid]
+            names = self._published_names(pid, table)
+            if published and ns_tid not in names:
+                names = self._published_names(pid, table, fresh=True)
+            if ns_tid in names:
+                ident, py_name = names[ns_tid]
                 name = py_name or name
-
         return ThreadInfo(tid, ns_tid, name, ident)
+
+    def _published_names(self, pid: int, table: ContextTable,
+                         fresh: bool = False) -> Dict[int, Tuple[int, str]]:
+        """The app's table, read at most once per NAMES_TTL_NS per process."""
+        now = time.monotonic_ns()
+        cached = self._names.get(pid)
+        if fresh or cached is None or now - cached[0] > NAMES_TTL_NS:
+            try:
+                names = context.read_thread_names(pid, table.address)
+            except (OSError, ValueError, OtelGilError):
+                names = {}
+            cached = (now, names)
+            self._names[pid] = cached
+        return cached[1]
 
     def _drop(self, client: Client) -> None:
         self._clients.pop(client.sock.fileno(), None)
         client.sock.close()
         if client.pid is not None:
             self.session.detach(client.pid)
+            self._export_settled(everything=True)
             self.export.remove_process(client.pid)
         if client.owner:
             self._stop = True  # our app is gone
 
     def _retire_exited(self) -> None:
         """A long-running sidecar forgets processes once they are gone and flushed."""
-        for pid in [p for p, info in self.session.targets.items() if info.ended_ns]:
+        ended = [p for p, info in self.session.targets.items() if info.ended_ns]
+        if ended:
+            self._export_settled(everything=True)
+        for pid in ended:
             self._update_metrics()
             self.export.remove_process(pid)
             self.metrics.forget(pid)
             self.session.forget(pid)
+            self._names.pop(pid, None)
 
     def close(self) -> None:
         self.session.close()
+        self._export_settled(everything=True)
         self._update_metrics()
         self.export.close()
         self.metrics.shutdown()
