@@ -7,13 +7,15 @@ says what to do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from otel_gil import events
 from otel_gil.errors import EnvironmentProblem, ProbeError
@@ -85,6 +87,21 @@ def _import_bcc() -> Any:
             ".venv; never `pip install bcc`, an unrelated package",
         ) from None
     return bcc
+
+
+@contextlib.contextmanager
+def _libbcc_quiet() -> Iterator[None]:
+    """libbcc prints its own line ("cannot attach uprobe, ...") to fd 2 before
+    BCC raises; we say what happened ourselves, once, with the remedy."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _recent_kernel_log() -> str:
@@ -189,7 +206,9 @@ class Probes:
         self._attached[target.pid] = attached
         for fn_name, path, addr in points:
             try:
-                self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn_name, pid=target.pid)
+                with _libbcc_quiet():
+                    self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn_name,
+                                            pid=target.pid)
             except Exception:
                 self.remove(target.pid)
                 raise self._attach_error(path, addr, target.pid) from None

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-APT_PACKAGES=(python3-bpfcc python3-venv python3.11 python3.11-dbg binutils)
+APT_PACKAGES=(python3-bpfcc python3-venv python3.11 python3.11-dbg binutils gcc)
 KREL=$(uname -r)
 
 missing=()
@@ -68,9 +68,13 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 
 stamp=.venv/.otel-gil-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    log "installing otel-gil (editable) with its test dependencies"
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e ".[test]"
+    log "installing otel-gil (editable) with its test dependencies (log: .venv/pip.log)"
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install -e ".[test]"; } > .venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log >&2
+        log "pip install failed (full log: .venv/pip.log)"
+        exit 1
+    fi
     touch "$stamp"
 fi
 .venv/bin/python -c 'import bcc, otel_gil' || { log "bcc or otel_gil does not import in .venv"; exit 1; }

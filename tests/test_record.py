@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from typing import Dict, List
 
 import pytest
@@ -200,3 +201,109 @@ def test_record_cli_writes_documented_json(tmp_path) -> None:  # type: ignore[no
     proc = doc["processes"][0]
     assert proc["pid"] == pid and proc["release"]["fidelity"] == "exact"
     assert proc["symbols"]["take_gil"] and proc["symbols"]["source"]
+
+
+LATE_WORKLOAD = r"""
+import json, os, sys, threading, time
+stop = False
+def burn():
+    while not stop:
+        sum(i * i for i in range(100))
+threads = [threading.Thread(target=burn) for _ in range(3)]
+for t in threads: t.start()
+print(json.dumps({"pid": os.getpid(), "ready": True}), flush=True)
+sys.stdin.readline()
+stop = True
+for t in threads: t.join()
+"""
+
+
+@pytest.mark.ebpf
+def test_attach_to_a_running_process_with_the_gil_held() -> None:
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    # GIVEN a process whose threads already contend for the GIL
+    child = spawn(target, LATE_WORKLOAD)
+    try:
+        child.read_json(timeout=60)
+        session = Session(ProbeConfig(hold_threshold_ns=1_000_000))
+        # WHEN we attach mid-flight, trace 1 s, then stop it
+        session.add(child.host_pid)
+        attached = session.targets[child.host_pid].started_ns
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            session.step(50)
+        child.send("stop")
+        child.popen.wait(timeout=30)
+        while session.active:
+            session.step(50)
+        session.close()
+    finally:
+        child.close()
+    # THEN nothing began before we attached: the wait or hold each thread was in
+    # at attach is dropped (counted as unmatched), never reported as an interval
+    assert session.intervals
+    assert min(iv.start_ns for iv in session.intervals) >= attached
+    for t in session.threads.values():
+        assert t.unmatched <= 1, (t.tid, t.unmatched)
+    assert sum(t.acquisitions for t in session.threads.values()) > 10
+    assert session.lost_events() == 0
+
+
+@pytest.mark.ebpf
+def test_record_stops_cleanly_on_sigint() -> None:
+    import signal
+
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    child = spawn(target, LATE_WORKLOAD)
+    try:
+        pid = child.read_json(timeout=60)["pid"]
+        rec = subprocess.Popen([sys.executable, "-m", "otel_gil", "record", "--pid", str(pid)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert rec.stderr is not None
+        assert f"tracing pid {pid}" in rec.stderr.readline()
+        time.sleep(0.5)
+        # WHEN record gets Ctrl-C
+        rec.send_signal(signal.SIGINT)
+        out, err = rec.communicate(timeout=30)
+        # THEN it detaches, prints its table and exits 0; the target runs on
+        assert rec.returncode == 0, err
+        assert "ACQUIRED" in out and "Traceback" not in err
+        assert child.popen.poll() is None
+        child.send("stop")
+        assert child.popen.wait(timeout=30) == 0
+    finally:
+        child.close()
+
+
+@pytest.mark.ebpf
+def test_another_tracers_uprobe_on_take_gil_is_named() -> None:
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    child = spawn(target, LATE_WORKLOAD)
+    bpftrace = None
+    try:
+        pid = child.read_json(timeout=60)["pid"]
+        # GIVEN bpftrace's uprobe on take_gil (registered with another
+        # reference-counter offset than BCC's)
+        probe = f"uprobe:{target.interpreter_elf}:take_gil {{ @n = count(); }}"
+        bpftrace = subprocess.Popen(["bpftrace", "-p", str(pid), "-e", probe],
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert bpftrace.stdout is not None
+        assert "Attaching 1 probe" in "".join(bpftrace.stdout.readline() for _ in range(2))
+        # WHEN otel-gil attaches to the same process
+        proc = subprocess.run([sys.executable, "-m", "otel_gil", "record", "--pid", str(pid),
+                               "--duration", "1"], capture_output=True, text=True, timeout=120)
+        # THEN it says exactly that, in one line, with the remedy
+        assert proc.returncode == 4
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert "another tracer already has a uprobe" in lines[0]
+        assert "ref_ctr_offset mismatch" in lines[0]
+    finally:
+        if bpftrace is not None:
+            bpftrace.kill()
+            bpftrace.wait()
+        child.send("stop")
+        child.close()
