@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 from contextvars import ContextVar
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, NamedTuple
 
 from opentelemetry import context as otel_context
 from opentelemetry.context.context import Context, _RuntimeContext
@@ -409,42 +409,18 @@ def _after_fork() -> None:
 # ------------------------------------------------------------ the sidecar side
 
 
-class SlotRecord(Tuple[int, int, bytes, bytes, int, int, str, bool]):
-    """One used slot as read from outside: (tid, ident, trace_id, span_id,
-    valid, trace_flags, thread_name, exited). A slot whose thread exited keeps
-    its tid and name until another thread claims it."""
+class SlotRecord(NamedTuple):
+    """One used slot as read from outside. A slot whose thread exited keeps its
+    tid and name until another thread claims it."""
 
-    @property
-    def tid(self) -> int:
-        return self[0]
-
-    @property
-    def ident(self) -> int:
-        return self[1]
-
-    @property
-    def trace_id(self) -> bytes:
-        return self[2]
-
-    @property
-    def span_id(self) -> bytes:
-        return self[3]
-
-    @property
-    def valid(self) -> int:
-        return self[4]
-
-    @property
-    def trace_flags(self) -> int:
-        return self[5]
-
-    @property
-    def thread_name(self) -> str:
-        return self[6]
-
-    @property
-    def exited(self) -> bool:
-        return self[7]
+    tid: int
+    ident: int
+    trace_id: bytes
+    span_id: bytes
+    valid: int
+    trace_flags: int
+    thread_name: str
+    exited: bool
 
 
 def read_memory(pid: int, address: int, length: int) -> bytes:
@@ -482,8 +458,7 @@ def parse_slots(raw: bytes) -> list[SlotRecord]:
         if tid == 0:
             continue
         name = _thread_name(raw[offset + _ATTRS_OFFSET:offset + SLOT_SIZE], size)
-        records.append(SlotRecord((tid, ident, trace_id, span_id, valid, flags, name,
-                                   bool(gone))))
+        records.append(SlotRecord(tid, ident, trace_id, span_id, valid, flags, name, bool(gone)))
     return records
 
 

@@ -97,13 +97,7 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
         known = _BUILD_IDS.get(_identity(path))
         if known is not None and known in _MEMORY_CACHE:
             return dataclasses.replace(_MEMORY_CACHE[known], path=path)
-    try:
-        obj = ElfObject(path)
-    except FileNotFoundError as err:
-        raise TargetError(f"no such file: {path}") from err
-    except PermissionError as err:
-        raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
-    with obj:
+    with _open_elf(path) as obj:
         build_id = obj.build_id()
         if build_id and obj.elf.get_section_by_name(".symtab") is None:
             # A stripped copy keeps its original's build-id but resolves
@@ -123,6 +117,19 @@ def inspect_binary(path: str, root: str = "/", cache: bool = True) -> Interprete
             # Not persisted: installing the debug symbols later must be noticed.
             _disk_store(build_id, interp)
     return interp
+
+
+def _open_elf(path: str) -> ElfObject:
+    """Open an ELF file, or say in one line why it cannot be."""
+    try:
+        return ElfObject(path)
+    except FileNotFoundError as err:
+        raise TargetError(f"no such file: {path}") from err
+    except PermissionError as err:
+        raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
+    except OSError as err:
+        raise TargetError(f"cannot read {path}: {err.strerror}",
+                          remedy="give the path of a python executable") from err
 
 
 def clear_memory_cache() -> None:
@@ -529,16 +536,7 @@ def interpreter_object(path: str, env: Mapping[str, str] | None = None) -> tuple
     the default directories, all inside the program's root.
     """
     root = filesystem_root(path)
-    try:
-        obj = ElfObject(path)
-    except FileNotFoundError as err:
-        raise TargetError(f"no such file: {path}") from err
-    except PermissionError as err:
-        raise TargetError(f"cannot read {path}", remedy=ROOT_REMEDY) from err
-    except OSError as err:
-        raise TargetError(f"cannot read {path}: {err.strerror}",
-                          remedy="give the path of a python executable") from err
-    with obj:
+    with _open_elf(path) as obj:
         needed, rpath, runpath = _dynamic_tags(obj)
     lib = next((n for n in needed if _LIBPYTHON_RE.match(n)), None)
     if lib is None:
