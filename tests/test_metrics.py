@@ -185,3 +185,29 @@ def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
                    for label in group.split(",")}
         assert grouped <= labels | {""}, (expr, labels)
     assert 'service_name="gil-example"' in scrape
+
+
+def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
+    from types import SimpleNamespace
+
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from otel_gil.events import Interval
+
+    # GIVEN metrics for one process, with room for 2 thread names
+    memory = InMemoryMetricReader()
+    session = SimpleNamespace(threads={}, targets={}, probes=SimpleNamespace(undecodable=0))
+    metrics = GilMetrics(session, [memory], max_thread_labels=2)  # type: ignore[arg-type]
+    metrics.add_process(100, "svc", 1, lambda tid: f"thread-{tid}")
+    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    # WHEN waits of 3 different threads are recorded, each with its span
+    for tid in (1, 2, 3):
+        metrics.record_interval(Interval("wait", 100, tid, 0, 2_000_000, None), span)
+    points = _points(memory.get_metrics_data())[names.WAIT_DURATION.name][1]
+    # THEN the third thread is folded into "other"
+    assert sorted(p.attributes[names.LABEL_THREAD] for p in points) == [
+        names.OTHER_THREADS, "thread-1", "thread-2"]
+    # AND the exemplars carry the wait span's trace and span id
+    exemplars = [e for p in points for e in p.exemplars]
+    assert exemplars and all((e.trace_id, e.span_id) == (0xABC, 0xDEF) for e in exemplars)
+    metrics.shutdown()

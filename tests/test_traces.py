@@ -225,6 +225,32 @@ def test_app_survives_its_sidecar_being_killed() -> None:
         assert err.count("GIL tracing off") == 1, err
 
 
+@pytest.mark.ebpf
+def test_spawned_sidecar_exits_when_the_app_is_sigkilled() -> None:
+    with OtlpReceiver() as receiver:
+        app = subprocess.Popen([sys.executable, str(APP), "--seconds", "20"], env=_env(receiver),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert app.stdout is not None
+        assert json.loads(app.stdout.readline())["live"] is True
+        (sidecar,) = _children(app.pid)
+        # WHEN the app is killed outright
+        app.kill()
+        app.wait()
+        # THEN its sidecar notices (the kernel closed their socket) and exits
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{sidecar}") and _state(sidecar) != "Z":
+            assert time.monotonic() < deadline, "sidecar outlived its app"
+            time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _children(pid: int) -> List[int]:
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
