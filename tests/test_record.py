@@ -307,3 +307,45 @@ def test_another_tracers_uprobe_on_take_gil_is_named() -> None:
             bpftrace.wait()
         child.send("stop")
         child.close()
+
+
+@pytest.mark.ebpf
+def test_several_targets_at_once() -> None:
+    # GIVEN two interpreters of different versions, traced by one session
+    picked = [t for t in all_targets() if t.name in ("pyenv-3.8", "pyenv-3.12")]
+    for t in picked:
+        require(t)
+    children = [spawn(t, WORKLOAD) for t in picked]
+    try:
+        for c in children:
+            c.read_json(timeout=60)
+        session = Session(ProbeConfig())
+        for c in children:
+            session.add(c.host_pid)
+        # WHEN both run their 4 CPU-bound threads at the same time
+        for c in children:
+            c.send("go")
+        results = {}
+        while len(results) < len(children):
+            session.step(50)
+            for c in children:
+                if c.host_pid not in results:
+                    try:
+                        results[c.host_pid] = c.read_json(timeout=0.01)
+                    except TimeoutError:
+                        pass
+        for c in children:
+            c.send("exit")
+            c.popen.wait(timeout=30)
+        while session.active:
+            session.step(50)
+        session.close()
+    finally:
+        for c in children:
+            c.close()
+    # THEN each process's burner threads are attributed to it, none lost
+    for pid, result in results.items():
+        mine = {t.ns_tid for t in session.threads.values() if t.pid == pid}
+        assert {int(k) for k in result["cpu_ns"]} <= mine
+    assert {iv.pid for iv in session.intervals} == set(results)
+    assert session.lost_events() == 0
