@@ -17,13 +17,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
+from otel_gil.disasm import Function, analyse_function, first_local_branch
 from otel_gil.elfsyms import (
     ElfObject,
-    Function,
     Symbol,
-    analyse_function,
     debug_file_candidates,
-    first_local_branch,
     gil_symbols,
     minidebuginfo,
 )

@@ -7,8 +7,8 @@ import time
 from typing import Any, Dict, List, Sequence
 
 from otel_gil import events, timeline
+from otel_gil.disasm import Function
 from otel_gil.discovery import Target
-from otel_gil.elfsyms import Function
 from otel_gil.session import Session, ThreadTotals
 
 SCHEMA = "otel-gil/record/v1"
