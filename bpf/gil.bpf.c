@@ -255,8 +255,21 @@ static __always_inline int span_changed(struct thread_ctx *a, struct thread_ctx 
     return x != y || a->valid != b->valid;
 }
 
+/* End the thread's hold at `now`: totals and histogram. Returns its length. */
+static __always_inline u64 end_hold(struct thread_stats *th, u64 now)
+{
+    u64 hold = now - th->hold_start;
+    th->hold_ns += hold;
+    if (hold > th->max_hold_ns)
+        th->max_hold_ns = hold;
+    th->hold_hist[bucket_of(hold)]++;
+    th->hold_start = 0;
+    return hold;
+}
+
+/* h->ctx is the holder's context when it took the GIL; at_release, when it let go. */
 static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 pid,
-                                      struct thread_stats *th)
+                                      struct thread_ctx *at_release)
 {
     struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
     if (!ev) {
@@ -270,8 +283,8 @@ static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 
     ev->start_ns = h->start_ns;
     ev->end_ns = h->end_ns;
     ev->holds_total = 0;
-    __builtin_memcpy(&ev->ctx, &h->ctx, sizeof(ev->ctx));
-    ev->span_changed = span_changed(&th->hold_ctx, &h->ctx);
+    __builtin_memcpy(&ev->ctx, at_release, sizeof(ev->ctx));
+    ev->span_changed = span_changed(&h->ctx, at_release);
     events.ringbuf_submit(ev, 0);
 }
 
@@ -296,22 +309,20 @@ int on_cond_signal(struct pt_regs *ctx)
             th->unmatched++;
         return 0;
     }
-    u64 hold = now - th->hold_start;
-    th->hold_ns += hold;
-    if (hold > th->max_hold_ns)
-        th->max_hold_ns = hold;
-    th->hold_hist[bucket_of(hold)]++;
-
+    /* The ring keeps the context read when the hold began (on_take_gil_return):
+     * one read of the app's table per hand-off, not two. The context at
+     * release is read only for the rare hold long enough to become an event. */
     struct gil_hold *h = &t->ring[t->releases & (GIL_HOLD_RING - 1)];
     h->tid = tid;
     h->start_ns = th->hold_start;
     h->end_ns = now;
-    __builtin_memset(&h->ctx, 0, sizeof(h->ctx));
-    read_ctx(t, tid, &h->ctx);
+    __builtin_memcpy(&h->ctx, &th->hold_ctx, sizeof(h->ctx));
     t->releases++;
-    th->hold_start = 0;
-    if (hold >= HOLD_THRESHOLD_NS)
-        emit_hold(t, h, pid, th);
+    if (end_hold(th, now) >= HOLD_THRESHOLD_NS) {
+        struct thread_ctx at_release = {};
+        read_ctx(t, tid, &at_release);
+        emit_hold(t, h, pid, &at_release);
+    }
     return 0;
 }
 
@@ -326,15 +337,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     /* A process exits holding the GIL (Py_Finalize never drops it): that
      * hold ends here. A thread can also die inside take_gil (finalization,
      * PyThread_exit_thread): that wait never ends, so it is not counted. */
-    if (th->hold_start) {
-        u64 hold = bpf_ktime_get_ns() - th->hold_start;
-        th->hold_ns += hold;
-        if (hold > th->max_hold_ns)
-            th->max_hold_ns = hold;
-        th->hold_hist[bucket_of(hold)]++;
-    }
+    if (th->hold_start)
+        end_hold(th, bpf_ktime_get_ns());
     th->exited = 1;
     th->wait_start = 0;
-    th->hold_start = 0;
     return 0;
 }

@@ -57,7 +57,7 @@ struct gil_hold {
     __u32 reserved;
     __u64 start_ns;
     __u64 end_ns;
-    struct thread_ctx ctx; /* the holder's context when it released */
+    struct thread_ctx ctx; /* the holder's context when it took the GIL */
     __u8 pad[4];
 };
 
