@@ -5,14 +5,12 @@ nothing. Runs inside the traced app (Python 3.8+, stdlib only here).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import secrets
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 from typing import Any, Dict, List, Optional
 
@@ -22,7 +20,6 @@ from otel_gil.config import Options
 log = logging.getLogger("otel_gil")
 
 CAP_PERFMON, CAP_BPF = 38, 39
-OS_BCC = "/usr/lib/python3/dist-packages/bcc"
 
 
 def may_use_ebpf() -> bool:
@@ -37,38 +34,54 @@ def may_use_ebpf() -> bool:
     return bool(caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)
 
 
+# What a spawned sidecar's interpreter runs, instead of `-m otel_gil`: both `-m`
+# and `-c` put the working directory first on sys.path, and a root app may run
+# in a directory that other users can write. The bootstrap drops it, makes the
+# app's own otel_gil importable (argv[1], code the app already runs as root;
+# appended, so an install the interpreter finds itself keeps its own finders),
+# loads the OS's bcc from its root-owned directory if need be (otel_gil.trust),
+# then runs the CLI. Nothing is read from a path another user could prepare.
+BOOTSTRAP = (
+    "import sys\n"
+    "sys.path[:] = [p for p in sys.path if p not in ('', '.')]\n"
+    "sys.path.append(sys.argv.pop(1))\n"
+    "from otel_gil.trust import import_os_bcc\n"
+    "why = import_os_bcc()\n"
+    "if why:\n"
+    "    sys.exit('otel-gil sidecar: error: ' + why)\n"
+    "from otel_gil.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def package_parent() -> str:
+    """The directory this otel_gil package was imported from."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def sidecar_command(options: Options, owner_fd: int, listen: str) -> List[str]:
     python = options.sidecar_python or sys.executable
-    return [python, "-m", "otel_gil", "sidecar", "--owner-fd", str(owner_fd),
+    return [python, "-c", BOOTSTRAP, package_parent(), "sidecar", "--owner-fd", str(owner_fd),
             "--listen", listen, "--wait-threshold-ms", str(options.wait_threshold_ms),
             "--hold-threshold-ms", str(options.hold_threshold_ms),
             "--prometheus-port", str(options.prometheus_port),
             "--max-thread-labels", str(options.max_thread_labels)]
 
 
-def sidecar_env() -> Dict[str, str]:
-    """The app's environment (so OTEL_EXPORTER_OTLP_* apply), plus a path where
-    the OS's bcc module is importable when this interpreter lacks it: bcc is pure
-    Python over libbcc.so, so any Python 3 can use it, but putting all of
-    dist-packages on the path could shadow the app's own packages."""
+def sidecar_env(cwd: Optional[str] = None) -> Dict[str, str]:
+    """The app's environment (so OTEL_EXPORTER_OTLP_* apply), with a PYTHONPATH
+    that means what it meant to the app although the sidecar runs in /: empty
+    entries (the working directory) dropped, relative ones made absolute."""
     env = dict(os.environ)
     # Under `opentelemetry-instrument`, PYTHONPATH carries its sitecustomize,
     # which would instrument the sidecar too, and so spawn a sidecar of its
     # own, and so on: the sidecar is never traced itself.
     env["OTEL_PYTHON_GIL_MODE"] = "off"
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+    base = cwd if cwd is not None else os.getcwd()
+    paths = [os.path.join(base, p) for p in env.get("PYTHONPATH", "").split(os.pathsep)
              if p and "auto_instrumentation" not in p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    if importlib.util.find_spec("bcc") is None and os.path.isdir(OS_BCC):
-        shim = os.path.join(tempfile.gettempdir(), f"otel-gil-bcc-{os.geteuid()}")
-        os.makedirs(shim, exist_ok=True)
-        link = os.path.join(shim, "bcc")
-        if not os.path.islink(link):
-            try:
-                os.symlink(OS_BCC, link)
-            except FileExistsError:
-                pass
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [shim, env.get("PYTHONPATH")]))
+    env["PYTHONSAFEPATH"] = "1"  # 3.11+: no script or working directory on sys.path
     return env
 
 
@@ -150,7 +163,7 @@ class Agent:
         try:
             self.sidecar = subprocess.Popen(
                 cmd, pass_fds=[theirs.fileno()], env=sidecar_env(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True)
+                stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
         finally:
             theirs.close()
         return ours

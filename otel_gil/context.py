@@ -33,6 +33,7 @@ from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.trace.propagation import _SPAN_KEY
 
 from otel_gil.errors import TargetError
+from otel_gil.trust import printable
 
 __all__ = [
     "DEFAULT_SLOTS",
@@ -467,21 +468,25 @@ def _thread_name(attrs: bytes, size: int) -> str:
     while pos + 2 <= end:
         key, length = attrs[pos], attrs[pos + 1]
         if key == ATTR_THREAD_NAME:
-            return attrs[pos + 2:pos + 2 + length].decode("utf-8", "replace")
+            return printable(attrs[pos + 2:min(pos + 2 + length, end)].decode("utf-8", "replace"))
         pos += 2 + length
     return ""
 
 
-def read_slots(pid: int, table_address: int) -> list[SlotRecord]:
-    """The occupied slots of process pid's table, read via /proc/PID/mem."""
+def read_slots(pid: int, table_address: int, max_slots: int = 1 << 16) -> list[SlotRecord]:
+    """The occupied slots of process pid's table, read via /proc/PID/mem. The table
+    is the traced process's to write, so untrusted: a header claiming more than
+    max_slots (the size it registered) is refused, and the slots may change while
+    read (a torn slot only mislabels that process's own threads)."""
     header = read_memory(pid, table_address, HEADER_SIZE)
     slots = _HEADER.unpack_from(header, 0)[2]
-    if slots == 0 or slots > 1 << 20:
+    if slots == 0 or slots > max_slots:
         raise TargetError("no otel-gil context table at that address",
                           "pass the address printed by otel_gil.context.install()")
     return parse_slots(read_memory(pid, table_address, HEADER_SIZE + slots * SLOT_SIZE))
 
 
-def read_thread_names(pid: int, table_address: int) -> dict[int, tuple[int, str]]:
+def read_thread_names(pid: int, table_address: int,
+                      max_slots: int = 1 << 16) -> dict[int, tuple[int, str]]:
     """native tid (in the app's PID namespace) -> (Python ident, thread name)."""
-    return {r.tid: (r.ident, r.thread_name) for r in read_slots(pid, table_address)}
+    return {r.tid: (r.ident, r.thread_name) for r in read_slots(pid, table_address, max_slots)}

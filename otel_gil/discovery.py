@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
+from otel_gil import trust
 from otel_gil.disasm import Function, analyse_function, first_local_branch
 from otel_gil.elfsyms import (
     ElfObject,
@@ -273,10 +274,18 @@ def _cache_file(build_id: str) -> str:
     return os.path.join(cache_dir(), f"{build_id}.json")
 
 
+def _trusted_cache() -> bool:
+    """The cache says where to put uprobes in other processes: a root sidecar
+    uses it only where no other user could have written it (otel_gil.trust)."""
+    return trust.untrusted_reason(cache_dir()) is None
+
+
 def _disk_store(build_id: str, interp: Interpreter) -> None:
     directory = cache_dir()
     try:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        if not _trusted_cache():
+            return
         payload = {"format": CACHE_FORMAT, "interpreter": dataclasses.asdict(interp)}
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -287,6 +296,8 @@ def _disk_store(build_id: str, interp: Interpreter) -> None:
 
 
 def _disk_load(build_id: str) -> Interpreter | None:
+    if not _trusted_cache():
+        return None
     try:
         with open(_cache_file(build_id)) as f:
             payload = json.load(f)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any, Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 VERSION = 1
 MAX_MESSAGE = 64 * 1024
@@ -60,13 +61,91 @@ def read_message(sock: socket.socket, timeout: float) -> Dict[str, Any]:
             return msgs[0]
 
 
+def peer_credentials(sock: socket.socket) -> Tuple[int, int]:
+    """(pid, uid) of the process at the other end, from the kernel (SO_PEERCRED),
+    translated into our PID and user namespaces. Never what the peer claims."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
+
+
 def peer_pid(sock: socket.socket) -> int:
     """The connecting process's pid, translated by the kernel into our PID namespace."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+    return peer_credentials(sock)[0]
 
 
 def unix_address(path: str) -> str:
     """'@name' is Linux's abstract namespace (no file), as used by spawned sidecars."""
     return "\0" + path[1:] if path.startswith("@") else path
+
+
+# Bounds on what one registration may carry: anything larger is refused.
+MAX_SLOTS = 1 << 16
+MAX_ADDRESS = 1 << 47  # x86-64 user space
+MAX_RESOURCE_ATTRIBUTES = 128
+MAX_KEY = 256
+MAX_VALUE = 4096
+MAX_ARRAY = 64
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A validated register message. Everything in it is the app's claim, so
+    untrusted: the sidecar checks `pid` against the kernel's SO_PEERCRED and
+    reads the table only in that process (docs/security.md)."""
+
+    pid: Optional[int]
+    ctx_table: int
+    ctx_slots: int
+    resource: Dict[str, Any]
+
+
+class BadRegistration(ValueError):
+    """A register message that does not have the documented shape."""
+
+
+def parse_registration(msg: Dict[str, Any]) -> Registration:
+    if msg.get("op") != "register":
+        raise BadRegistration("expected one register message")
+    pid = msg.get("pid")
+    if pid is not None and not _int_in(pid, 1, 1 << 31):
+        raise BadRegistration("pid must be a positive integer")
+    table = msg.get("ctx_table") or 0
+    slots = msg.get("ctx_slots") or 0
+    if not _int_in(table, 0, MAX_ADDRESS) or not _int_in(slots, 0, MAX_SLOTS):
+        raise BadRegistration("ctx_table must be a user-space address and ctx_slots "
+                              f"at most {MAX_SLOTS}")
+    if table and (slots == 0 or slots & (slots - 1)):
+        raise BadRegistration("ctx_slots must be a power of two")
+    return Registration(pid, table, slots if table else 0, _resource(msg.get("resource")))
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < high
+
+
+def _resource(raw: Any) -> Dict[str, Any]:
+    """OpenTelemetry attribute values only: str, bool, int, float, or a list of one of them."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or len(raw) > MAX_RESOURCE_ATTRIBUTES:
+        raise BadRegistration(f"resource must be an object of at most "
+                              f"{MAX_RESOURCE_ATTRIBUTES} attributes")
+    out: Dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY:
+            raise BadRegistration("resource attribute names must be short strings")
+        items = value if isinstance(value, list) else [value]
+        if len(items) > MAX_ARRAY or len({type(v) for v in items}) > 1 or \
+                not all(_scalar(v) for v in items):
+            raise BadRegistration(f"resource attribute {key[:40]!r} has an unsupported value")
+        out[key] = value
+    return out
+
+
+def _scalar(value: Any) -> bool:
+    if isinstance(value, str):
+        return len(value) <= MAX_VALUE
+    if isinstance(value, float):
+        return value == value and abs(value) != float("inf")
+    return isinstance(value, (bool, int)) and (isinstance(value, bool) or -2**63 <= value < 2**63)

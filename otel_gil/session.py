@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from otel_gil import discovery, events, timeline
 from otel_gil.discovery import Target
 from otel_gil.probes import ContextTable, ProbeConfig, Probes
+from otel_gil.trust import printable
 
 
 @dataclass
@@ -65,8 +66,8 @@ def _thread_identity(pid: int, tid: int) -> Tuple[str, int]:
     base = f"/proc/{pid}/task/{tid}"
     name, ns_tid = "?", tid
     try:
-        with open(f"{base}/comm") as f:
-            name = f.read().strip()
+        with open(f"{base}/comm", errors="replace") as f:
+            name = printable(f.read().strip())  # the target names its threads: untrusted
         with open(f"{base}/status") as f:
             for line in f:
                 if line.startswith("NSpid:"):

@@ -11,22 +11,24 @@ Two ways to run it, one loop:
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
-import select
+import selectors
 import signal
 import socket
+import stat
 import time
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from otel_gil import context, protocol
+from otel_gil import context, protocol, trust
 from otel_gil.clock import Clock
-from otel_gil.errors import OtelGilError
+from otel_gil.errors import EnvironmentProblem, OtelGilError
 from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ContextTable, ProbeConfig
@@ -35,6 +37,11 @@ from otel_gil.session import Session
 log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000
 EXPORT_DELAY_NS = 200_000_000
+# A connection that has not registered by then is closed; at most this many
+# connections at once. Both bound what a local user can hold open in a root
+# sidecar (docs/security.md).
+REGISTER_TIMEOUT_NS = 10_000_000_000
+MAX_CLIENTS = 512
 
 
 @dataclass
@@ -43,10 +50,11 @@ class Client:
     reader: protocol.LineReader
     pid: Optional[int] = None  # host pid once registered
     owner: bool = False  # the app that spawned this sidecar: when it goes, we go
+    since_ns: int = 0  # when it connected (monotonic)
 
 
 class Sidecar:
-    def __init__(self, config: ProbeConfig, listen: Optional[str] = None,
+    def __init__(self, config: ProbeConfig, listener: Optional[socket.socket] = None,
                  owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
                  metric_readers: Optional[List[MetricReader]] = None,
                  max_thread_labels: int = 20) -> None:
@@ -59,12 +67,18 @@ class Sidecar:
         self._pending: Deque[Tuple[int, Any]] = deque()  # (arrival, interval), to export
         self._names: Dict[int, Tuple[int, Dict[int, Tuple[int, str]]]] = {}
         self._metrics_failed = False
-        self._listener: Optional[socket.socket] = None
-        if listen:
-            self._listener = _listen(listen)
+        self._bad_tables: Set[int] = set()  # pids whose table was found invalid (logged)
+        self._listener = listener  # from listen()
+        self._selector = selectors.DefaultSelector()  # epoll: BCC's fds push ours past 1024
+        # A spawned sidecar serves its app and the app's descendants (forked
+        # workers) only; a long-running one serves any local process.
+        self._owner_pid: Optional[int] = None
+        if listener is not None:
+            self._selector.register(listener, selectors.EVENT_READ)
         if owner_fd is not None:
             owner = socket.socket(fileno=owner_fd)
-            self._clients[owner.fileno()] = Client(owner, protocol.LineReader(), owner=True)
+            self._owner_pid = protocol.peer_pid(owner)
+            self._add_client(Client(owner, protocol.LineReader(), owner=True))
 
     def _on_interval(self, iv: Any) -> None:
         self._pending.append((time.monotonic_ns(), iv))
@@ -110,17 +124,42 @@ class Sidecar:
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._stop = True
 
+    def _add_client(self, client: Client) -> None:
+        client.since_ns = time.monotonic_ns()
+        self._clients[client.sock.fileno()] = client
+        self._selector.register(client.sock, selectors.EVENT_READ)
+
     def _accept_and_read(self) -> None:
-        socks = [c.sock for c in self._clients.values()]
-        if self._listener is not None:
-            socks.append(self._listener)
-        readable, _, _ = select.select(socks, [], [], 0)
-        for s in readable:
-            if s is self._listener:
-                conn, _ = s.accept()
-                self._clients[conn.fileno()] = Client(conn, protocol.LineReader())
+        for key, _ in self._selector.select(0):
+            sock = key.fileobj
+            if sock is self._listener:
+                self._accept()
                 continue
-            self._read(self._clients[s.fileno()])
+            client = self._clients.get(key.fd)
+            if client is not None:
+                self._read(client)
+        self._close_idle()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            log.warning("otel-gil: refused a connection: %d already open", MAX_CLIENTS)
+            conn.close()
+            return
+        self._add_client(Client(conn, protocol.LineReader()))
+
+    def _close_idle(self) -> None:
+        """Close connections that never registered: each costs the sidecar an fd."""
+        horizon = time.monotonic_ns() - REGISTER_TIMEOUT_NS
+        for client in list(self._clients.values()):
+            if client.pid is None and not client.owner and client.since_ns < horizon:
+                log.warning("otel-gil: closed a connection that did not register within %d s",
+                            REGISTER_TIMEOUT_NS // 1_000_000_000)
+                self._drop(client)
 
     def _read(self, client: Client) -> None:
         try:
@@ -139,27 +178,37 @@ class Sidecar:
                 self._drop(client)
                 return
 
+    def _refuse(self, pid: int, why: str) -> Dict[str, Any]:
+        log.warning("otel-gil: refused pid %s: %s", pid, why)
+        return {"ok": False, "error": f"registration refused: {why}"}
+
     def _register(self, client: Client, msg: Dict[str, Any]) -> Dict[str, Any]:
-        if msg.get("op") != "register" or client.pid is not None:
-            return {"ok": False, "error": "expected one register message"}
         pid = protocol.peer_pid(client.sock)
-        claimed = msg.get("pid")
+        if client.pid is not None:
+            return self._refuse(pid, "expected one register message")
+        try:
+            reg = protocol.parse_registration(msg)
+        except protocol.BadRegistration as err:
+            return self._refuse(pid, str(err))
         nspid = _nspid(pid)
-        if claimed is not None and claimed not in nspid:
-            log.warning("otel-gil: refused: pid %s asked to trace pid %s", pid, claimed)
-            return {"ok": False, "error": f"registration refused: the connecting process is "
-                                          f"pid {nspid[-1]}, not {claimed}; a process may only "
-                                          "ask for itself to be traced"}
-        table = None
-        if msg.get("ctx_table"):
-            table = ContextTable(int(msg["ctx_table"]), int(msg.get("ctx_slots", 0)))
+        if reg.pid is not None and reg.pid not in nspid:
+            return self._refuse(pid, f"the connecting process is pid {nspid[-1]}, not "
+                                     f"{reg.pid}; a process may only ask for itself to be traced")
+        if self._owner_pid is not None and not client.owner and \
+                not _descends_from(pid, self._owner_pid):
+            return self._refuse(pid, f"this sidecar serves process {self._owner_pid} and its "
+                                     "children only")
+        table = ContextTable(reg.ctx_table, reg.ctx_slots) if reg.ctx_table else None
         try:
             target = self.session.add(pid, table)
         except OtelGilError as err:
             log.warning("otel-gil: cannot trace pid %s: %s", pid, err)
             return {"ok": False, "error": str(err)}
+        except Exception as exc:  # noqa: BLE001 - a target's files are untrusted input
+            log.warning("otel-gil: cannot trace pid %s: %s: %s", pid, type(exc).__name__, exc)
+            return {"ok": False, "error": f"cannot inspect this process: {type(exc).__name__}"}
         client.pid = pid
-        resource = msg.get("resource") or {}
+        resource = reg.resource
         directory = ThreadDirectory(
             lambda tid, published: self._thread_info(pid, tid, table, published))
         self.export.add_process(pid, target.nspid[-1], resource, directory)
@@ -197,15 +246,23 @@ class Sidecar:
         cached = self._names.get(pid)
         if fresh or cached is None or now - cached[0] > NAMES_TTL_NS:
             try:
-                names = context.read_thread_names(pid, table.address)
-            except (OSError, ValueError, OtelGilError):
+                names = context.read_thread_names(pid, table.address, table.slots)
+            except (OSError, ValueError, OtelGilError) as err:
                 names = {}
+                if pid not in self._bad_tables:  # the app's memory is untrusted: say so once
+                    self._bad_tables.add(pid)
+                    log.warning("otel-gil: pid %s: its context table is unreadable or invalid "
+                                "(%s); its spans carry OS thread names", pid, err)
             cached = (now, names)
             self._names[pid] = cached
         return cached[1]
 
     def _drop(self, client: Client) -> None:
         self._clients.pop(client.sock.fileno(), None)
+        try:
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
         client.sock.close()
         if client.pid is not None:
             self.session.detach(client.pid)
@@ -225,6 +282,7 @@ class Sidecar:
             self.metrics.forget(pid)
             self.session.forget(pid)
             self._names.pop(pid, None)
+            self._bad_tables.discard(pid)
 
     def close(self) -> None:
         self.session.close()
@@ -236,6 +294,7 @@ class Sidecar:
             c.sock.close()
         if self._listener is not None:
             self._listener.close()
+        self._selector.close()
 
 
 def _nspid(pid: int) -> Tuple[int, ...]:
@@ -249,16 +308,63 @@ def _nspid(pid: int) -> Tuple[int, ...]:
     return (pid,)
 
 
-def _listen(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if not path.startswith("@"):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """Is `ancestor` pid's parent, grandparent, ...? (/proc/PID/stat's ppid chain.)"""
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
         try:
+            with open(f"/proc/{pid}/stat") as f:
+                # comm may hold spaces and parentheses: ppid follows the last ')'.
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def listen(path: str, group: Optional[str] = None) -> socket.socket:
+    """Bind the registration socket. A path socket goes only into a directory that
+    no other user can write (or pre-create): root creates a socket file there and
+    makes it connectable by everyone, or by `group`; a file at the path is replaced
+    only if it is a socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if path.startswith("@"):
+        sock.bind(protocol.unix_address(path))
+        sock.listen(64)
+        return sock
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    why = trust.untrusted_reason(directory)
+    if why is not None:
+        sock.close()
+        raise EnvironmentProblem(f"will not listen on {path}: {why}",
+                                 "use a directory only root can write, such as /run/otel-gil")
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
-    sock.bind(protocol.unix_address(path))
-    if not path.startswith("@"):
-        os.chmod(path, 0o666)  # any local process may ask to be traced (itself only)
+    except FileNotFoundError:
+        pass
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            raise EnvironmentProblem(f"no group {group!r}", "name an existing group") from None
+    # The socket file gets its mode at bind time from the umask: no chmod of a
+    # path that could have been swapped for a symlink meanwhile.
+    old = os.umask(0o117 if group is not None else 0o111)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise EnvironmentProblem(f"cannot listen on {path}: {err.strerror or err}",
+                                 "remove what is at that path, or choose another") from None
+    finally:
+        os.umask(old)
+    if gid >= 0:
+        os.chown(path, -1, gid, follow_symlinks=False)
     sock.listen(64)
     return sock

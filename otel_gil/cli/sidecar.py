@@ -22,6 +22,9 @@ class SidecarCommand(Command):
         parser.add_argument("--listen", default=opts.socket,
                             help=f"Unix socket to accept registrations on (default {opts.socket}; "
                                  "'@name' for the abstract namespace)")
+        parser.add_argument("--socket-group", default=None,
+                            help="only members of this group may register (socket mode 0660); "
+                                 "default: any local process may register itself (mode 0666)")
         parser.add_argument("--owner-fd", type=int, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--wait-threshold-ms", type=positive_float,
                             default=opts.wait_threshold_ms,
@@ -37,14 +40,17 @@ class SidecarCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
-        from otel_gil.sidecar import Sidecar  # noqa: PLC0415 - imports bcc
+        from otel_gil.sidecar import Sidecar, listen  # noqa: PLC0415 - imports bcc
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
                           hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
-        sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
+        # The socket first: a refusal (an untrusted directory) is one line and
+        # exit 5, before anything else has started.
+        listener = listen(args.listen, args.socket_group) if args.listen else None
+        sidecar = Sidecar(cfg, listener=listener, owner_fd=args.owner_fd,
                           metric_readers=default_readers(args.prometheus_port),
                           max_thread_labels=args.max_thread_labels)
         if args.owner_fd is None:
