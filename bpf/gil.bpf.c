@@ -13,7 +13,9 @@
  *                       even where LTO inlined drop_gil into its callers.
  *   sched_process_exit  a thread ended: mark it, so user space can reap it.
  *
- * Compile-time settings (-D, set by the loader): WAIT_THRESHOLD_NS,
+ * Compile-time settings (-D, set by the loader from ProbeConfig, whose
+ * defaults the ones below repeat, for compiling this file on its own;
+ * tests/test_probe_config.py keeps the two equal): WAIT_THRESHOLD_NS,
  * HOLD_THRESHOLD_NS, MAX_THREADS, MAX_TARGETS, RINGBUF_PAGES, and
  * EMPTY_PROBES, which makes every uprobe return at once: the cost floor that
  * bench/overhead.py compares the real probes against, and SIDECAR_PIDNS_DEV /
@@ -37,7 +39,7 @@
 #define MAX_TARGETS 256
 #endif
 #ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 64
+#define RINGBUF_PAGES 256 /* 1 MiB */
 #endif
 #ifdef EMPTY_PROBES
 #define FLOOR_ONLY() return 0

@@ -169,7 +169,13 @@ class Agent:
         return ours
 
     def stop(self) -> None:
-        """Close our end: the sidecar detaches (a spawned one exits)."""
+        """Close our end: the sidecar detaches (a spawned one flushes and exits).
+
+        Never waits for the sidecar: one that is stopped (SIGSTOP, a debugger)
+        or slow to flush to an unreachable endpoint must not hold up the app's
+        uninstrument() or exit. Closing a Unix socket does not block, and a
+        spawned sidecar is reaped by a daemon thread whenever it ends (if we
+        exit first, it is re-parented and reaped by init)."""
         self._stopping = True
         if self._sock is not None:
             try:
@@ -179,9 +185,10 @@ class Agent:
             self._sock.close()
         if self.sidecar is not None:
             try:
-                self.sidecar.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.sidecar.kill()
+                threading.Thread(target=self.sidecar.wait, name="otel-gil-reaper",
+                                 daemon=True).start()
+            except RuntimeError:
+                pass  # at interpreter shutdown no thread can start: init reaps it
 
     def forget_in_child(self) -> None:
         """After fork, in the child: drop the inherited socket without touching

@@ -19,6 +19,7 @@ OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS = "OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS"
 OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
+OTEL_PYTHON_GIL_RINGBUF_PAGES = "OTEL_PYTHON_GIL_RINGBUF_PAGES"
 
 # What each variable does: docs/configuration.md is generated from this.
 DOCS: Dict[str, str] = {
@@ -41,6 +42,9 @@ DOCS: Dict[str, str] = {
     OTEL_PYTHON_GIL_MAX_THREAD_LABELS:
         "Sidecar: distinct thread names per process used as metric labels; further "
         "threads are reported as `other`.",
+    OTEL_PYTHON_GIL_RINGBUF_PAGES:
+        "Sidecar: size of the kernel's event ring buffer, in 4 KiB pages (a power of two). "
+        "Events that find it full are counted in `otel_gil.lost_events`.",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
@@ -57,6 +61,7 @@ class Options:
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
+    ringbuf_pages: int = 256  # 1 MiB; ProbeConfig's default
 
     @property
     def socket_configured(self) -> bool:
@@ -72,6 +77,7 @@ ENV: Dict[str, str] = {
     "start_timeout_s": OTEL_PYTHON_GIL_START_TIMEOUT_S,
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,
+    "ringbuf_pages": OTEL_PYTHON_GIL_RINGBUF_PAGES,
 }
 
 
@@ -99,6 +105,10 @@ def load(overrides: Optional[Mapping[str, Any]] = None,
     opts = Options(**values)
     if opts.mode not in MODES:
         raise ValueError(f"{OTEL_PYTHON_GIL_MODE}={opts.mode!r}: use one of {', '.join(MODES)}")
+    if opts.ringbuf_pages < 1 or opts.ringbuf_pages & (opts.ringbuf_pages - 1):
+        # BPF_MAP_TYPE_RINGBUF: a power-of-two number of pages (kernel/bpf/ringbuf.c)
+        raise ValueError(f"{OTEL_PYTHON_GIL_RINGBUF_PAGES}={opts.ringbuf_pages}: use a power "
+                         "of two")
     return opts
 
 

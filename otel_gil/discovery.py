@@ -26,7 +26,7 @@ from otel_gil.elfsyms import (
     gil_symbols,
     minidebuginfo,
 )
-from otel_gil.errors import GilDisabledError, TargetError
+from otel_gil.errors import GilDisabledError, TargetError, TargetGone, TargetNotReady
 from otel_gil.layout import (
     GilLayout,
     debug_offsets_layout,
@@ -339,7 +339,43 @@ class _Mapping:
 
 
 def inspect_process(pid: int) -> Target:
-    """Everything the probes need about a running CPython process (host pid)."""
+    """Everything the probes need about a running CPython process (host pid).
+
+    Raises TargetNotReady while the process is not (yet) a running interpreter
+    and TargetGone once it is exiting: a process that exits while it is read
+    makes its /proc entries fail one by one (exe, root and maps need its memory
+    map, which do_exit() drops before the process becomes a zombie), and
+    whichever read fails first must not decide what the caller is told.
+    """
+    try:
+        return _inspect_process(pid)
+    except (TargetError, OSError) as err:
+        if not isinstance(err, TargetGone) and exiting(pid):
+            raise TargetGone(f"pid {pid} exited while it was being inspected") from err
+        if isinstance(err, PermissionError):
+            raise TargetError(f"cannot read {err.filename}", remedy=ROOT_REMEDY) from err
+        if isinstance(err, OSError):
+            raise TargetError(f"cannot read {err.filename}: {err.strerror}") from err
+        raise
+
+
+# include/linux/sched.h: set by do_exit() (exit_signals()) before exit_mm() unmaps
+# the process's memory, so a process still listed but past this point is going.
+PF_EXITING = 0x00000004
+
+
+def exiting(pid: int) -> bool:
+    """True when pid is gone, a zombie, or its thread-group leader is exiting
+    (state and flags, fields 3 and 9 of /proc/PID/stat, proc(5))."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] in ("Z", "X") or bool(int(fields[6]) & PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return True
+
+
+def _inspect_process(pid: int) -> Target:
     proc = f"/proc/{pid}"
     status = _read_proc(pid, "status")
     comm = _read_proc(pid, "comm").strip()
@@ -352,14 +388,14 @@ def inspect_process(pid: int) -> Target:
     else:
         exe = os.readlink(f"{proc}/exe").replace(" (deleted)", "")
         chosen = [m for m in maps if m.path == exe]
-    if not chosen:
-        raise TargetError(f"pid {pid} ({comm}) is not a Python process")
+    if not chosen:  # also before exec has mapped anything, or ld.so has mapped libpython
+        raise TargetNotReady(f"pid {pid} ({comm}) is not a Python process")
     object_path = _open_path(pid, chosen[0])
     try:
         interp = inspect_binary(object_path, root=root)
     except TargetError as err:
-        if not lib:
-            raise TargetError(f"pid {pid} ({comm}) is not a Python process") from err
+        if not lib:  # e.g. pyenv's launcher, before ld.so mapped its libpython
+            raise TargetNotReady(f"pid {pid} ({comm}) is not a Python process") from err
         raise
     bias = _load_bias(object_path, chosen)
     libc = _cond_signal(pid, maps)
@@ -381,7 +417,7 @@ def _read_proc(pid: int, name: str) -> str:
         with open(f"/proc/{pid}/{name}") as f:
             return f.read()
     except (FileNotFoundError, ProcessLookupError) as err:
-        raise TargetError(f"no process with pid {pid}") from err
+        raise TargetGone(f"no process with pid {pid}") from err
     except PermissionError as err:
         raise TargetError(f"cannot read /proc/{pid}/{name}", remedy=ROOT_REMEDY) from err
 
@@ -454,7 +490,8 @@ def _cond_signal(pid: int, maps: list[_Mapping]) -> tuple[str, int]:
         address = _COND_SIGNAL[key]
         if address is not None:
             return path, address
-    raise TargetError(f"pid {pid}: no libc with pthread_cond_signal is mapped")
+    # Before ld.so has mapped libc (it maps the program's DT_NEEDED in order).
+    raise TargetNotReady(f"pid {pid}: no libc with pthread_cond_signal is mapped")
 
 
 def _read_gil(pid: int, interp: Interpreter, bias: int) -> GilAddress:
@@ -466,7 +503,7 @@ def _read_gil(pid: int, interp: Interpreter, bias: int) -> GilAddress:
     except PermissionError as err:
         raise TargetError(f"cannot read the memory of pid {pid}", remedy=ROOT_REMEDY) from err
     except FileNotFoundError as err:
-        raise TargetError(f"no process with pid {pid}") from err
+        raise TargetGone(f"no process with pid {pid}") from err
     try:
         return _walk_to_gil(fd, pid, layout, interp.runtime_address + bias)
     finally:
@@ -497,10 +534,10 @@ def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddre
                     break
                 interp = _peek(fd, pid, interp + layout.interp_next, "<Q")
         if not interp:
-            raise TargetError(f"pid {pid}: the interpreter is not initialised yet (try again)")
+            raise TargetNotReady(f"pid {pid}: the interpreter is not initialised yet (try again)")
         gil = _peek(fd, pid, interp + layout.gil_pointer_offset, "<Q")
         if not gil:
-            raise TargetError(f"pid {pid}: the GIL is not created yet (try again)")
+            raise TargetNotReady(f"pid {pid}: the GIL is not created yet (try again)")
     interval = _peek(fd, pid, gil + layout.interval, "<Q")
     locked = _peek(fd, pid, gil + layout.locked, "<i")
     enabled = None
@@ -509,7 +546,7 @@ def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddre
     # sys.setswitchinterval() accepts any positive float; 5000 µs is the default.
     # locked is -1 before the GIL is created (Python/ceval_gil.c).
     if locked not in (0, 1) or not 0 < interval <= 10**9:
-        raise TargetError(
+        raise TargetNotReady(
             f"pid {pid}: the GIL read at {gil:#x} ({layout.how}) looks wrong "
             f"(locked={locked}, interval={interval}); is the interpreter still starting?"
         )

@@ -28,6 +28,18 @@ class TargetError(OtelGilError):
     exit_code = 2
 
 
+class TargetNotReady(TargetError):
+    """The process is not (yet) a running interpreter: libpython or libc not mapped
+    yet, the runtime not initialised, the GIL not created. From outside, a program
+    that will never load Python looks the same until it exits, so this is raised for
+    it too; ``otel-gil run`` retries while its child runs."""
+
+
+class TargetGone(TargetError):
+    """The process does not exist, or is exiting (a zombie, or past the point where
+    the kernel unmaps its memory): its /proc entries vanish while it is read."""
+
+
 class GilDisabledError(TargetError):
     """A free-threaded build running with the GIL disabled: nothing to measure."""
 

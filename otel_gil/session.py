@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from otel_gil import discovery, events, timeline
 from otel_gil.discovery import Target
+from otel_gil.errors import ProbeError, TargetGone
 from otel_gil.probes import ContextTable, ProbeConfig, Probes
 from otel_gil.trust import printable
 
@@ -101,11 +102,25 @@ class Session:
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
 
     def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
-        """Inspect and attach to a running Python process (raises TargetError)."""
+        """Inspect and attach to a running Python process. Raises TargetError
+        (TargetNotReady before its interpreter is up, TargetGone once it exits,
+        also mid-attach) or ProbeError."""
         target = discovery.inspect_process(pid)
         discovery.require_gil(target)
-        self._start_times[pid] = _start_time(pid)
-        self.probes.add(target, ctx_table)
+        started = _start_time(pid)
+        try:
+            self.probes.add(target, ctx_table)
+        except ProbeError as err:
+            if discovery.exiting(pid):  # uprobe attach fails for a task gone meanwhile
+                raise TargetGone(f"pid {pid} exited while its probes were being attached"
+                                 ) from err
+            raise
+        if started is None or _start_time(pid) != started:
+            # Exited meanwhile: step() could never tell (it compares start times,
+            # and a zombie's or a vanished process's is None, like this one).
+            self.probes.remove(pid)
+            raise TargetGone(f"pid {pid} exited while its probes were being attached")
+        self._start_times[pid] = started
         self.targets[pid] = TargetInfo(target, time.monotonic_ns())
         return target
 

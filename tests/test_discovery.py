@@ -18,7 +18,7 @@ import pytest
 
 from otel_gil import discovery
 from otel_gil.discovery import Target, inspect_binary, inspect_process, require_gil
-from otel_gil.errors import GilDisabledError, TargetError
+from otel_gil.errors import GilDisabledError, TargetGone, TargetNotReady
 
 PYENV = "/root/.pyenv/versions"
 PYENV_VERSIONS = ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"]
@@ -189,14 +189,37 @@ def test_missing_pid_and_non_python_pid() -> None:
     try:
         time.sleep(0.05)  # let exec replace the forked Python image
         # WHEN/THEN inspecting them raises TargetError with a plain message
-        with pytest.raises(TargetError, match=f"^no process with pid {missing}$"):
+        with pytest.raises(TargetGone, match=f"^no process with pid {missing}$"):
             inspect_process(missing)
         not_python = rf"^pid {sleep.pid} \(sleep\) is not a Python process$"
-        with pytest.raises(TargetError, match=not_python):
+        with pytest.raises(TargetNotReady, match=not_python):
             inspect_process(sleep.pid)
     finally:
         sleep.kill()
         sleep.wait()
+
+
+@pytest.mark.parametrize("program", [["sleep", "0"], [pyenv_exe("3.12.1"), "-c", "pass"]],
+                         ids=["sleep", "python"])
+def test_a_process_that_exited_but_is_not_reaped_is_gone(program: list) -> None:
+    # GIVEN a child that has exited but is not reaped yet: a zombie, which is what
+    # `otel-gil run` inspects when its child exits between two child.poll() calls
+    child = subprocess.Popen(program)
+    assert not discovery.exiting(os.getpid())
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # wait, but do not reap
+        assert discovery.exiting(child.pid)
+        # WHEN it is inspected THEN TargetGone says so: not the OSError that the
+        # first vanished /proc entry (its exe link) raised before
+        with pytest.raises(TargetGone, match=rf"^pid {child.pid} exited while it was being "
+                                             "inspected$"):
+            inspect_process(child.pid)
+    finally:
+        child.wait()
+    # AND once reaped, it is gone too, with the plain message
+    with pytest.raises(TargetGone, match=f"^no process with pid {child.pid}$"):
+        inspect_process(child.pid)
+    assert discovery.exiting(child.pid)
 
 
 def test_require_gil_raises_when_disabled() -> None:

@@ -9,10 +9,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 from targets import all_targets, require
+
+from otel_gil.cli import run
+from otel_gil.probes import ProbeConfig
+from otel_gil.session import Session
 
 REPO = Path(__file__).resolve().parent.parent
 OTEL_GIL = [sys.executable, "-m", "otel_gil"]
@@ -139,6 +143,8 @@ def test_run_bad_input_is_one_line(args: List[str], line: str, status: int) -> N
 @pytest.mark.ebpf
 def test_run_of_a_program_that_is_not_python() -> None:
     # GIVEN a program that never starts a Python interpreter WHEN run traces it
+    # (wherever its exit falls among run's inspections: the worst case, a zombie
+    # inspected, is made certain by test_run_when_the_child_exits_between_poll_and_attach)
     proc = subprocess.Popen([*OTEL_GIL, "run", "--", "sleep", "0.5"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=60)
@@ -148,6 +154,49 @@ def test_run_of_a_program_that_is_not_python() -> None:
     assert len(lines) == 1
     assert lines[0].endswith("(sleep) exited before a Python interpreter was up in it: "
                              "nothing traced")
+
+
+class _ExitsBeforeEachAdd:
+    """A real Session whose target exits just before each add(): the window
+    between _attach's child.poll() and session.add() where `sleep 0.5` once
+    ended, made certain. The child is left a zombie (exited, not reaped), as it
+    is until the next child.poll()."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.adds = 0
+
+    def add(self, pid: int) -> Any:
+        self.adds += 1
+        os.kill(pid, signal.SIGKILL)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # now a zombie, still unreaped
+        return self.session.add(pid)
+
+
+class _NoSignals:
+    def poll(self) -> bool:
+        return False
+
+
+@pytest.mark.ebpf
+@pytest.mark.parametrize("program", [["sleep", "30"], [sys.executable, "-c",
+                                                       "import time; time.sleep(30)"]],
+                         ids=["sleep", "python"])
+def test_run_when_the_child_exits_between_poll_and_attach(program: List[str]) -> None:
+    session = Session(ProbeConfig())
+    child = subprocess.Popen(program)
+    try:
+        # GIVEN a child that exits right after _attach saw it running
+        # WHEN _attach inspects it (a zombie: maps empty, exe and root links gone)
+        racing = _ExitsBeforeEachAdd(session)
+        target = run._attach(racing, child, _NoSignals())  # type: ignore[arg-type]
+        # THEN it reports "exited before the interpreter was up", not an OSError
+        assert target is None and racing.adds == 1
+        assert child.returncode == -signal.SIGKILL and session.targets == {}
+    finally:
+        child.kill()
+        child.wait()
+        session.close()
 
 
 @pytest.mark.ebpf

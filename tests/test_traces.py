@@ -310,9 +310,10 @@ otel_gil.instrument()  # twice is harmless
 live = otel_gil.wait_until_live(30)
 hooked = context._RUNTIME_CONTEXT is not original
 sidecar = otel_gil._agent.sidecar
-otel_gil.uninstrument()
-print(json.dumps({"live": live, "hooked": hooked, "restored": context._RUNTIME_CONTEXT is original,
-                  "sidecar_exit": sidecar.poll(), "status": otel_gil.status()}))
+otel_gil.uninstrument()  # returns at once; the sidecar exits on its own
+restored, status = context._RUNTIME_CONTEXT is original, otel_gil.status()
+print(json.dumps({"live": live, "hooked": hooked, "restored": restored,
+                  "sidecar_exit": sidecar.wait(60), "status": status}))
 """
 
 
@@ -323,7 +324,8 @@ def test_uninstrument_undoes_instrument() -> None:
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     # THEN the hook was in place while live, and uninstrument() put the original
-    # runtime context back and let the spawned sidecar exit
+    # runtime context back and let the spawned sidecar exit by itself (status 0,
+    # not killed)
     assert json.loads(proc.stdout) == {"live": True, "hooked": True, "restored": True,
                                        "sidecar_exit": 0, "status": "not instrumented"}
     assert proc.stderr.count("otel-gil: tracing pid") == 1

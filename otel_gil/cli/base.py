@@ -37,6 +37,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def power_of_two(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1 or value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two: {text!r}")
+    return value
+
+
 def pid_arg(text: str) -> int:
     try:
         value = int(text)

@@ -17,16 +17,12 @@ from otel_gil import discovery
 from otel_gil.cli.base import Command, require_root
 from otel_gil.cli.record import add_probe_options, announce, follow, probe_config, write_record
 from otel_gil.discovery import Target
-from otel_gil.errors import GilDisabledError, OtelGilError, TargetError
+from otel_gil.errors import OtelGilError, TargetError, TargetGone, TargetNotReady
 from otel_gil.probes import program_text
 from otel_gil.session import Session
 
 SI_KERNEL = 0x80  # si_code of a signal the kernel raised itself, e.g. the tty's Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
-# Errors of a process that is not (yet) a running interpreter: before exec,
-# before libpython is mapped, before Py_Initialize created the GIL (discovery.py).
-NOT_YET = ("is not a Python process", "not initialised yet", "not created yet",
-           "still starting", "no libc with pthread_cond_signal")
 
 HELP = """\
 start COMMAND (a Python program), trace its GIL from interpreter start-up until it
@@ -117,21 +113,27 @@ def _warm_caches(command: List[str]) -> None:
 def _attach(session: Session, child: "subprocess.Popen[bytes]",
             forwarder: _Forwarder) -> Optional[Target]:
     """Poll until the interpreter is up, then attach; None if the child exited first.
-    Polls every 1 ms at first (start-up takes tens of ms), backing off to 50 ms."""
+    Polls every 1 ms at first (start-up takes tens of ms), backing off to 50 ms.
+
+    Popen returns once the child's exec has happened (it waits for its
+    close-on-exec error pipe), so what is inspected is the new program, never
+    our own forked copy; but it may still be mapping itself (TargetNotReady),
+    and it may exit at any moment: then it stays a zombie, its /proc entries
+    failing, until child.poll() reaps it (TargetGone)."""
     pause = 0.001
     warn_at = time.monotonic() + 10
     while child.poll() is None:
         try:
             return session.add(child.pid)
-        except OtelGilError as err:
-            if child.poll() is not None:
-                break  # it exited while being inspected
-            if isinstance(err, GilDisabledError) or not any(t in str(err) for t in NOT_YET):
-                raise
-            if time.monotonic() > warn_at:
+        except (TargetNotReady, TargetGone) as err:
+            if time.monotonic() > warn_at and child.poll() is None:
                 warn_at = float("inf")
                 print(f"otel-gil: pid {child.pid} is not a running Python interpreter yet "
                       f"({err}); still waiting", file=sys.stderr, flush=True)
+        except OtelGilError:
+            if child.poll() is not None:
+                break  # it exited, and that is what made attaching fail
+            raise
         forwarder.poll()
         time.sleep(pause)
         pause = min(pause * 1.5, 0.05)

@@ -8,7 +8,7 @@ import os
 import sys
 
 from otel_gil import config
-from otel_gil.cli.base import Command, positive_float, require_root
+from otel_gil.cli.base import Command, positive_float, power_of_two, require_root
 from otel_gil.probes import ProbeConfig
 
 
@@ -37,6 +37,10 @@ class SidecarCommand(Command):
                                  f"{opts.prometheus_port}; 0: none)")
         parser.add_argument("--max-thread-labels", type=int, default=opts.max_thread_labels,
                             help="distinct thread names per process in metric labels")
+        parser.add_argument("--ringbuf-pages", type=power_of_two, default=opts.ringbuf_pages,
+                            help=f"event ring buffer size in pages (default "
+                                 f"{opts.ringbuf_pages}); events that find it full are "
+                                 "counted as lost")
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -44,7 +48,8 @@ class SidecarCommand(Command):
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
-                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
+                          ringbuf_pages=args.ringbuf_pages)
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
         # The socket first: a refusal (an untrusted directory) is one line and
