@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,18 @@ def test_instrument_with_bad_option_warns_once_and_never_raises() -> None:
     assert proc.stdout.strip() == "ran not instrumented"
     assert proc.stderr.count("GIL tracing off") == 1
     assert "OTEL_PYTHON_GIL_MODE='sometimes'" in proc.stderr
+
+
+def test_a_bad_variable_is_one_line_from_every_command() -> None:
+    import subprocess
+    import sys
+
+    # GIVEN a malformed OTEL_PYTHON_GIL_* variable WHEN any otel-gil command starts
+    env = dict(os.environ, OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS="abc")
+    run = subprocess.run([sys.executable, "-m", "otel_gil", "doctor"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    # THEN it names the variable in one line and exits 2, with no traceback
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "otel-gil: error: OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS='abc' is not a valid "
+        "wait_threshold_ms (fix or unset that variable)"]
