@@ -4,8 +4,9 @@ Two ways to run it, one loop:
 - `otel-gil sidecar --listen PATH`: long-running (a sidecar container, a node
   daemon); apps connect to PATH.
 - spawned by `otel_gil.instrument()` with `--owner-fd FD`: a private sidecar
-  for one app (and the workers it forks, which connect to its abstract
-  `--listen @name`). It exits when the owner's end of FD closes, which the
+  for one app (and the workers it forks, which connect to the abstract
+  `@name` the app bound and handed over as `--listen-fd`; see otel_gil.plan).
+  It exits when the owner's end of FD closes, which the
   kernel does when the app exits, SIGKILL included.
 """
 
@@ -49,7 +50,7 @@ class Sidecar:
     def __init__(self, config: ProbeConfig, listen: Optional[str] = None,
                  owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
                  metric_readers: Optional[List[MetricReader]] = None,
-                 max_thread_labels: int = 20) -> None:
+                 max_thread_labels: int = 20, listen_fd: Optional[int] = None) -> None:
         self.clock = Clock()
         self.export = export if export is not None else SpanExport(self.clock)
         self.session = Session(config, self._on_interval)
@@ -62,6 +63,8 @@ class Sidecar:
         self._listener: Optional[socket.socket] = None
         if listen:
             self._listener = _listen(listen)
+        elif listen_fd is not None:
+            self._listener = socket.socket(fileno=listen_fd)
         if owner_fd is not None:
             owner = socket.socket(fileno=owner_fd)
             self._clients[owner.fileno()] = Client(owner, protocol.LineReader(), owner=True)

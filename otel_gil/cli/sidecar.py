@@ -23,6 +23,8 @@ class SidecarCommand(Command):
                             help=f"Unix socket to accept registrations on (default {opts.socket}; "
                                  "'@name' for the abstract namespace)")
         parser.add_argument("--owner-fd", type=int, default=None, help=argparse.SUPPRESS)
+        # A spawned sidecar's listening socket, bound by its app (otel_gil.plan).
+        parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--wait-threshold-ms", type=positive_float,
                             default=opts.wait_threshold_ms,
                             help="waits at least this long become gil.wait spans")
@@ -44,7 +46,8 @@ class SidecarCommand(Command):
                           hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
-        sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
+        listen = None if args.listen_fd is not None else args.listen
+        sidecar = Sidecar(cfg, listen=listen, listen_fd=args.listen_fd, owner_fd=args.owner_fd,
                           metric_readers=default_readers(args.prometheus_port),
                           max_thread_labels=args.max_thread_labels)
         if args.owner_fd is None:
