@@ -4,10 +4,11 @@ Two ways to run it, one loop:
 - `otel-gil sidecar --listen PATH`: long-running (a sidecar container, a node
   daemon); apps connect to PATH.
 - spawned by `otel_gil.instrument()` with `--owner-fd FD`: a private sidecar
-  for one app (and the workers it forks, which connect to the abstract
-  `@name` the app bound and handed over as `--listen-fd`; see otel_gil.plan).
-  It exits when the owner's end of FD closes, which the
-  kernel does when the app exits, SIGKILL included.
+  for one app and its descendants (forked workers, which connect to the
+  abstract `@name` the app bound and handed over as `--listen-fd`; see
+  otel_gil.plan). It exits when the owner's end of FD has closed, which the
+  kernel does when the app exits, SIGKILL included, and no process registered
+  through it is still traced (a daemon's double fork, a re-exec'd master).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import signal
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
@@ -31,11 +32,17 @@ from otel_gil.errors import OtelGilError
 from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ContextTable, ProbeConfig
-from otel_gil.session import Session
+from otel_gil.session import Session, exited
 
 log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000
 EXPORT_DELAY_NS = 200_000_000
+# Once a spawned sidecar's app is gone: a connection still to register keeps it
+# up this long at most, and, if the app ever had processes connect, it lingers
+# this long for the last of them (a daemon's double fork: the grandchild
+# connects just after its parents exit).
+REGISTER_GRACE_S = 5.0
+ORPHAN_GRACE_S = 1.0
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Client:
     sock: socket.socket
     reader: protocol.LineReader
     pid: Optional[int] = None  # host pid once registered
-    owner: bool = False  # the app that spawned this sidecar: when it goes, we go
+    owner: bool = False  # the app that spawned this sidecar (see Sidecar._orphaned)
+    since: float = field(default_factory=time.monotonic)
 
 
 class Sidecar:
@@ -61,6 +69,9 @@ class Sidecar:
         self._names: Dict[int, Tuple[int, Dict[int, Tuple[int, str]]]] = {}
         self._metrics_failed = False
         self._listener: Optional[socket.socket] = None
+        self._owner_gone_at: Optional[float] = None
+        self._others_seen = False  # a process other than the owner connected
+        self._exited_unregistered = 0  # registrations from processes gone before attach
         if listen:
             self._listener = _listen(listen)
         elif listen_fd is not None:
@@ -99,6 +110,7 @@ class Sidecar:
                 self._update_metrics()
                 self._retire_exited()
                 self.clock.refresh_if_older_than(10.0)
+                self._stop = self._stop or self._orphaned()
         finally:
             self.close()
 
@@ -158,9 +170,14 @@ class Sidecar:
             table = ContextTable(int(msg["ctx_table"]), int(msg.get("ctx_slots", 0)))
         try:
             target = self.session.add(pid, table)
-        except OtelGilError as err:
-            log.warning("otel-gil: cannot trace pid %s: %s", pid, err)
-            return {"ok": False, "error": str(err)}
+        except Exception as err:  # noqa: BLE001 - one registration must not stop the sidecar
+            if exited(pid):  # a fork that exited at once (even mid-inspection): no flood
+                self._exited_unregistered += 1
+                log.debug("otel-gil: pid %s exited before it could be traced", pid)
+                return {"ok": False, "error": "the process exited before it could be traced"}
+            why = str(err) if isinstance(err, OtelGilError) else f"{type(err).__name__}: {err}"
+            log.warning("otel-gil: cannot trace pid %s: %s", pid, why)
+            return {"ok": False, "error": why}
         client.pid = pid
         resource = msg.get("resource") or {}
         directory = ThreadDirectory(
@@ -215,7 +232,23 @@ class Sidecar:
             self._export_settled(everything=True)
             self.export.remove_process(client.pid)
         if client.owner:
-            self._stop = True  # our app is gone
+            self._owner_gone_at = time.monotonic()  # our app is gone; its descendants may not be
+        else:
+            self._others_seen = True
+
+    def _orphaned(self) -> bool:
+        """A spawned sidecar's app is gone, and so is every process it traced or
+        that is about to register (within the grace periods)."""
+        if self._owner_gone_at is None:
+            return False
+        now = time.monotonic()
+        for c in self._clients.values():
+            if c.pid is not None and self.session.alive(c.pid):
+                return False
+            if c.pid is None and now - c.since < REGISTER_GRACE_S:
+                return False
+        others = self._others_seen or bool(self._clients)
+        return not (others and now - self._owner_gone_at < ORPHAN_GRACE_S)
 
     def _retire_exited(self) -> None:
         """A long-running sidecar forgets processes once they are gone and flushed."""
@@ -230,6 +263,9 @@ class Sidecar:
             self._names.pop(pid, None)
 
     def close(self) -> None:
+        if self._exited_unregistered:
+            log.info("otel-gil: %d processes exited before they could be traced (forks that "
+                     "lived for milliseconds)", self._exited_unregistered)
         self.session.close()
         self._export_settled(everything=True)
         self._update_metrics()
