@@ -31,6 +31,7 @@ OS_BCC = "/usr/lib/python3/dist-packages/bcc"
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
 RETRY_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ETIMEDOUT)
 MIN_REPLY_S = 5.0  # a join that connected near its deadline still waits this long
+_PARENTS_SIDECARS: List[subprocess.Popen[bytes]] = []  # in a forked child: not its to reap
 
 
 def sidecar_command(options: Options, owner_fd: int, listen_fd: int) -> List[str]:
@@ -138,11 +139,17 @@ class Agent:
         if plan.spawn:
             return self._spawn()
         try:
-            return self._connect(plan.private, deadline)
+            return self._connect(plan.private, deadline, refused_is_final=plan.inherited)
         except OSError as exc:
+            gone = plan.inherited and exc.errno == errno.ECONNREFUSED
+            if gone and plans.may_use_ebpf():
+                # Our ancestor's sidecar is gone (a stale PARENT_SOCKET): our own, then.
+                self.plan = Plan(private=plans.private_address(), spawn=True)
+                return self._spawn()
+            how = f"it is gone{plans.NO_EBPF}" if gone else \
+                f"no answer within {self.options.start_timeout_s:g} s"
             self._fail(f"cannot join the sidecar of the process that started this one, at "
-                       f"{plan.private}, within {self.options.start_timeout_s:g} s "
-                       f"({_reason(exc)})")
+                       f"{plan.private}: {how} ({_reason(exc)})")
             return None
 
     def _own(self, sock: socket.socket) -> socket.socket:
@@ -150,7 +157,8 @@ class Agent:
         self._owned = [s for s in self._owned if s.fileno() >= 0] + [sock]
         return sock
 
-    def _connect(self, path: str, deadline: Optional[float]) -> socket.socket:
+    def _connect(self, path: str, deadline: Optional[float],
+                 refused_is_final: bool = False) -> socket.socket:
         """Connect; with a deadline, retry (doubling waits) while the sidecar is
         not listening yet or its backlog is full."""
         delay = RETRY_FIRST_S
@@ -164,6 +172,7 @@ class Agent:
             except OSError as exc:
                 sock.close()
                 if (deadline is None or self._stopping or not _retryable(exc)
+                        or (refused_is_final and exc.errno == errno.ECONNREFUSED)
                         or time.monotonic() + delay > deadline):
                     raise
             time.sleep(delay)
@@ -235,6 +244,8 @@ class Agent:
         plans.close_copies(self._owned)
         self._owned = []
         self._sock = self._listener = None
+        if self.sidecar is not None:  # kept, never polled: a collected Popen would try to reap it
+            _PARENTS_SIDECARS.append(self.sidecar)
         self.sidecar = None
 
 

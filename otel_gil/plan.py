@@ -41,12 +41,16 @@ class Plan:
     """shared: a long-running sidecar's socket, tried first (once; with retries
     when patient). private: a private sidecar's abstract address. spawn: we
     start that sidecar; otherwise we join it, retrying until the start deadline.
-    no_spawn: why we may not spawn one, appended to a failure to reach shared."""
+    inherited: private came from PARENT_SOCKET; if nothing is bound there, the
+    ancestor's sidecar is gone (it was bound before we were started): spawn our
+    own when we may. no_spawn: why we may not spawn one, appended to a failure
+    to reach shared."""
 
     shared: Optional[str] = None
     private: Optional[str] = None
     spawn: bool = False
     patient: bool = False
+    inherited: bool = False
     no_spawn: str = ""
 
     @property
@@ -83,7 +87,7 @@ def plan_for(options: Options, environ: Optional[Mapping[str, str]] = None) -> P
                                    or os.path.exists(options.socket)):
         shared = options.socket
     if inherited:  # an ancestor's private sidecar: joining needs no privilege
-        return Plan(shared=shared, private=inherited)
+        return Plan(shared=shared, private=inherited, inherited=True)
     if may_use_ebpf():
         return Plan(shared=shared, private=private_address(), spawn=True)
     return Plan(shared=shared, no_spawn=NO_EBPF)
@@ -96,9 +100,10 @@ def child_plan(plan: Plan, reached_shared: bool, chose_private: bool) -> Optiona
     if reached_shared:
         return Plan(shared=plan.shared, patient=True)
     if chose_private or plan.shared is None:
-        return Plan(private=plan.private) if plan.private else None
+        return Plan(private=plan.private, inherited=plan.inherited) if plan.private else None
     # The parent is still trying the shared socket: try it too, then the private one.
-    return Plan(shared=plan.shared, private=plan.private, no_spawn=plan.no_spawn)
+    return Plan(shared=plan.shared, private=plan.private, patient=plan.patient,
+                inherited=plan.inherited, no_spawn=plan.no_spawn)
 
 
 def bind_private(address: str) -> socket.socket:

@@ -58,7 +58,8 @@ def test_an_exec_d_descendant_joins_its_ancestors_sidecar(ebpf_denied: None) -> 
     # GIVEN the variable an app that spawned a sidecar exports (even to a child
     # that may not use eBPF itself) THEN the child joins that sidecar
     env = {PARENT_SOCKET: "@otel-gil-1-abc"}
-    assert plans.plan_for(Options(socket="/absent"), env) == Plan(private="@otel-gil-1-abc")
+    assert plans.plan_for(Options(socket="/absent"), env) == \
+        Plan(private="@otel-gil-1-abc", inherited=True)
     assert plans.plan_for(Options(mode="spawn", socket="/absent"), env).spawn is False
     # AND an explicit connect, or a value that is not an abstract name, wins
     assert plans.plan_for(Options(mode="connect", socket="/s"), env) == Plan(shared="/s")
@@ -77,6 +78,7 @@ def test_without_ebpf_or_a_socket_the_plan_says_why(ebpf_denied: None) -> None:
     (Plan(private="@p", spawn=True), False, True, Plan(private="@p")),
     # the parent joins an ancestor's: so does its child (grandchildren)
     (Plan(private="@p"), False, False, Plan(private="@p")),
+    (Plan(private="@p", inherited=True), False, True, Plan(private="@p", inherited=True)),
     # the parent reached the shared sidecar: the child goes there, patiently
     (Plan(shared="/s", private="@p", spawn=True), True, False, Plan(shared="/s", patient=True)),
     # the parent gave up on the shared socket and spawns: the child joins that
@@ -84,6 +86,7 @@ def test_without_ebpf_or_a_socket_the_plan_says_why(ebpf_denied: None) -> None:
     # the parent is still trying the shared socket: the child tries it, then joins
     (Plan(shared="/s", private="@p", spawn=True), False, False,
      Plan(shared="/s", private="@p")),
+    (Plan(shared="/s", patient=True), False, False, Plan(shared="/s", patient=True)),
     # a parent with nowhere to go: nothing for the child either
     (Plan(no_spawn=", no eBPF"), False, False, None),
 ])
@@ -166,7 +169,7 @@ def test_a_child_gives_up_at_its_deadline_with_one_line(tmp_path: Path) -> None:
     # THEN it is off, and said so once, naming the address and the reason
     assert out["live"] is False
     assert out["error"] == (f"cannot join the sidecar of the process that started this one, "
-                            f"at {address}, within 3 s (Connection refused)")
+                            f"at {address}: no answer within 3 s (Connection refused)")
     assert err.count("GIL tracing off") == 1, err
 
 
@@ -206,3 +209,23 @@ def test_a_fork_waits_for_the_agents_descriptors_but_not_forever(
     # THEN the fork happened after the section (the child saw its result); with a
     # tiny bound, it went ahead without it rather than block the app
     assert json.loads(proc.stdout) == {"made": made}
+
+
+def test_a_stale_parent_socket_is_given_up_at_once_without_ebpf(tmp_path: Path) -> None:
+    # GIVEN an app that may not use eBPF, started with the address of an ancestor's
+    # sidecar that no longer exists (nothing is bound there)
+    code = ("import logging, time, otel_gil; logging.basicConfig(); t = time.monotonic(); "
+            "otel_gil.instrument(); print(otel_gil.wait_until_live(100), "
+            "time.monotonic() - t < 50)")
+    cmd = [sys.executable, "-c", code]
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    env = dict(os.environ, **{PARENT_SOCKET: plans.private_address()},
+               OTEL_PYTHON_GIL_SOCKET=str(tmp_path / "absent.sock"),
+               OTEL_PYTHON_GIL_START_TIMEOUT_S="100")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    # THEN it does not wait out its (100 s) start deadline, and says once why tracing is off
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    assert proc.stderr.count("GIL tracing off") == 1, proc.stderr
+    assert "it is gone, and this process may not use eBPF" in proc.stderr

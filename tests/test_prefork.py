@@ -168,6 +168,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _assert_exits(pid: int, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 WORKERS = {
     "gthread": ["-k", "gthread", "--threads", "4", "--max-requests", "20"],
     # sync workers that drop root for nobody after the fork (gunicorn --user)
@@ -210,10 +217,7 @@ def test_gunicorn_workers_are_traced_through_recycling(kind: str) -> None:
         assert set(served) <= booted
         assert booted - set(server.pids(TRACING)) <= booted - set(served), log
         assert not _problems(log), log
-        deadline = time.monotonic() + 30
-        while _alive(sidecar):
-            assert time.monotonic() < deadline, "the sidecar outlived gunicorn"
-            time.sleep(0.1)
+        _assert_exits(sidecar, "the sidecar outlived gunicorn")
 
 
 # ------------------------------------------------------------- forking apps
@@ -265,7 +269,7 @@ def test_a_daemonized_app_stays_traced() -> None:
         spans = receiver.wait_for_spans(lambda s: daemon["pid"] in _pids_with_waits(s), 30)
         _assert_nested_in_parents(spans)
         # AND the sidecar exited after it, as the last process it traced did
-        assert not _alive(parent["sidecar"])
+        _assert_exits(parent["sidecar"], "the sidecar outlived the daemon")
         assert not _problems(log), log
 
 
@@ -312,3 +316,18 @@ def test_a_hundred_short_lived_forks_in_a_row() -> None:
         problems = _problems(log)
         assert len(problems) == len(set(problems)), log
         assert "Traceback" not in log
+
+
+@pytest.mark.ebpf
+def test_a_stale_parent_socket_falls_back_to_a_sidecar_of_its_own() -> None:
+    # GIVEN a privileged app started with the address of an ancestor's sidecar
+    # that is gone (an instrumented parent that exited before starting it)
+    code = "import otel_gil; otel_gil.instrument(); print(otel_gil.wait_until_live(60))"
+    with OtlpReceiver() as receiver:
+        env = _env(receiver, OTEL_PYTHON_GIL_PARENT_SOCKET="@otel-gil-1-0123456789abcdef")
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+    # THEN it spawns its own sidecar and is traced, with not a word of trouble
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True"]
+    assert not _problems(proc.stderr), proc.stderr
