@@ -139,15 +139,16 @@ class Agent:
         if plan.spawn:
             return self._spawn()
         try:
-            return self._connect(plan.private, deadline, refused_is_final=plan.inherited)
+            return self._connect(plan.private, deadline, refused_is_final=plan.bound)
         except OSError as exc:
-            gone = plan.inherited and exc.errno == errno.ECONNREFUSED
-            if gone and plans.may_use_ebpf():
+            gone = plan.bound and exc.errno == errno.ECONNREFUSED
+            if gone and plan.inherited and plans.may_use_ebpf():
                 # Our ancestor's sidecar is gone (a stale PARENT_SOCKET): our own, then.
                 self.plan = Plan(private=plans.private_address(), spawn=True)
                 return self._spawn()
-            how = f"it is gone{plans.NO_EBPF}" if gone else \
-                f"no answer within {self.options.start_timeout_s:g} s"
+            how = f"no answer within {self.options.start_timeout_s:g} s"
+            if gone:
+                how = "it is gone" + (plans.NO_EBPF if plan.inherited else "")
             self._fail(f"cannot join the sidecar of the process that started this one, at "
                        f"{plan.private}: {how} ({_reason(exc)})")
             return None
@@ -234,7 +235,8 @@ class Agent:
         tracing is off or over, and the parent already said why)."""
         if self.error is not None or self.done.is_set():
             return None
-        return plans.child_plan(self.plan, self._reached_shared, self._chose_private)
+        bound = self._listener is not None or self.sidecar is not None or self.plan.bound
+        return plans.child_plan(self.plan, self._reached_shared, self._chose_private, bound)
 
     def forget_in_child(self) -> None:
         """After fork, in the child: drop the inherited sockets without touching

@@ -41,15 +41,17 @@ class Plan:
     """shared: a long-running sidecar's socket, tried first (once; with retries
     when patient). private: a private sidecar's abstract address. spawn: we
     start that sidecar; otherwise we join it, retrying until the start deadline.
-    inherited: private came from PARENT_SOCKET; if nothing is bound there, the
-    ancestor's sidecar is gone (it was bound before we were started): spawn our
-    own when we may. no_spawn: why we may not spawn one, appended to a failure
-    to reach shared."""
+    bound: private was bound before this process started, so nothing there
+    means that sidecar is gone: no retrying. inherited: private came from
+    PARENT_SOCKET; if that sidecar is gone, spawn our own when we may (a forked
+    child never does). no_spawn: why we may not spawn one, appended to a
+    failure to reach shared."""
 
     shared: Optional[str] = None
     private: Optional[str] = None
     spawn: bool = False
     patient: bool = False
+    bound: bool = False
     inherited: bool = False
     no_spawn: str = ""
 
@@ -87,23 +89,25 @@ def plan_for(options: Options, environ: Optional[Mapping[str, str]] = None) -> P
                                    or os.path.exists(options.socket)):
         shared = options.socket
     if inherited:  # an ancestor's private sidecar: joining needs no privilege
-        return Plan(shared=shared, private=inherited, inherited=True)
+        return Plan(shared=shared, private=inherited, bound=True, inherited=True)
     if may_use_ebpf():
         return Plan(shared=shared, private=private_address(), spawn=True)
     return Plan(shared=shared, no_spawn=NO_EBPF)
 
 
-def child_plan(plan: Plan, reached_shared: bool, chose_private: bool) -> Optional[Plan]:
+def child_plan(plan: Plan, reached_shared: bool, chose_private: bool,
+               bound: bool) -> Optional[Plan]:
     """A forked child's plan, from its parent's plan and how far the parent got
-    (the child inherits a snapshot: the parent's agent thread may be anywhere).
-    The child never spawns: it joins whatever its parent uses or will use."""
+    (the child inherits a snapshot: the parent's agent thread may be anywhere;
+    bound: the parent had bound plan.private, or joins a bound one). The child
+    never spawns: it joins whatever its parent uses or will use."""
     if reached_shared:
         return Plan(shared=plan.shared, patient=True)
     if chose_private or plan.shared is None:
-        return Plan(private=plan.private, inherited=plan.inherited) if plan.private else None
+        return Plan(private=plan.private, bound=bound) if plan.private else None
     # The parent is still trying the shared socket: try it too, then the private one.
     return Plan(shared=plan.shared, private=plan.private, patient=plan.patient,
-                inherited=plan.inherited, no_spawn=plan.no_spawn)
+                no_spawn=plan.no_spawn)
 
 
 def bind_private(address: str) -> socket.socket:

@@ -59,7 +59,7 @@ def test_an_exec_d_descendant_joins_its_ancestors_sidecar(ebpf_denied: None) -> 
     # that may not use eBPF itself) THEN the child joins that sidecar
     env = {PARENT_SOCKET: "@otel-gil-1-abc"}
     assert plans.plan_for(Options(socket="/absent"), env) == \
-        Plan(private="@otel-gil-1-abc", inherited=True)
+        Plan(private="@otel-gil-1-abc", bound=True, inherited=True)
     assert plans.plan_for(Options(mode="spawn", socket="/absent"), env).spawn is False
     # AND an explicit connect, or a value that is not an abstract name, wins
     assert plans.plan_for(Options(mode="connect", socket="/s"), env) == Plan(shared="/s")
@@ -72,29 +72,33 @@ def test_without_ebpf_or_a_socket_the_plan_says_why(ebpf_denied: None) -> None:
     assert "may not use eBPF" in plan.no_spawn
 
 
-@pytest.mark.parametrize("parent, reached, chose, child", [
-    # the parent spawns (or will): the child joins, whatever the parent's progress
-    (Plan(private="@p", spawn=True), False, False, Plan(private="@p")),
-    (Plan(private="@p", spawn=True), False, True, Plan(private="@p")),
-    # the parent joins an ancestor's: so does its child (grandchildren)
-    (Plan(private="@p"), False, False, Plan(private="@p")),
-    (Plan(private="@p", inherited=True), False, True, Plan(private="@p", inherited=True)),
+@pytest.mark.parametrize("parent, reached, chose, bound, child", [
+    # the parent spawns (or will): the child joins, whatever the parent's progress;
+    # once the parent has bound the address, a refusal there means it is gone
+    (Plan(private="@p", spawn=True), False, False, True, Plan(private="@p", bound=True)),
+    (Plan(private="@p", spawn=True), False, True, False, Plan(private="@p")),
+    # the parent joins an ancestor's: so does its child (grandchildren), which
+    # never spawns its own, even where its parent (exec'd, inherited) would
+    (Plan(private="@p"), False, False, False, Plan(private="@p")),
+    (Plan(private="@p", bound=True, inherited=True), False, True, True,
+     Plan(private="@p", bound=True)),
     # the parent reached the shared sidecar: the child goes there, patiently
-    (Plan(shared="/s", private="@p", spawn=True), True, False, Plan(shared="/s", patient=True)),
+    (Plan(shared="/s", private="@p", spawn=True), True, False, False,
+     Plan(shared="/s", patient=True)),
     # the parent gave up on the shared socket and spawns: the child joins that
-    (Plan(shared="/s", private="@p", spawn=True), False, True, Plan(private="@p")),
+    (Plan(shared="/s", private="@p", spawn=True), False, True, False, Plan(private="@p")),
     # the parent is still trying the shared socket: the child tries it, then joins
-    (Plan(shared="/s", private="@p", spawn=True), False, False,
+    (Plan(shared="/s", private="@p", spawn=True), False, False, False,
      Plan(shared="/s", private="@p")),
-    (Plan(shared="/s", patient=True), False, False, Plan(shared="/s", patient=True)),
+    (Plan(shared="/s", patient=True), False, False, False, Plan(shared="/s", patient=True)),
     # a parent with nowhere to go: nothing for the child either
-    (Plan(no_spawn=", no eBPF"), False, False, None),
+    (Plan(no_spawn=", no eBPF"), False, False, False, None),
 ])
 def test_a_forked_child_follows_its_parent_and_never_spawns(
-        parent: Plan, reached: bool, chose: bool, child: Plan) -> None:
-    got = plans.child_plan(parent, reached, chose)
+        parent: Plan, reached: bool, chose: bool, bound: bool, child: Plan) -> None:
+    got = plans.child_plan(parent, reached, chose, bound)
     assert got == child
-    assert got is None or not got.spawn
+    assert got is None or not (got.spawn or got.inherited)
 
 
 # ------------------------------------------------------------ real processes
@@ -106,7 +110,7 @@ JOIN_LATE = textwrap.dedent('''
     from otel_gil.agent import Agent
     from otel_gil.config import Options
     logging.basicConfig(format="%(message)s")
-    address, delay, user = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+    address, delay, user, bound = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 
     def sidecar(listener):
         # a stand-in for the sidecar: accept one registration, answer it
@@ -121,7 +125,7 @@ JOIN_LATE = textwrap.dedent('''
         if user == "nobody":  # as gunicorn --user does in its workers, after the fork
             os.setgid(65534); os.setuid(65534)
         agent = Agent(Options(start_timeout_s=3), {"op": "register", "pid": os.getpid()},
-                      plans.Plan(private=address))
+                      plans.Plan(private=address, bound=bound == "bound"))
         agent.start()
         deadline = time.monotonic() + 10
         while not (agent.live.is_set() or agent.done.is_set()) and time.monotonic() < deadline:
@@ -137,11 +141,11 @@ JOIN_LATE = textwrap.dedent('''
 ''')
 
 
-def _join(tmp_path: Path, delay: float, user: str = "root") -> Any:
+def _join(tmp_path: Path, delay: float, user: str = "root", bound: str = "unbound") -> Any:
     script = tmp_path / "join.py"
     script.write_text(JOIN_LATE)
     address = plans.private_address()
-    proc = subprocess.run([sys.executable, str(script), address, str(delay), user],
+    proc = subprocess.run([sys.executable, str(script), address, str(delay), user, bound],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr, address
@@ -170,6 +174,15 @@ def test_a_child_gives_up_at_its_deadline_with_one_line(tmp_path: Path) -> None:
     assert out["live"] is False
     assert out["error"] == (f"cannot join the sidecar of the process that started this one, "
                             f"at {address}: no answer within 3 s (Connection refused)")
+    assert err.count("GIL tracing off") == 1, err
+
+
+def test_a_child_of_a_parent_that_had_bound_gives_up_at_once(tmp_path: Path) -> None:
+    # GIVEN the parent had bound the address before the fork: nothing there now
+    # means its sidecar is gone WHEN the child joins THEN it says so, at once
+    out, err, address = _join(tmp_path, -1, bound="bound")
+    assert out["error"] == (f"cannot join the sidecar of the process that started this one, "
+                            f"at {address}: it is gone (Connection refused)")
     assert err.count("GIL tracing off") == 1, err
 
 
