@@ -312,6 +312,9 @@ def test_a_hundred_short_lived_forks_in_a_row() -> None:
                  parent["pid"] and by_id[w.parent_span_id].name.startswith("after-storm-")]
         assert after
         _assert_nested_in_parents(spans)
+        # AND none of the app's own spans was lost
+        own = {s.name for s in spans if s.scope == "prefork-app"}
+        assert {"storm", "after-storm-0", "after-storm-1"} <= own, own
         # AND it said at most one line per problem (none expected), no traceback
         problems = _problems(log)
         assert len(problems) == len(set(problems)), log
