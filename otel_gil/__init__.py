@@ -24,6 +24,7 @@ log = logging.getLogger("otel_gil")
 _lock = threading.Lock()
 _agent: Any = None  # otel_gil.agent.Agent, imported lazily
 _fork_hook = False
+_exported = False  # we set otel_gil.plan.PARENT_SOCKET
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> None:
@@ -53,6 +54,7 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
             except Exception:  # noqa: BLE001, S110 - optional for other readers
                 pass
             _agent = _start_agent(opts, table, resource)
+            _export_for_descendants(_agent)
             if not _fork_hook:
                 os.register_at_fork(after_in_child=_after_fork_in_child)
                 _fork_hook = True
@@ -60,15 +62,28 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
         log.warning("otel-gil: GIL tracing off: %s: %s", type(exc).__name__, exc)
 
 
-def _start_agent(opts: Any, table: Any, resource: Dict[str, Any]) -> Any:
+def _start_agent(opts: Any, table: Any, resource: Dict[str, Any], plan: Any = None) -> Any:
     from otel_gil import protocol  # noqa: PLC0415
     from otel_gil.agent import Agent  # noqa: PLC0415
 
     registration = {"op": "register", "version": protocol.VERSION, "pid": os.getpid(),
                     "ctx_table": table.address, "ctx_slots": table.slots, "resource": resource}
-    agent = Agent(opts, registration)
+    agent = Agent(opts, registration, plan)
     agent.start()
     return agent
+
+
+def _export_for_descendants(agent: Any) -> None:
+    """An app that spawns a private sidecar tells the programs it execs (the
+    multiprocessing spawn and forkserver start methods, a re-exec'd server) to
+    join it rather than spawn sidecars of their own (otel_gil.plan)."""
+    global _exported
+    from otel_gil.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
+
+    if agent.plan.committed_to_spawn and not os.environ.get(PARENT_SOCKET):
+        os.environ[PARENT_SOCKET] = agent.plan.private
+        os.environ[PARENT_TOKEN] = agent.plan.token
+        _exported = True
 
 
 def _resource_attributes(tracer_provider: Any) -> Dict[str, Any]:
@@ -82,24 +97,26 @@ def _resource_attributes(tracer_provider: Any) -> Dict[str, Any]:
 
 
 def _after_fork_in_child() -> None:
-    """A forked worker (gunicorn, uwsgi): register it too, with the parent's
-    sidecar, and leave the parent's registration alone."""
-    global _agent
+    """A forked worker (gunicorn, uwsgi, multiprocessing): register it too, with
+    the sidecar its parent uses or is about to use, and leave the parent's
+    registration alone. Only starts a thread: the connecting, and waiting for a
+    sidecar still starting, happen there (otel_gil.plan)."""
+    global _agent, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it
     parent = _agent
     if parent is None:
         return
-    parent.forget_in_child()
-    opts = parent.options
-    if parent.listen:  # the parent spawned a private sidecar: workers join it
-        from dataclasses import replace  # noqa: PLC0415
-
-        opts = replace(opts, mode="connect", socket=parent.listen)
-    _agent = None
-    from otel_gil import context  # noqa: PLC0415
-
     try:
-        _agent = _start_agent(opts, context.current_table(), parent.registration["resource"])
-    except Exception as exc:  # noqa: BLE001
+        plan = parent.child_plan()
+        parent.forget_in_child()
+        if plan is None:  # the parent's tracing is off: status() keeps saying why
+            return
+        from otel_gil import context  # noqa: PLC0415
+
+        _agent = None
+        _agent = _start_agent(parent.options, context.current_table(),
+                              parent.registration["resource"], plan)
+    except Exception as exc:  # noqa: BLE001 - never raise into the app
         log.warning("otel-gil: GIL tracing off in worker %s: %s", os.getpid(), exc)
 
 
@@ -127,10 +144,16 @@ def status() -> Optional[str]:
 
 def uninstrument() -> None:
     """Stop tracing this process and unhook the context publishing."""
-    global _agent
+    global _agent, _exported
     with _lock:
         agent, _agent = _agent, None
     try:
+        if _exported:
+            from otel_gil.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
+
+            os.environ.pop(PARENT_SOCKET, None)
+            os.environ.pop(PARENT_TOKEN, None)
+            _exported = False
         if agent is not None:
             agent.stop()
         from otel_gil import context  # noqa: PLC0415

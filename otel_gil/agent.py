@@ -1,37 +1,34 @@
 """The app's side of tracing: find or start a sidecar and register with it, in
 the background. Never raises into the app; a failure is one log line, then
 nothing. Runs inside the traced app (Python 3.8+, stdlib only here).
+Where the registration goes, and how forked workers follow: otel_gil.plan.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
-import secrets
 import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, Dict, List, Optional
 
+from otel_gil import plan as plans
 from otel_gil import protocol
 from otel_gil.config import Options
+from otel_gil.plan import Plan
 
 log = logging.getLogger("otel_gil")
 
-CAP_PERFMON, CAP_BPF = 38, 39
-
-
-def may_use_ebpf() -> bool:
-    """Root, or CAP_BPF + CAP_PERFMON in the effective set."""
-    if os.geteuid() == 0:
-        return True
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return bool(caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)
+# Joining a sidecar that is not listening yet (or whose backlog is full): retry
+# with doubling waits, up to the start deadline (options.start_timeout_s).
+RETRY_FIRST_S, RETRY_MAX_S = 0.05, 1.0
+RETRY_ERRNOS = (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ETIMEDOUT)
+MIN_REPLY_S = 5.0  # a join that connected near its deadline still waits this long
+_PARENTS_SIDECARS: List[subprocess.Popen[bytes]] = []  # in a forked child: not its to reap
 
 
 # What a spawned sidecar's interpreter runs, instead of `-m otel_gil`: both `-m`
@@ -59,13 +56,14 @@ def package_parent() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sidecar_command(options: Options, owner_fd: int, listen: str) -> List[str]:
+def sidecar_command(options: Options, owner_fd: int, listen_fd: int) -> List[str]:
     python = options.sidecar_python or sys.executable
     return [python, "-c", BOOTSTRAP, package_parent(), "sidecar", "--owner-fd", str(owner_fd),
-            "--listen", listen, "--wait-threshold-ms", str(options.wait_threshold_ms),
+            "--listen-fd", str(listen_fd), "--wait-threshold-ms", str(options.wait_threshold_ms),
             "--hold-threshold-ms", str(options.hold_threshold_ms),
             "--prometheus-port", str(options.prometheus_port),
-            "--max-thread-labels", str(options.max_thread_labels)]
+            "--max-thread-labels", str(options.max_thread_labels),
+            "--ringbuf-pages", str(options.ringbuf_pages)]
 
 
 def sidecar_env(cwd: Optional[str] = None) -> Dict[str, str]:
@@ -88,28 +86,40 @@ def sidecar_env(cwd: Optional[str] = None) -> Dict[str, str]:
 class Agent:
     """One registration of this process with a sidecar, made in a daemon thread."""
 
-    def __init__(self, options: Options, registration: Dict[str, Any]) -> None:
+    def __init__(self, options: Options, registration: Dict[str, Any],
+                 plan: Optional[Plan] = None) -> None:
         self.options = options
         self.registration = registration
+        self.plan = plan if plan is not None else plans.plan_for(options)
         self.live = threading.Event()
         self.done = threading.Event()
         self.error: Optional[str] = None
-        self.listen: Optional[str] = None  # a spawned sidecar's address, for forked workers
         self.sidecar: Optional[subprocess.Popen[bytes]] = None
         self._sock: Optional[socket.socket] = None
         self._stopping = False
+        # How far the thread got, for a child forked meanwhile (child_plan).
+        self._reached_shared = False
+        self._chose_private = False
+        self._owned: List[socket.socket] = []  # every socket we made, open or not
+        self._listener: Optional[socket.socket] = None
+        if self.plan.committed_to_spawn:
+            self._bind_early()
         self._thread = threading.Thread(target=self._run, name="otel-gil-agent", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:
+        deadline = time.monotonic() + self.options.start_timeout_s
         try:
-            self._sock = self._open()
+            self._sock = self._open(deadline)
             if self._sock is None:
                 return
-            self._sock.sendall(protocol.encode(self.registration))
-            reply = protocol.read_message(self._sock, self.options.start_timeout_s)
+            message = dict(self.registration, token=self.plan.token) if self.plan.token \
+                else self.registration
+            self._sock.sendall(protocol.encode(message))
+            reply = protocol.read_message(self._sock,
+                                          max(deadline - time.monotonic(), MIN_REPLY_S))
             if not reply.get("ok"):
                 self._fail(f"the sidecar refused: {reply.get('error', '?')}")
                 return
@@ -129,43 +139,98 @@ class Agent:
         self.error = why
         log.warning("otel-gil: GIL tracing off: %s", why)
 
-    def _open(self) -> Optional[socket.socket]:
-        mode, opts = self.options.mode, self.options
-        why = f"no sidecar at {opts.socket}"
-        if mode == "connect" or (mode == "auto" and (
-                opts.socket_configured or opts.socket.startswith("@")
-                or os.path.exists(opts.socket))):
+    def _open(self, deadline: float) -> Optional[socket.socket]:
+        plan, why = self.plan, f"no sidecar at {self.options.socket}"
+        if plan.shared:
             try:
-                return self._connect(opts.socket)
+                sock = self._connect(plan.shared, deadline if plan.patient else None)
+                self._reached_shared = True
+                return sock
             except OSError as exc:
-                why = f"cannot connect to the sidecar at {opts.socket} ({exc.strerror or exc})"
-                if mode == "connect":
-                    self._fail(why)
-                    return None
-        if may_use_ebpf():
+                why = f"cannot connect to the sidecar at {plan.shared} ({_reason(exc)})"
+        if plan.private is None:
+            self._fail(why + plan.no_spawn)
+            return None
+        self._chose_private = True  # from here on, a forked child joins plan.private
+        if plan.spawn:
             return self._spawn()
-        self._fail(f"{why}, and this process may not use eBPF to start its own (that needs "
-                   "root, or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN); run `otel-gil sidecar "
-                   "--listen PATH` as root and set OTEL_PYTHON_GIL_SOCKET=PATH")
-        return None
+        try:
+            return self._connect(plan.private, deadline, refused_is_final=plan.bound)
+        except OSError as exc:
+            gone = plan.bound and exc.errno == errno.ECONNREFUSED
+            if gone and plan.inherited and plans.may_use_ebpf():
+                # Our ancestor's sidecar is gone (a stale PARENT_SOCKET): our own, then.
+                self.plan = Plan(private=plans.private_address(), spawn=True)
+                return self._spawn()
+            how = f"no answer within {self.options.start_timeout_s:g} s"
+            if gone:
+                how = "it is gone" + (plans.NO_EBPF if plan.inherited else "")
+            self._fail(f"cannot join the sidecar of the process that started this one, at "
+                       f"{plan.private}: {how} ({_reason(exc)})")
+            return None
 
-    @staticmethod
-    def _connect(path: str) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
-        sock.connect(protocol.unix_address(path))
+    def _own(self, sock: socket.socket) -> socket.socket:
+        """Record a socket just made (call under plans.hold_forks())."""
+        self._owned = [s for s in self._owned if s.fileno() >= 0] + [sock]
         return sock
 
+    def _connect(self, path: str, deadline: Optional[float],
+                 refused_is_final: bool = False) -> socket.socket:
+        """Connect; with a deadline, retry (doubling waits) while the sidecar is
+        not listening yet or its backlog is full."""
+        delay = RETRY_FIRST_S
+        while True:
+            with plans.hold_forks():
+                sock = self._own(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            try:
+                sock.settimeout(5)
+                sock.connect(protocol.unix_address(path))
+                return sock
+            except OSError as exc:
+                sock.close()
+                if (deadline is None or self._stopping or not _retryable(exc)
+                        or (refused_is_final and exc.errno == errno.ECONNREFUSED)
+                        or time.monotonic() + delay > deadline):
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX_S)
+
+    def _bind_early(self) -> None:
+        """Bind the private sidecar's address now, in instrument(): a worker
+        forked from here on can connect at once. On failure _spawn tries again
+        and reports it."""
+        assert self.plan.private is not None
+        with plans.hold_forks():
+            try:
+                self._listener = self._own(plans.bind_private(self.plan.private))
+            except OSError:
+                self._listener = None
+
     def _spawn(self) -> socket.socket:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listen = f"@otel-gil-{os.getpid()}-{secrets.token_hex(4)}"
-        cmd = sidecar_command(self.options, theirs.fileno(), self.listen)
-        try:
-            self.sidecar = subprocess.Popen(
-                cmd, pass_fds=[theirs.fileno()], env=sidecar_env(), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
-        finally:
-            theirs.close()
+        assert self.plan.private is not None
+        env = sidecar_env()
+        env[plans.OWNER_TOKEN] = self.plan.token
+        with plans.hold_forks():
+            if self._listener is None:
+                self._listener = self._own(plans.bind_private(self.plan.private))
+            listener = self._listener
+            ours, theirs = (self._own(s) for s in
+                            socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+            cmd = sidecar_command(self.options, theirs.fileno(), listener.fileno())
+            try:
+                self.sidecar = subprocess.Popen(
+                    cmd, pass_fds=[theirs.fileno(), listener.fileno()], env=env,
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                    cwd="/")
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                # The sidecar has its copies. Ours of the listener would keep
+                # connects queueing once the sidecar is gone, instead of failing.
+                theirs.close()
+                listener.close()
+                self._listener = None
         return ours
 
     def stop(self) -> None:
@@ -190,12 +255,30 @@ class Agent:
             except RuntimeError:
                 pass  # at interpreter shutdown no thread can start: init reaps it
 
+    def child_plan(self) -> Optional[Plan]:
+        """In a forked child: where its own registration goes (None: the parent's
+        tracing is off or over, and the parent already said why)."""
+        if self.error is not None or self.done.is_set():
+            return None
+        bound = self._listener is not None or self.sidecar is not None or self.plan.bound
+        return plans.child_plan(self.plan, self._reached_shared, self._chose_private, bound)
+
     def forget_in_child(self) -> None:
-        """After fork, in the child: drop the inherited socket without touching
-        the parent's registration (closing our copy of the fd does not close it)."""
+        """After fork, in the child: drop the inherited sockets without touching
+        the parent's registration (closing our copy of an fd does not close it),
+        and the parent's sidecar, which is not the child's to wait for."""
         self._stopping = True
-        if self._sock is not None:
-            try:
-                os.close(self._sock.detach())
-            except OSError:
-                pass
+        plans.close_copies(self._owned)
+        self._owned = []
+        self._sock = self._listener = None
+        if self.sidecar is not None:  # kept, never polled: a collected Popen would try to reap it
+            _PARENTS_SIDECARS.append(self.sidecar)
+        self.sidecar = None
+
+
+def _retryable(exc: OSError) -> bool:
+    return isinstance(exc, socket.timeout) or exc.errno in RETRY_ERRNOS
+
+
+def _reason(exc: OSError) -> str:
+    return str(exc.strerror or exc)

@@ -442,12 +442,16 @@ def read_memory(pid: int, address: int, length: int) -> bytes:
     return data
 
 
+class InvalidTable(TargetError):
+    """What is at a context table's address is not one (or no longer one)."""
+
+
 def parse_slots(raw: bytes) -> list[SlotRecord]:
     """Decode a table image (header and slots): the occupied slots."""
     magic, version, slots, slot_size, header_size = _HEADER.unpack_from(raw, 0)
     if magic != MAGIC or version != VERSION or slot_size != SLOT_SIZE or \
             header_size != HEADER_SIZE or slots & (slots - 1):
-        raise TargetError("no otel-gil context table at that address",
+        raise InvalidTable("no otel-gil context table at that address",
                           "pass the address printed by otel_gil.context.install()")
     records = []
     for index in range(slots):
@@ -481,7 +485,7 @@ def read_slots(pid: int, table_address: int, max_slots: int = 1 << 16) -> list[S
     header = read_memory(pid, table_address, HEADER_SIZE)
     slots = _HEADER.unpack_from(header, 0)[2]
     if slots == 0 or slots > max_slots:
-        raise TargetError("no otel-gil context table at that address",
+        raise InvalidTable("no otel-gil context table at that address",
                           "pass the address printed by otel_gil.context.install()")
     return parse_slots(read_memory(pid, table_address, HEADER_SIZE + slots * SLOT_SIZE))
 

@@ -98,6 +98,7 @@ class Registration:
     ctx_table: int
     ctx_slots: int
     resource: Dict[str, Any]
+    token: str = ""  # a forked worker's admission to its app's private sidecar
 
 
 class BadRegistration(ValueError):
@@ -117,7 +118,10 @@ def parse_registration(msg: Dict[str, Any]) -> Registration:
                               f"at most {MAX_SLOTS}")
     if table and (slots == 0 or slots & (slots - 1)):
         raise BadRegistration("ctx_slots must be a power of two")
-    return Registration(pid, table, slots if table else 0, _resource(msg.get("resource")))
+    token = msg.get("token") or ""
+    if not isinstance(token, str) or len(token) > 128:
+        raise BadRegistration("token must be a short string")
+    return Registration(pid, table, slots if table else 0, _resource(msg.get("resource")), token)
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:

@@ -203,3 +203,8 @@ class Session:
 
 def pid_exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: it has exited (reaped or not)."""
+    return _start_time(pid) is None

@@ -4,14 +4,17 @@ Two ways to run it, one loop:
 - `otel-gil sidecar --listen PATH`: long-running (a sidecar container, a node
   daemon); apps connect to PATH.
 - spawned by `otel_gil.instrument()` with `--owner-fd FD`: a private sidecar
-  for one app (and the workers it forks, which connect to its abstract
-  `--listen @name`). It exits when the owner's end of FD closes, which the
-  kernel does when the app exits, SIGKILL included.
+  for one app and its descendants (forked workers, which connect to the
+  abstract `@name` the app bound and handed over as `--listen-fd`; see
+  otel_gil.plan). It exits when the owner's end of FD has closed, which the
+  kernel does when the app exits, SIGKILL included, and no process registered
+  through it is still traced (a daemon's double fork, a re-exec'd master).
 """
 
 from __future__ import annotations
 
 import grp
+import hmac
 import logging
 import os
 import selectors
@@ -32,7 +35,7 @@ from otel_gil.errors import EnvironmentProblem, OtelGilError
 from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ContextTable, ProbeConfig
-from otel_gil.session import Session
+from otel_gil.session import Session, exited
 
 log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000
@@ -42,6 +45,12 @@ EXPORT_DELAY_NS = 200_000_000
 # sidecar (docs/security.md).
 REGISTER_TIMEOUT_NS = 10_000_000_000
 MAX_CLIENTS = 512
+# Once a spawned sidecar's app is gone: a connection still to register keeps it
+# up this long at most, and, if the app ever had processes connect, it lingers
+# this long for the last of them (a daemon's double fork: the grandchild
+# connects just after its parents exit).
+REGISTER_GRACE_S = 5.0
+ORPHAN_GRACE_S = 1.0
 
 
 @dataclass
@@ -49,7 +58,7 @@ class Client:
     sock: socket.socket
     reader: protocol.LineReader
     pid: Optional[int] = None  # host pid once registered
-    owner: bool = False  # the app that spawned this sidecar: when it goes, we go
+    owner: bool = False  # the app that spawned this sidecar (see Sidecar._orphaned)
     since_ns: int = 0  # when it connected (monotonic)
 
 
@@ -57,7 +66,7 @@ class Sidecar:
     def __init__(self, config: ProbeConfig, listener: Optional[socket.socket] = None,
                  owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
                  metric_readers: Optional[List[MetricReader]] = None,
-                 max_thread_labels: int = 20) -> None:
+                 max_thread_labels: int = 20, owner_token: Optional[str] = None) -> None:
         self.clock = Clock()
         self.export = export if export is not None else SpanExport(self.clock)
         self.session = Session(config, self._on_interval)
@@ -70,11 +79,16 @@ class Sidecar:
         self._bad_tables: Set[int] = set()  # pids whose table was found invalid (logged)
         self._listener = listener  # from listen()
         self._selector = selectors.DefaultSelector()  # epoll: BCC's fds push ours past 1024
-        # A spawned sidecar serves its app and the app's descendants (forked
-        # workers) only; a long-running one serves any local process.
+        # A spawned sidecar serves its app and the processes it started (forked
+        # workers, daemons re-parented away from it): those that hold the app's
+        # token, or descend from it. A long-running one serves any local process.
         self._owner_pid: Optional[int] = None
+        self._owner_token = owner_token or ""
         if listener is not None:
             self._selector.register(listener, selectors.EVENT_READ)
+        self._owner_gone_at: Optional[float] = None
+        self._others_seen = False  # a process other than the owner connected
+        self._exited_unregistered = 0  # registrations from processes gone before attach
         if owner_fd is not None:
             owner = socket.socket(fileno=owner_fd)
             self._owner_pid = protocol.peer_pid(owner)
@@ -110,6 +124,7 @@ class Sidecar:
                 self._update_metrics()
                 self._retire_exited()
                 self.clock.refresh_if_older_than(10.0)
+                self._stop = self._stop or self._orphaned()
         finally:
             self.close()
 
@@ -194,19 +209,22 @@ class Sidecar:
         if reg.pid is not None and reg.pid not in nspid:
             return self._refuse(pid, f"the connecting process is pid {nspid[-1]}, not "
                                      f"{reg.pid}; a process may only ask for itself to be traced")
-        if self._owner_pid is not None and not client.owner and \
-                not _descends_from(pid, self._owner_pid):
+        if self._owner_pid is not None and not client.owner and not (
+                self._owner_token and hmac.compare_digest(reg.token, self._owner_token)) \
+                and not _descends_from(pid, self._owner_pid):
             return self._refuse(pid, f"this sidecar serves process {self._owner_pid} and its "
                                      "children only")
         table = ContextTable(reg.ctx_table, reg.ctx_slots) if reg.ctx_table else None
         try:
             target = self.session.add(pid, table)
-        except OtelGilError as err:
-            log.warning("otel-gil: cannot trace pid %s: %s", pid, err)
-            return {"ok": False, "error": str(err)}
-        except Exception as exc:  # noqa: BLE001 - a target's files are untrusted input
-            log.warning("otel-gil: cannot trace pid %s: %s: %s", pid, type(exc).__name__, exc)
-            return {"ok": False, "error": f"cannot inspect this process: {type(exc).__name__}"}
+        except Exception as err:  # noqa: BLE001 - one registration must not stop the sidecar
+            if exited(pid):  # a fork that exited at once (even mid-inspection): no flood
+                self._exited_unregistered += 1
+                log.debug("otel-gil: pid %s exited before it could be traced", pid)
+                return {"ok": False, "error": "the process exited before it could be traced"}
+            why = str(err) if isinstance(err, OtelGilError) else f"{type(err).__name__}: {err}"
+            log.warning("otel-gil: cannot trace pid %s: %s", pid, why)
+            return {"ok": False, "error": why}
         client.pid = pid
         resource = reg.resource
         directory = ThreadDirectory(
@@ -247,12 +265,15 @@ class Sidecar:
         if fresh or cached is None or now - cached[0] > NAMES_TTL_NS:
             try:
                 names = context.read_thread_names(pid, table.address, table.slots)
-            except (OSError, ValueError, OtelGilError) as err:
+            except context.InvalidTable as err:
                 names = {}
-                if pid not in self._bad_tables:  # the app's memory is untrusted: say so once
+                # The app's memory is untrusted: say so, once.
+                if pid not in self._bad_tables:
                     self._bad_tables.add(pid)
-                    log.warning("otel-gil: pid %s: its context table is unreadable or invalid "
-                                "(%s); its spans carry OS thread names", pid, err)
+                    log.warning("otel-gil: pid %s: its context table is invalid (%s); its spans "
+                                "carry OS thread names", pid, err.args[0])
+            except (OSError, ValueError, OtelGilError):
+                names = {}  # unreadable: the process is exiting, or has unmapped it
             cached = (now, names)
             self._names[pid] = cached
         return cached[1]
@@ -269,7 +290,23 @@ class Sidecar:
             self._export_settled(everything=True)
             self.export.remove_process(client.pid)
         if client.owner:
-            self._stop = True  # our app is gone
+            self._owner_gone_at = time.monotonic()  # our app is gone; its descendants may not be
+        else:
+            self._others_seen = True
+
+    def _orphaned(self) -> bool:
+        """A spawned sidecar's app is gone, and so is every process it traced or
+        that is about to register (within the grace periods)."""
+        if self._owner_gone_at is None:
+            return False
+        now = time.monotonic()
+        for c in self._clients.values():
+            if c.pid is not None and self.session.alive(c.pid):
+                return False
+            if c.pid is None and now - c.since_ns / 1e9 < REGISTER_GRACE_S:
+                return False
+        others = self._others_seen or bool(self._clients)
+        return not (others and now - self._owner_gone_at < ORPHAN_GRACE_S)
 
     def _retire_exited(self) -> None:
         """A long-running sidecar forgets processes once they are gone and flushed."""
@@ -285,6 +322,10 @@ class Sidecar:
             self._bad_tables.discard(pid)
 
     def close(self) -> None:
+        if self._exited_unregistered:
+            n = self._exited_unregistered
+            log.info("otel-gil: %d registered process%s exited before %s could be traced",
+                     n, "" if n == 1 else "es", "it" if n == 1 else "they")
         self.session.close()
         self._export_settled(everything=True)
         self._update_metrics()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+from typing import Optional
 
 from otel_gil import config
 from otel_gil.cli.base import Command, positive_float, power_of_two, require_root
+from otel_gil.plan import OWNER_TOKEN
 from otel_gil.probes import ProbeConfig
 
 
@@ -26,6 +29,8 @@ class SidecarCommand(Command):
                             help="only members of this group may register (socket mode 0660); "
                                  "default: any local process may register itself (mode 0666)")
         parser.add_argument("--owner-fd", type=int, default=None, help=argparse.SUPPRESS)
+        # A spawned sidecar's listening socket, bound by its app (otel_gil.plan).
+        parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--wait-threshold-ms", type=positive_float,
                             default=opts.wait_threshold_ms,
                             help="waits at least this long become gil.wait spans")
@@ -53,11 +58,16 @@ class SidecarCommand(Command):
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
         # The socket first: a refusal (an untrusted directory) is one line and
-        # exit 5, before anything else has started.
-        listener = listen(args.listen, args.socket_group) if args.listen else None
+        # exit 5, before anything else has started. A spawned sidecar's was bound
+        # by its app, before any fork (otel_gil.plan).
+        if args.listen_fd is not None:
+            listener: Optional[socket.socket] = socket.socket(fileno=args.listen_fd)
+        else:
+            listener = listen(args.listen, args.socket_group) if args.listen else None
         sidecar = Sidecar(cfg, listener=listener, owner_fd=args.owner_fd,
                           metric_readers=default_readers(args.prometheus_port),
-                          max_thread_labels=args.max_thread_labels)
+                          max_thread_labels=args.max_thread_labels,
+                          owner_token=os.environ.pop(OWNER_TOKEN, None))
         if args.owner_fd is None:
             print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
                   file=sys.stderr, flush=True)
