@@ -392,3 +392,55 @@ def test_a_view_path_that_cannot_be_written_is_refused_before_tracing(flag: str)
     assert proc.returncode == 2
     assert f"argument {flag}: no directory '/nonexistent-dir'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------ from spans (demo)
+
+
+def _gil_span(name: str, span_id: str, parent: str, tid: int, thread: str, start_ms: float,
+              end_ms: float, holders: Optional[List[Any]] = None,
+              links: Optional[List[Any]] = None) -> Any:
+    from otel_gil.receiver import SpanRecord
+
+    attrs: Dict[str, Any] = {names.THREAD_NAME.name: thread, names.THREAD_HOST_ID.name: tid,
+                             names.PROCESS_HOST_PID.name: PID}
+    if holders is not None:
+        attrs[names.HOLDER_TIDS.name] = [t for t, _, _ in holders]
+        attrs[names.HOLDER_NAMES.name] = [n for _, n, _ in holders]
+        attrs[names.HOLDER_HELD_NS.name] = [int(ms * MS) for _, _, ms in holders]
+        attrs[names.HOLDERS_TRUNCATED.name] = False
+    return SpanRecord(trace_id="a" * 32, span_id=span_id, parent_span_id=parent, name=name,
+                      start_ns=int(start_ms * MS), end_ns=int(end_ms * MS), attributes=attrs,
+                      links=[("b" * 32, s, {names.LINK_ROLE.name: "holder",
+                                            names.LINK_HELD_NS.name: int(ms * MS)})
+                             for s, ms in links or []],
+                      resource={}, scope="s", kind=1)
+
+
+def test_from_spans_charges_waits_to_the_holders_span_and_thread() -> None:
+    from otel_gil.receiver import SpanRecord
+
+    # GIVEN a /light request's 10 ms wait: thread 7 held 8 ms of it, 6 ms of those
+    # in its GET /cpu span (linked); thread 8 held 2 ms outside any span
+    cpu = SpanRecord(trace_id="b" * 32, span_id="c1", parent_span_id="", name="GET /cpu",
+                     start_ns=0, end_ns=40 * MS, attributes={}, links=[], resource={},
+                     scope="s", kind=2)
+    spans = [cpu,
+             _gil_span(names.GIL_WAIT.name, "w1", "l1", 5, "T-light", 10, 20,
+                       holders=[(7, "T-cpu", 8), (8, "T-x", 2)], links=[("c1", 6)]),
+             # the /cpu request's own wait tells which thread c1 ran on
+             _gil_span(names.GIL_WAIT.name, "w2", "c1", 7, "T-cpu", 30, 32,
+                       holders=[(5, "T-light", 2)])]
+    rec = views.from_spans(spans)
+    # THEN the wait is charged 6 ms to "span GET /cpu" on T-cpu, 2 ms to T-cpu, 2 to T-x
+    by_path = {tuple(f.function for f in reversed(b.stack)): b.waited_ns
+               for b in views.held_while_waited(rec)}
+    assert by_path == {("thread T-cpu", "span GET /cpu"): 6 * MS, ("thread T-cpu",): 2 * MS,
+                       ("thread T-x",): 2 * MS, ("thread T-light",): 2 * MS}
+    # AND the holder's span is a slice on its thread, the arrow's start
+    (span_slice,) = [s for s in rec.slices if s.kind == "span"]
+    assert (span_slice.tid, span_slice.name) == (7, "GET /cpu")
+    data = html.data(rec)
+    assert [(data["slices"][a][0], data["slices"][b][0]) for a, b, _, _ in data["flows"]] == \
+        [(2, 1)]
+    assert rec.notes[0].startswith("built from the spans received")

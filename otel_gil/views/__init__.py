@@ -1,6 +1,7 @@
 """Views of a finished record: who held the GIL while others waited.
 
     rec = views.from_record(doc)          # doc: what `otel-gil record --output` writes
+    rec = views.from_spans(spans)         # or the gil.* spans a receiver got (the demo)
     text = views.render("flamegraph", rec)
 
 Five formats (RENDERERS): folded stacks, speedscope JSON, an SVG flame graph,
@@ -18,8 +19,9 @@ from otel_gil.views import flame, html, svg, trace
 from otel_gil.views.blame import Blamed, held_while_waited
 from otel_gil.views.model import Frame, Recording, Stack
 from otel_gil.views.record import from_record
+from otel_gil.views.spans import from_spans
 
-__all__ = ["RENDERERS", "Blamed", "Frame", "Recording", "Stack", "from_record",
+__all__ = ["RENDERERS", "Blamed", "Frame", "Recording", "Stack", "from_record", "from_spans",
            "held_while_waited", "render", "write"]
 
 RENDERERS: Dict[str, Callable[[Recording], str]] = {
