@@ -189,7 +189,8 @@ VIEW_ARG_CAUSED = ViewName(
     "On a hold: the wait of other threads charged to it, nanoseconds.")
 VIEW_ARG_HOLDERS = ViewName(
     "holders", "timeline slice `args`",
-    "On a wait: each hold that overlapped it, {tid, thread, held_ns, holder.stack}.")
+    "On a wait: each hold that overlapped it, {tid, thread, held_ns} (its stack is on the "
+    "hold's slice).")
 VIEW_ARG_TRUNCATED = ViewName(
     "holders_truncated", "timeline slice `args`",
     "On a wait: more hand-offs happened during it than the record keeps.")

@@ -136,16 +136,10 @@ def _ms(ns: int) -> str:
     return f"{ns / 1e6:.2f}"
 
 
-def table(doc: Dict[str, Any]) -> str:
-    """What `otel-gil record` prints at the end: the per-thread table, then the
-    top holders while others waited."""
-    return threads_table(doc) + "\n\n" + holders_table(doc)
-
-
-def holders_table(doc: Dict[str, Any], rows: int = TOP_HOLDERS) -> str:
+def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
     """Holder stack -> GIL-seconds other threads spent waiting behind it
-    (otel_gil/views/blame.py: each wait split over the holds that overlapped it)."""
-    rec = views.from_record(doc)
+    (otel_gil/views/blame.py: each wait split over the holds that overlapped it),
+    from the views' Recording of a record (views.from_record(to_json(session)))."""
     blamed = views.held_while_waited(rec)
     total = sum(b.waited_ns for b in blamed)
     lines = [f"Top holders while others waited ({_ms(total)} ms of waits over the threshold):"]
@@ -161,8 +155,8 @@ def holders_table(doc: Dict[str, Any], rows: int = TOP_HOLDERS) -> str:
     return "\n".join(lines)
 
 
-def threads_table(doc: Dict[str, Any]) -> str:
-    """The per-thread table."""
+def table(doc: Dict[str, Any]) -> str:
+    """The per-thread table printed by `otel-gil record` and refreshed by `top`."""
     header = ("PID", "TID", "NAME", "ACQUIRED", "HOLD%", "WAIT%", "MAX WAIT ms", "P99 WAIT ms")
     rows = [header]
     for t in sorted(doc["threads"], key=lambda t: -t["hold_ns"]):

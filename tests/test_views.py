@@ -169,7 +169,7 @@ def test_a_record_says_what_it_lacks() -> None:
     assert "3 events were lost" in html.page(rec)
     assert trace.timeline(rec)["otherData"]["notes"] == rec.notes
     assert "3 events were lost" in flame.speedscope(rec)["profiles"][0]["name"]
-    assert "note: the record was truncated" in report.holders_table(doc)
+    assert "note: the record was truncated" in report.holders_table(rec)
 
 
 def test_a_malformed_record_is_refused_and_hostile_names_are_neutralised() -> None:
@@ -364,7 +364,7 @@ def test_html_is_self_contained_and_carries_timeline_and_flame_graph() -> None:
 
 
 def test_record_table_has_top_holders() -> None:
-    text = report.holders_table(convoy())
+    text = report.holders_table(views.from_record(convoy()))
     lines = text.splitlines()
     assert lines[0].startswith("Top holders while others waited (1152.00 ms")
     assert re.match(r"\s+1\.\d{4} s\s+9\d\.\d%\s+4 waits  thread holder$", lines[1])

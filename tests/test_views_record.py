@@ -241,3 +241,58 @@ def test_html_view_renders_in_headless_chromium(recorded: Dict[str, Any],
     keep = os.environ.get("OTEL_GIL_KEEP_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+REPO = Path(__file__).resolve().parent.parent
+BURNERS = {"burner-0", "burner-1", "burner-2", "burner-3"}
+
+
+def _folded_threads(path: Path) -> Dict[str, int]:
+    """thread name -> µs others waited behind it, from a folded file of today's
+    (thread-only) stacks."""
+    out = {}
+    for line in path.read_text().splitlines():
+        stack, weight = line.rsplit(" ", 1)
+        out[stack.split(";")[0].removeprefix("thread ")] = int(weight)
+    return out
+
+
+@pytest.mark.ebpf
+def test_run_writes_views_of_the_program_it_ran(tmp_path: Path) -> None:
+    # GIVEN the example app (4 CPU-bound threads and an I/O one) WHEN otel-gil
+    # runs it with views
+    proc = subprocess.run([sys.executable, "-m", "otel_gil", "run",
+                           "--folded", str(tmp_path / "f"), "--timeline", str(tmp_path / "t"),
+                           "--", sys.executable, "examples/contention.py", "--seconds", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    # THEN the burners are the holders the others waited behind, and each is a track
+    held = _folded_threads(tmp_path / "f")
+    assert BURNERS <= set(held), held
+    assert sum(held[b] for b in BURNERS) >= 0.8 * sum(held.values())
+    events = json.loads((tmp_path / "t").read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    assert BURNERS | {"io"} <= tracks
+    assert any(e["ph"] == "s" for e in events)
+
+
+@pytest.mark.ebpf
+def test_top_writes_views_when_it_ends(tmp_path: Path) -> None:
+    app = subprocess.Popen([sys.executable, "examples/contention.py", "--seconds", "30"],
+                           cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None
+        pid = json.loads(app.stdout.readline())["pid"]
+        # GIVEN the example app running WHEN top watches it for 2 s, with --html
+        proc = subprocess.run([sys.executable, "-m", "otel_gil", "top", "--pid", str(pid),
+                               "--duration", "2", "--folded", str(tmp_path / "f"),
+                               "--html", str(tmp_path / "v.html")],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        app.kill()
+        app.wait()
+    # THEN its last table has the top holders, and the views are written
+    assert proc.returncode == 0, proc.stderr
+    assert "Top holders while others waited" in proc.stdout
+    assert BURNERS & set(_folded_threads(tmp_path / "f"))
+    assert "burner-" in (tmp_path / "v.html").read_text()

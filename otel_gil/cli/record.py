@@ -10,7 +10,7 @@ import time
 from types import FrameType
 from typing import Callable, Dict, Optional
 
-from otel_gil import report
+from otel_gil import report, views
 from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
 from otel_gil.cli.views import add_view_options, view_files, write_views
 from otel_gil.discovery import Target
@@ -87,11 +87,12 @@ def follow(session: Session, stop: Callable[[], bool], duration: Optional[float]
 
 
 def write_record(session: Session, output: Optional[str],
-                 views: Optional[Dict[str, str]] = None) -> None:
+                 files: Optional[Dict[str, str]] = None) -> None:
     """Print the per-thread table; with output, write the JSON record there too,
     and each view (kind -> path: otel_gil.cli.views)."""
     doc = report.to_json(session)
-    print(report.table(doc), flush=True)
+    rec = views.from_record(doc)
+    print(report.table(doc) + "\n\n" + report.holders_table(rec), flush=True)
     if output:
         try:
             with open(output, "w") as f:
@@ -100,7 +101,7 @@ def write_record(session: Session, output: Optional[str],
             raise OtelGilError(f"cannot write {output}: {exc.strerror}",
                                "choose a writable --output path") from None
         print(f"full record written to {output}", file=sys.stderr)
-    write_views(doc, views)
+    write_views(rec, files)
 
 
 class RecordCommand(Command):
@@ -142,6 +143,7 @@ class TopCommand(Command):
 
         session = trace(args, each_second=redraw)
         doc = report.to_json(session)
-        print(report.table(doc))
-        write_views(doc, view_files(args))
+        rec = views.from_record(doc)
+        print(report.table(doc) + "\n\n" + report.holders_table(rec))
+        write_views(rec, view_files(args))
         return 0

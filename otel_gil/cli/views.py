@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from otel_gil import views
 from otel_gil.errors import OtelGilError
@@ -51,11 +51,10 @@ def view_files(args: argparse.Namespace) -> Dict[str, str]:
             if getattr(args, kind, None)}
 
 
-def write_views(doc: Dict[str, Any], files: Optional[Dict[str, str]]) -> None:
+def write_views(rec: views.Recording, files: Optional[Dict[str, str]]) -> None:
     """Write the views of a finished record; OtelGilError if one cannot be written."""
     if not files:
         return
-    rec = views.from_record(doc)
     for kind, path in files.items():
         try:
             views.write(rec, {kind: path})

@@ -47,6 +47,17 @@ class _Builder:
         self.labels = labels
         self.holds: Dict[HoldKey, Slice] = {}
         self.captured: Dict[HoldKey, Stack] = {}
+        self.thread_stacks: Dict[int, Stack] = {}  # one per thread: most holds have no capture
+
+    def stack(self, key: HoldKey) -> Stack:
+        """The hold's full stack: captured frames (if any), then its thread."""
+        captured = self.captured.get(key)
+        if captured:
+            return model.holder_stack(captured, self.label(key[0]))
+        stack = self.thread_stacks.get(key[0])
+        if stack is None:
+            stack = self.thread_stacks[key[0]] = model.holder_stack((), self.label(key[0]))
+        return stack
 
     def label(self, tid: int) -> str:
         return self.labels.get(tid, f"tid {tid}")
@@ -64,7 +75,7 @@ class _Builder:
         if hold is None:
             hold = self.holds[key] = Slice(
                 "hold", pid, key[0], key[1], _int(raw, "end_ns"),
-                stack=model.holder_stack(self.captured.get(key, ()), self.label(key[0])),
+                stack=self.stack(key),
                 trace_id=_text(raw.get("trace_id")), span_id=_text(raw.get("span_id")))
         return hold
 
@@ -81,7 +92,7 @@ class _Builder:
         else:  # a record from before hold windows: per-thread totals only
             for h in raw.get("holders") or []:
                 shares.append(Share(_int(h, "tid"), _int(h, "held_ns"),
-                                    model.holder_stack((), self.label(h["tid"]))))
+                                    self.stack((h["tid"], -1))))
         return Slice("wait", pid, tid, start, end, shares=tuple(shares),
                      truncated=raw.get("holders_truncated") is True,
                      trace_id=_text(raw.get("trace_id")), span_id=_text(raw.get("span_id")))

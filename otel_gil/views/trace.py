@@ -59,16 +59,15 @@ def _metadata(rec: Recording) -> List[Dict[str, Any]]:
 
 
 def _args(rec: Recording, s: Slice, caused: Dict[Any, int]) -> Dict[str, Any]:
-    args: Dict[str, Any] = {"start_ns": s.start_ns, "end_ns": s.end_ns,
-                            "duration_ns": s.duration_ns}
+    args: Dict[str, Any] = {"start_ns": s.start_ns, "end_ns": s.end_ns}
     if s.kind in ("hold", "span"):
         args[names.VIEW_ARG_STACK.name] = stack_labels(s.stack)
         args[names.VIEW_ARG_FRAMES.name] = stack_frames(s.stack)
         args[names.VIEW_ARG_CAUSED.name] = caused.get(s.key, 0)
     if s.kind == "wait":
         args[names.VIEW_ARG_HOLDERS.name] = [
-            {"tid": sh.tid, "thread": rec.thread_name(sh.tid), "held_ns": sh.held_ns,
-             names.VIEW_ARG_STACK.name: stack_labels(sh.stack)} for sh in s.shares]
+            {"tid": sh.tid, "thread": rec.thread_name(sh.tid), "held_ns": sh.held_ns}
+            for sh in s.shares]
         charged = sorted(charges(s), key=lambda c: -c[2])
         if charged:  # the stack the wait is mostly charged to
             args[names.VIEW_ARG_STACK.name] = stack_labels(charged[0][0])
