@@ -177,6 +177,8 @@ def test_a_malformed_record_is_refused_and_hostile_names_are_neutralised() -> No
         views.from_record({"schema": "something else"})
     with pytest.raises(ValueError, match="start_ns is not an integer"):
         views.from_record(record([{"kind": "wait", "pid": 1, "tid": 2, "start_ns": "x"}]))
+    with pytest.raises(ValueError, match="is not an integer in not a hold"):
+        views.from_record(record([wait(2, 0, 5 * MS, ["not a hold"])]))  # type: ignore[list-item]
     # GIVEN a thread named with a terminal escape and markup
     doc = record([wait(2, 0, 10 * MS, [hold(1, 0, 9 * MS)])],
                  {1: "\x1b[2J</script><b>x", 2: "w"})

@@ -181,6 +181,8 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
                       for iv in recorded["record"]["intervals"] if iv["kind"] == "wait"}
     assert {(e["tid"], round(e["ts"] * 1000) + origin, round((e["ts"] + e["dur"]) * 1000)
              + origin) for e in waits} == recorded_waits
+    # AND on each track the slices follow one another
+    assert_tracks_do_not_overlap(events)
     # AND arrows go from each long hold to waits on both waiters' tracks
     starts = {e["id"]: e for e in events if e["ph"] == "s"}
     ends = {e["id"]: e for e in events if e["ph"] == "f"}
@@ -188,6 +190,18 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
         out = [i for i, s in starts.items()
                if s["tid"] == holder and h["ts"] < s["ts"] < h["ts"] + h["dur"]]
         assert {ends[i]["tid"] for i in out} == waiters, h
+
+
+def assert_tracks_do_not_overlap(events: List[Dict[str, Any]]) -> None:
+    """A thread holds or waits, never both: its complete events must nest (the
+    Trace Event Format), and these follow one another without overlapping. In
+    integer ns, as Perfetto's importer reads them (llround(ts * 1000)): a wait's
+    end is the next hold's start to the ns, which float sums may blur by 1e-10 µs."""
+    slices = [e for e in events if e["ph"] == "X"]
+    for tid in {e["tid"] for e in slices}:
+        mine = sorted((round(e["ts"] * 1000), round(e["ts"] * 1000) + round(e["dur"] * 1000))
+                      for e in slices if e["tid"] == tid)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(mine, mine[1:])), tid
 
 
 def _png_size(path: Path) -> tuple:
@@ -274,6 +288,7 @@ def test_run_writes_views_of_the_program_it_ran(tmp_path: Path) -> None:
     tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
     assert BURNERS | {"io"} <= tracks
     assert any(e["ph"] == "s" for e in events)
+    assert_tracks_do_not_overlap(events)
 
 
 @pytest.mark.ebpf

@@ -116,8 +116,8 @@ def page(rec: Recording) -> str:
         f"times in {escape(rec.clock)}.</p>",
         f'<ul class="notes">{"".join(notes)}</ul>' if notes else "",
         '<h2>Timeline</h2><p class="help">One track per thread: '
-        '<span class="key hold">hold</span> <span class="key wait">wait</span> '
-        + ('<span class="key span">span a holder was in</span> '
+        '<span class="key hold">hold</span> <span class="key wait">wait</span>'
+        + (' <span class="key span">span a holder was in</span>'
            if any(s.kind == "span" for s in rec.slices) else "")
         + "; arrows from each holder to the waits it caused. "
         "Wheel: zoom; drag: pan; double-click: all.</p>",

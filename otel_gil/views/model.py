@@ -141,7 +141,8 @@ def thread_labels(threads: Dict[int, Thread]) -> Dict[int, str]:
 MAX_FRAMES = 128  # a bound on what a record may ask us to draw per stack
 
 
-def _text(value: Any) -> Optional[str]:
+def text(value: Any) -> Optional[str]:
+    """A string from a record, made printable; None for anything else."""
     return printable(value) if isinstance(value, str) else None
 
 
@@ -150,11 +151,11 @@ def parse_frame(raw: Any) -> Optional[Frame]:
     or None if it is not one (a record is data: never trusted to be well-formed)."""
     if not isinstance(raw, dict):
         return None
-    kind, function = raw.get("kind"), _text(raw.get("function"))
+    kind, function = raw.get("kind"), text(raw.get("function"))
     if kind not in ("python", "native") or not function:
         return None
     line = raw.get("line")
-    return Frame(kind, function, file=_text(raw.get("file")), object=_text(raw.get("object")),
+    return Frame(kind, function, file=text(raw.get("file")), object=text(raw.get("object")),
                  line=line if isinstance(line, int) and not isinstance(line, bool) else None)
 
 

@@ -13,30 +13,25 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from otel_gil.trust import printable
 from otel_gil.views import model
 from otel_gil.views.model import Recording, Share, Slice, Stack, Thread
 
 HoldKey = Tuple[int, int]  # (tid, start_ns): one hold
 
 
-def _int(raw: Dict[str, Any], key: str) -> int:
-    value = raw.get(key)
+def _int(raw: Any, key: str) -> int:
+    value = raw.get(key) if isinstance(raw, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"record: {key} is not an integer in {str(raw)[:80]}")
+        where = (model.text(str(raw)) or "")[:80]
+        raise ValueError(f"record: {key} is not an integer in {where}")
     return value
-
-
-def _text(value: Any) -> Optional[str]:
-    return printable(value) if isinstance(value, str) else None
 
 
 def _threads(doc: Dict[str, Any]) -> Dict[int, Thread]:
     out = {}
     for t in doc.get("threads") or []:
-        name = t.get("name")
-        out[_int(t, "tid")] = Thread(_int(t, "pid"), _int(t, "tid"),
-                                     printable(name) if isinstance(name, str) else "?")
+        name = t.get("name") if isinstance(t, dict) else None
+        out[_int(t, "tid")] = Thread(_int(t, "pid"), _int(t, "tid"), model.text(name) or "?")
     return out
 
 
@@ -62,9 +57,9 @@ class _Builder:
     def label(self, tid: int) -> str:
         return self.labels.get(tid, f"tid {tid}")
 
-    def note_stack(self, raw: Dict[str, Any]) -> None:
+    def note_stack(self, raw: Any) -> None:
         """A captured stack on a hold interval or a hold window (stack capture)."""
-        stack = model.parse_stack(raw.get("stack"))
+        stack = model.parse_stack(raw.get("stack")) if isinstance(raw, dict) else ()
         if stack:
             self.captured[(_int(raw, "tid"), _int(raw, "start_ns"))] = stack
 
@@ -76,7 +71,7 @@ class _Builder:
             hold = self.holds[key] = Slice(
                 "hold", pid, key[0], key[1], _int(raw, "end_ns"),
                 stack=self.stack(key),
-                trace_id=_text(raw.get("trace_id")), span_id=_text(raw.get("span_id")))
+                trace_id=model.text(raw.get("trace_id")), span_id=model.text(raw.get("span_id")))
         return hold
 
     def wait(self, raw: Dict[str, Any]) -> Slice:
@@ -95,7 +90,8 @@ class _Builder:
                                     self.stack((h["tid"], -1))))
         return Slice("wait", pid, tid, start, end, shares=tuple(shares),
                      truncated=raw.get("holders_truncated") is True,
-                     trace_id=_text(raw.get("trace_id")), span_id=_text(raw.get("span_id")))
+                     trace_id=model.text(raw.get("trace_id")),
+                     span_id=model.text(raw.get("span_id")))
 
 
 def notes(doc: Dict[str, Any], waits: List[Slice]) -> List[str]:
@@ -125,7 +121,8 @@ def from_record(doc: Dict[str, Any], title: Optional[str] = None) -> Recording:
     for iv in intervals:
         if iv.get("kind") == "hold":
             builder.note_stack(iv)
-        for h in iv.get("holds") or []:
+        holds = iv.get("holds")
+        for h in holds if isinstance(holds, list) else []:
             builder.note_stack(h)
     waits = []
     for iv in intervals:
@@ -151,7 +148,7 @@ def _processes(doc: Dict[str, Any]) -> Dict[int, str]:
     out = {}
     for p in doc.get("processes") or []:
         if isinstance(p, dict) and isinstance(p.get("pid"), int):
-            binary = _text(p.get("binary")) or "?"
-            version = _text(p.get("version")) or "?"
+            binary = model.text(p.get("binary")) or "?"
+            version = model.text(p.get("version")) or "?"
             out[p["pid"]] = f"{binary.rsplit('/', 1)[-1]} (CPython {version}), pid {p['pid']}"
     return out

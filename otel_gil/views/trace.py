@@ -48,13 +48,13 @@ def _metadata(rec: Recording) -> List[Dict[str, Any]]:
     labels = thread_labels(rec.threads)
     events: List[Dict[str, Any]] = []
     for pid in sorted({t.pid for t in rec.threads.values()} | set(rec.processes)):
-        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+        events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "ts": 0,
                        "args": {"name": rec.processes.get(pid, f"pid {pid}")}})
     for t in sorted(rec.threads.values(), key=lambda t: (t.pid, t.tid)):
-        events.append({"name": "thread_name", "ph": "M", "pid": t.pid, "tid": t.tid,
+        events.append({"name": "thread_name", "ph": "M", "pid": t.pid, "tid": t.tid, "ts": 0,
                        "args": {"name": labels[t.tid]}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": t.pid, "tid": t.tid,
-                       "args": {"sort_index": t.tid}})
+                       "ts": 0, "args": {"sort_index": t.tid}})
     return events
 
 
