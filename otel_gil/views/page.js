@@ -30,9 +30,11 @@
     return 10 * p;
   }
 
+  // A time with as many decimals as the step needs: ms, or s from 1 s steps on.
   function fmtMs(ns, step) {
-    const digits = Math.max(0, Math.min(6, -Math.floor(Math.log10(step / 1e6))));
-    return (ns / 1e6).toFixed(digits) + " ms";
+    const unit = step >= 1e9 ? 1e9 : 1e6;
+    const digits = Math.max(0, Math.min(6, -Math.floor(Math.log10(step / unit))));
+    return (ns / unit).toFixed(digits) + (unit === 1e9 ? " s" : " ms");
   }
 
   function drawAxis(g, w, h) {
