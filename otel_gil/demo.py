@@ -4,7 +4,9 @@ requests, and show which requests waited for the GIL, and behind whom.
 With no OTLP endpoint configured, an embedded OTLP/gRPC receiver on loopback
 collects the app's spans and its sidecar's (the spawned sidecar inherits the
 app's environment, OTEL_EXPORTER_OTLP_* included), and demo_report.summarize()
-turns them into the result. With OTEL_EXPORTER_OTLP_ENDPOINT set, everything goes there.
+turns them into the result (out/demo.json) and otel_gil.views into an HTML view
+beside it (out/demo.html: timeline and flame graph of who held the GIL). With
+OTEL_EXPORTER_OTLP_ENDPOINT set, everything goes there.
 `load()` alone is the load generator the compose file's loadgen runs.
 """
 
@@ -23,10 +25,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Optional, Tuple
+from typing import IO, Any, Dict, Optional, Sequence, Tuple
 from urllib.parse import SplitResult, urlsplit
 
 import otel_gil
+from otel_gil import views
 from otel_gil.demo_report import render, summarize
 from otel_gil.errors import OtelGilError
 
@@ -305,10 +308,13 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
         say(f"no OTEL_EXPORTER_OTLP_ENDPOINT: collecting on an embedded receiver "
             f"at {receiver.endpoint}")
         stats, last_words, survived = run_app_under_load(app_env(receiver.endpoint), duration)
-        result = summarize(receiver.spans(), receiver.metrics(), stats, slowest)
+        spans = receiver.spans()
+        result = summarize(spans, receiver.metrics(), stats, slowest)
     print(render(result))
     _write(output, result)
+    page = _write_view(output, spans)
     print(f"\nMachine-readable result: {output}")
+    print(f"Timeline and flame graph of who held the GIL (open in a browser): {page}")
     _check(survived, bool(result["gil_spans"]["wait"]), last_words)
     return 0
 
@@ -322,6 +328,20 @@ def _check(survived: bool, got_waits: bool, last_words: str) -> None:
     if not got_waits:
         raise OtelGilError(f"no gil.wait span arrived; the app and its sidecar said last: "
                            f"{last_words}", "run `otel-gil doctor`")
+
+
+def _write_view(output: str, spans: Sequence[Any]) -> str:
+    """The HTML view (otel_gil/views) of the GIL spans, beside the JSON result."""
+    page = str(Path(output).with_suffix(".html"))
+    if page == output:  # --output x.html: keep the JSON, put the view beside it
+        page = output + ".view.html"
+    rec = views.from_spans(spans, "GIL waits in the demo app's requests")
+    try:
+        views.write(rec, {"html": page})
+    except OSError as exc:
+        raise OtelGilError(f"cannot write {page}: {exc.strerror}",
+                           "choose a writable --output path") from None
+    return page
 
 
 def _write(path: str, result: Dict[str, Any]) -> None:

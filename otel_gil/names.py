@@ -160,6 +160,45 @@ OTHER_THREADS = "other"
 
 INSTRUMENTATION_SCOPE = "otel_gil"
 
+# ------------------------------------------------------------------------ views
+# Names in the files `record --timeline/--html` write (otel_gil/views): the
+# timeline's slices are named after the spans (gil.wait, gil.hold).
+
+
+@dataclass(frozen=True)
+class ViewName:
+    name: str
+    where: str
+    doc: str
+
+
+VIEW_CATEGORY = ViewName(
+    "otel_gil", "timeline `cat`", "Category of every hold and wait slice and every flow.")
+VIEW_FLOW = ViewName(
+    "gil.holder", "timeline flow event `name`",
+    "An arrow from a hold to a wait it overlapped: the holder kept the waiter waiting.")
+VIEW_ARG_STACK = ViewName(
+    "holder.stack", "timeline slice `args`",
+    "The holder's stack, one label per frame, innermost first: on a hold, its own; on a "
+    "wait, that of the holder the wait is mostly charged to.")
+VIEW_ARG_FRAMES = ViewName(
+    "holder.frames", "timeline slice `args`",
+    "The same stack as structured frames: {kind, function, file, object, line}.")
+VIEW_ARG_CAUSED = ViewName(
+    "caused_wait_ns", "timeline slice `args`",
+    "On a hold: the wait of other threads charged to it, nanoseconds.")
+VIEW_ARG_HOLDERS = ViewName(
+    "holders", "timeline slice `args`",
+    "On a wait: each hold that overlapped it, {tid, thread, held_ns} (its stack is on the "
+    "hold's slice).")
+VIEW_ARG_TRUNCATED = ViewName(
+    "holders_truncated", "timeline slice `args`",
+    "On a wait: more hand-offs happened during it than the record keeps.")
+VIEW_NAMES: Tuple[ViewName, ...] = (
+    VIEW_CATEGORY, VIEW_FLOW, VIEW_ARG_STACK, VIEW_ARG_FRAMES, VIEW_ARG_CAUSED,
+    VIEW_ARG_HOLDERS, VIEW_ARG_TRUNCATED,
+)
+
 
 def markdown() -> str:
     """The documented table of every emitted name (docs/names.md)."""
@@ -175,6 +214,12 @@ def markdown() -> str:
             for m in METRICS]
     out += ["", "Metric labels: " + ", ".join(f"`{label}`" for label in LABELS)
             + f". Thread names beyond the cardinality bound are reported as `{OTHER_THREADS}`.", ""]
+    out += ["## In the timeline view", "",
+            f"Slices are named `{GIL_WAIT.name}` and `{GIL_HOLD.name}`, like the spans "
+            "(`otel-gil record --timeline`, docs/views.md).", "",
+            "| name | where | meaning |", "|---|---|---|"]
+    out += [f"| `{v.name}` | {v.where} | {v.doc} |" for v in VIEW_NAMES]
+    out.append("")
     return "\n".join(out)
 
 

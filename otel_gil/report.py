@@ -4,14 +4,15 @@ document described in docs/record-json.md. Pure functions of a finished Session.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from otel_gil import events, timeline
+from otel_gil import events, timeline, views
 from otel_gil.disasm import Function
 from otel_gil.discovery import Target
 from otel_gil.session import Session, ThreadTotals
 
 SCHEMA = "otel-gil/record/v1"
+TOP_HOLDERS = 10
 RELEASE_METHOD = (
     "libc pthread_cond_signal filtered on the GIL's condition variable: drop_gil signals "
     "it on every release in CPython 3.8-3.14, inlined or not, so releases are exact"
@@ -68,6 +69,19 @@ def _thread(t: ThreadTotals, duration_ns: int) -> Dict[str, Any]:
     }
 
 
+def _span_ids(span: Optional[events.SpanRef]) -> Dict[str, str]:
+    if span is None:
+        return {}
+    return {"trace_id": f"{span.trace_id:032x}", "span_id": f"{span.span_id:016x}"}
+
+
+def _hold(h: events.Hold) -> Dict[str, Any]:
+    """A hold that overlapped a wait, with its window (the views draw it)."""
+    out: Dict[str, Any] = {"tid": h.tid, "start_ns": h.start_ns, "end_ns": h.end_ns}
+    out.update(_span_ids(h.span))
+    return out
+
+
 def _interval(iv: events.Interval) -> Dict[str, Any]:
     out: Dict[str, Any] = {"kind": iv.kind, "pid": iv.pid, "tid": iv.tid,
                            "start_ns": iv.start_ns, "end_ns": iv.end_ns,
@@ -75,9 +89,8 @@ def _interval(iv: events.Interval) -> Dict[str, Any]:
     if iv.kind == "wait":
         out["holders"] = [{"tid": b.tid, "held_ns": b.held_ns} for b in timeline.blame(iv)]
         out["holders_truncated"] = timeline.holds_truncated(iv)
-    if iv.span is not None:
-        out["trace_id"] = f"{iv.span.trace_id:032x}"
-        out["span_id"] = f"{iv.span.span_id:016x}"
+        out["holds"] = [_hold(h) for h in iv.holds]
+    out.update(_span_ids(iv.span))
     return out
 
 
@@ -123,8 +136,27 @@ def _ms(ns: int) -> str:
     return f"{ns / 1e6:.2f}"
 
 
+def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
+    """Holder stack -> GIL-seconds other threads spent waiting behind it
+    (otel_gil/views/blame.py: each wait split over the holds that overlapped it),
+    from the views' Recording of a record (views.from_record(to_json(session)))."""
+    blamed = views.held_while_waited(rec)
+    total = sum(b.waited_ns for b in blamed)
+    lines = [f"Top holders while others waited ({_ms(total)} ms of waits over the threshold):"]
+    if not blamed:
+        lines.append("  (no wait over the threshold)")
+    for b in blamed[:rows]:
+        path = " > ".join(f.label() for f in reversed(b.stack))
+        lines.append(f"  {b.waited_ns / 1e9:9.4f} s  {100 * b.waited_ns / total:5.1f}%  "
+                     f"{b.waits:>6} waits  {path}")
+    if len(blamed) > rows:
+        lines.append(f"  +{len(blamed) - rows} more holder stacks (see --flamegraph)")
+    lines += [f"  note: {n}" for n in rec.notes]
+    return "\n".join(lines)
+
+
 def table(doc: Dict[str, Any]) -> str:
-    """The per-thread table printed at the end of `otel-gil record`."""
+    """The per-thread table printed by `otel-gil record` and refreshed by `top`."""
     header = ("PID", "TID", "NAME", "ACQUIRED", "HOLD%", "WAIT%", "MAX WAIT ms", "P99 WAIT ms")
     rows = [header]
     for t in sorted(doc["threads"], key=lambda t: -t["hold_ns"]):

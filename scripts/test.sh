@@ -13,5 +13,26 @@ if ! dpkg-query -W -f='${Status}' bpftrace 2>/dev/null | grep -q 'install ok ins
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bpftrace \
         >/dev/null; }
 fi
+# Test-only: Debian's chromium, the headless browser that opens the HTML view
+# (tests/test_views_browser.py).
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+    echo "test: installing chromium" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        >/dev/null 2>&1 || { apt-get update -q >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+        >/dev/null; }
+fi
+# Test-only: speedscope's file-format JSON schema, shipped in its npm package;
+# the --speedscope output is validated against it (tests/test_views.py).
+SPEEDSCOPE_SCHEMA=/var/cache/otel-gil/speedscope-1.25.0/file-format-schema.json
+if [ ! -s "$SPEEDSCOPE_SCHEMA" ]; then
+    echo "test: fetching speedscope's file format schema (npm package speedscope@1.25.0)" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent speedscope@1.25.0 >/dev/null &&
+        tar xzf speedscope-1.25.0.tgz package/dist/release/file-format-schema.json)
+    mkdir -p "$(dirname "$SPEEDSCOPE_SCHEMA")"
+    mv "$tmp/package/dist/release/file-format-schema.json" "$SPEEDSCOPE_SCHEMA"
+    rm -rf "$tmp"
+fi
 bash scripts/targets.sh
 exec .venv/bin/python -m pytest -ra "$@"

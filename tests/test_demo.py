@@ -153,6 +153,29 @@ def test_demo_terminal_shows_the_slow_requests_waits_and_holders(demo_run: Any) 
         assert m["name"] in known and f"  {m['name']}" in text
 
 
+@pytest.mark.ebpf
+def test_demo_writes_the_html_view_beside_its_json(demo_run: Any) -> None:
+    proc, out, _ = demo_run
+    assert proc.returncode == 0, proc.stderr[-300:]
+    page = out.with_suffix(".html")
+    # THEN the view is beside out/demo.json, and the demo says where
+    assert f"(open in a browser): {page}" in proc.stdout
+    text = page.read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>',
+                                text, re.S).group(1))  # type: ignore[union-attr]
+    # AND its timeline has the handler threads' waits, the /cpu spans that held
+    # the GIL meanwhile, and arrows from those spans to the waits
+    tracks = [t["name"] for t in data["threads"]]
+    assert sum(1 for t in tracks if HANDLER.match(t)) >= 2, tracks
+    kinds = [s[0] for s in data["slices"]]
+    assert kinds.count(1) == json.loads(out.read_text())["gil_spans"]["wait"]
+    assert kinds.count(2) > 0 and data["flows"]
+    assert all(data["slices"][a][0] == 2 and data["slices"][b][0] == 1
+               for a, b, _, _ in data["flows"] if data["slices"][a][0] != 0)
+    # AND its flame graph charges the waits to "span GET /cpu" on handler threads
+    assert re.search(r"<title>span GET /cpu\n[\d,.]+ ms of others' wait", text)
+
+
 # ------------------------------------------------------- an endpoint configured
 
 

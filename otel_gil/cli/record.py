@@ -8,10 +8,11 @@ import signal
 import sys
 import time
 from types import FrameType
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
-from otel_gil import report
+from otel_gil import report, views
 from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
+from otel_gil.cli.views import add_view_options, view_files, write_views
 from otel_gil.discovery import Target
 from otel_gil.errors import OtelGilError
 from otel_gil.probes import ProbeConfig, program_text
@@ -85,10 +86,13 @@ def follow(session: Session, stop: Callable[[], bool], duration: Optional[float]
             each_second(session)
 
 
-def write_record(session: Session, output: Optional[str]) -> None:
-    """Print the per-thread table; with output, write the JSON record there too."""
+def write_record(session: Session, output: Optional[str],
+                 files: Optional[Dict[str, str]] = None) -> None:
+    """Print the per-thread table; with output, write the JSON record there too,
+    and each view (kind -> path: otel_gil.cli.views)."""
     doc = report.to_json(session)
-    print(report.table(doc), flush=True)
+    rec = views.from_record(doc)
+    print(report.table(doc) + "\n\n" + report.holders_table(rec), flush=True)
     if output:
         try:
             with open(output, "w") as f:
@@ -97,6 +101,7 @@ def write_record(session: Session, output: Optional[str]) -> None:
             raise OtelGilError(f"cannot write {output}: {exc.strerror}",
                                "choose a writable --output path") from None
         print(f"full record written to {output}", file=sys.stderr)
+    write_views(rec, files)
 
 
 class RecordCommand(Command):
@@ -109,12 +114,13 @@ class RecordCommand(Command):
                             help="seconds to trace (default: until the targets exit or Ctrl-C)")
         parser.add_argument("--output", "-o", default=None,
                             help="write the full record as JSON here (docs/record-json.md)")
+        add_view_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         if args.dump_bpf:
             print(program_text(probe_config(args)))
             return 0
-        write_record(trace(args), args.output)
+        write_record(trace(args), args.output, view_files(args))
         return 0
 
 
@@ -126,6 +132,7 @@ class TopCommand(Command):
         add_probe_options(parser)
         parser.add_argument("--duration", "-d", type=positive_float, default=None,
                             help="seconds to run (default: until the targets exit or Ctrl-C)")
+        add_view_options(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         def redraw(session: Session) -> None:
@@ -135,5 +142,8 @@ class TopCommand(Command):
             sys.stdout.flush()
 
         session = trace(args, each_second=redraw)
-        print(report.table(report.to_json(session)))
+        doc = report.to_json(session)
+        rec = views.from_record(doc)
+        print(report.table(doc) + "\n\n" + report.holders_table(rec))
+        write_views(rec, view_files(args))
         return 0

@@ -16,6 +16,7 @@ from typing import List, Optional
 from otel_gil import discovery
 from otel_gil.cli.base import Command, require_root
 from otel_gil.cli.record import add_probe_options, announce, follow, probe_config, write_record
+from otel_gil.cli.views import add_view_options, view_files
 from otel_gil.discovery import Target
 from otel_gil.errors import OtelGilError, TargetError, TargetGone, TargetNotReady
 from otel_gil.probes import program_text
@@ -154,6 +155,7 @@ class RunCommand(Command):
         add_probe_options(parser, pids=False)
         parser.add_argument("--output", "-o", default=None,
                             help="write the full record as JSON here (docs/record-json.md)")
+        add_view_options(parser)
         parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                             help="the program to start and trace, after --")
 
@@ -188,7 +190,7 @@ class RunCommand(Command):
             session.close()
             forwarder.close()
         if target is not None:
-            write_record(session, args.output)
+            write_record(session, args.output, view_files(args))
         return _status(child.returncode)
 
 
