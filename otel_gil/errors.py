@@ -28,6 +28,10 @@ class TargetError(OtelGilError):
     exit_code = 2
 
 
+class NotPythonError(TargetError):
+    """The process or file holds no CPython at all (not: a CPython we cannot trace)."""
+
+
 class GilDisabledError(TargetError):
     """A free-threaded build running with the GIL disabled: nothing to measure."""
 
