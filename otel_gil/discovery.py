@@ -376,7 +376,8 @@ def _interpreter_from_json(d: dict[str, Any]) -> Interpreter:
 
 # ----------------------------------------------------------------- inspect_process
 
-_LIBPYTHON_RE = re.compile(r"^libpython3\.\d+t?d?\.so")
+# ABI flags in the name: t free-threaded (3.13+), d debug, m pymalloc (up to 3.7).
+_LIBPYTHON_RE = re.compile(r"^libpython3\.\d+[tdm]*\.so")
 _LIBC_RE = re.compile(r"^(libpthread\.so\.0|libc\.so\.6)$")
 
 
@@ -413,8 +414,10 @@ def inspect_process(pid: int) -> Target:
             f"and {exe} holds no CPython (no _PyRuntime)",
             remedy=NOT_PYTHON_REMEDY) from err
     except TargetError as err:
-        # Say which process; the file's own message says which check failed.
-        raise TargetError(f"pid {pid} ({comm}): {err.args[0]}", remedy=err.remedy) from err
+        # Say which process; the file's own message says which check failed,
+        # with the file named as the process sees it, not through /proc/PID/root.
+        text = str(err.args[0]).replace(object_path, chosen[0].path)
+        raise TargetError(f"pid {pid} ({comm}): {text}", remedy=err.remedy) from err
     bias = _load_bias(object_path, chosen)
     libc = _cond_signal(pid, maps)
     ns = os.stat(f"{proc}/ns/pid")
@@ -461,7 +464,9 @@ NOT_YET_REMEDY = ("attach once Py_Initialize() has run; `otel-gil run` and "
 NOT_PYTHON_REMEDY = "give the pid of a CPython 3.8 to 3.15 process"
 MUSL_REMEDY = ("run the app on a glibc-based image (Debian, Ubuntu, Fedora, RHEL, "
                "python:*-slim), not Alpine")
-_MUSL_RE = re.compile(r"^(ld-musl-[^/]*\.so\.1|libc\.musl-[^/]*\.so\.1)$")
+# Alpine maps /lib/ld-musl-ARCH.so.1 (libc.musl-ARCH.so.1 links to it); Debian's
+# musl package maps /usr/lib/ARCH-linux-musl/libc.so, its loader's target.
+_MUSL_RE = re.compile(r"(^|/)(ld-musl-[^/]*\.so\.1|libc\.musl-[^/]*\.so\.1)$|-linux-musl/libc\.so$")
 
 
 def _exe_path(pid: int) -> str:
@@ -477,7 +482,7 @@ def _refuse_musl(pid: int, comm: str, maps: list[_Mapping]) -> None:
     """musl's condition variables are not glibc's: the release probe (glibc's
     pthread_cond_signal, and its filter on __condvar_cancel_waiting) has no
     counterpart there that was checked, so a musl process is refused by name."""
-    musl = next((m.path for m in maps if _MUSL_RE.match(os.path.basename(m.path))), None)
+    musl = next((m.path for m in maps if _MUSL_RE.search(m.path)), None)
     if musl is not None:
         raise TargetError(f"pid {pid} ({comm}) runs on musl libc ({musl}): otel-gil "
                           "supports glibc only", remedy=MUSL_REMEDY)
@@ -643,6 +648,11 @@ def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddre
                               "is NULL)", remedy=NOT_YET_REMEDY)
     interval = _peek(fd, pid, gil + layout.interval, "<Q")
     locked = _peek(fd, pid, gil + layout.locked, "<i")
+    if layout.inline_offset is not None and (locked, interval) == (0, 0):
+        # 3.8 to 3.11: _PyRuntime is all zeros until _PyRuntime_Initialize()
+        # sets interval (5000 µs) and locked (-1) in _gil_initialize().
+        raise TargetError(f"pid {pid}: the interpreter is not initialised yet (its GIL, "
+                          "inline in _PyRuntime, is all zeros)", remedy=NOT_YET_REMEDY)
     if locked == -1:  # -1 until create_gil() (Python/ceval_gil.c _gil_initialize)
         raise TargetError(f"pid {pid}: the GIL is not created yet (gil->locked is -1)",
                           remedy=NOT_YET_REMEDY)
@@ -710,6 +720,11 @@ def interpreter_object(path: str, env: Mapping[str, str] | None = None) -> tuple
     root = filesystem_root(path)
     with _open_elf(path) as obj:
         needed, rpath, runpath = _dynamic_tags(obj)
+        loader = obj.program_interpreter()
+    musl = next((n for n in [loader or "", *needed] if _MUSL_RE.search(n)), None)
+    if musl is not None:
+        raise TargetError(f"{path} is linked against musl libc ({musl}): otel-gil supports "
+                          "glibc only", remedy=MUSL_REMEDY)
     lib = next((n for n in needed if _LIBPYTHON_RE.match(n)), None)
     if lib is None:
         return path, root  # the interpreter is linked in (Debian's /usr/bin/python3.X)

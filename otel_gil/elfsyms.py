@@ -100,6 +100,12 @@ class ElfObject:
         (crc,) = struct.unpack_from("<I", data, crc_at)
         return data[:end].decode(), crc
 
+    def program_interpreter(self) -> str | None:
+        """The dynamic loader named by PT_INTERP (a program's), or None."""
+        for seg in self.elf.iter_segments("PT_INTERP"):
+            return str(seg.get_interp_name())  # type: ignore[attr-defined]
+        return None
+
     def is_executable(self) -> bool:
         """True for a program (has PT_INTERP), false for a shared library."""
         return any(True for _ in self.elf.iter_segments("PT_INTERP"))
