@@ -8,7 +8,8 @@ gdb ``print &((struct pyruntimestate*)0)->ceval.gil`` on the pyenv builds):
   PEP 684, Include/internal/pycore_interp.h).
 * 3.13+: the same pointer, with offsets published in ``_Py_DebugOffsets``, the first
   member of ``_PyRuntime`` (Include/internal/pycore_runtime.h in 3.13,
-  pycore_debug_offsets.h in 3.14), statically initialised, so readable from the file.
+  pycore_debug_offsets.h in 3.14 and 3.15), statically initialised, so readable
+  from the file. A version newer than 3.15 is read from them alone, unverified.
 
 DWARF (when the object or its debug file has it) is preferred over the table;
 only the one compilation unit that holds take_gil is parsed.
