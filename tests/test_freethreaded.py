@@ -9,25 +9,34 @@ declares Py_MOD_GIL_NOT_USED).
 
 otel-gil must say once that there is nothing to measure, keep watching, and
 trace from the moment the GIL is on: the session attaches its probes then,
-`record` says so, and `doctor --pid` reports the GIL's state as it is now.
+`record` says so, a sidecar does it for an app registered while its GIL was
+off (gil.wait spans follow), and `doctor --pid` reports the GIL's state as it
+is now.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
+import opentelemetry
 import pytest
 from independent_counter import TakeGilCounter
+from otlp_receiver import OtlpReceiver
 from targets import Child, PythonTarget, all_targets, require, spawn
 from test_record import assert_hold_matches_cpu
 
-from otel_gil import discovery
+import otel_gil
+from otel_gil import discovery, names
 from otel_gil.probes import ProbeConfig
 from otel_gil.session import GIL_WATCH_INTERVAL_NS, Session
 
@@ -101,6 +110,13 @@ def _doctor_pid(pid: int) -> Dict[str, Any]:
     doc: Dict[str, Any] = json.loads(proc.stdout)
     doc["exit"] = proc.returncode
     return doc
+
+
+def _until(done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _step_until(session: Session, done: Any, timeout: float) -> None:
@@ -259,3 +275,103 @@ def test_record_of_a_gil_that_stays_disabled_exits_3(target: PythonTarget) -> No
         "(run with PYTHON_GIL=1 to measure the GIL; `otel-gil record` and the sidecar keep "
         "watching and trace from the moment it is enabled)")
     assert sum("nothing to measure yet; watching" in ln for ln in proc.stderr.splitlines()) == 1
+
+
+# An instrumented app: registers with the sidecar while its GIL is off, then
+# enables it and runs two threads, each in "request" spans.
+INSTRUMENTED = r"""
+import json, os, sys, threading, time, warnings
+sys.path[:0] = [SITE, EXT]
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+import otel_gil
+trace.set_tracer_provider(TracerProvider())
+tracer = trace.get_tracer("ft-app")
+otel_gil.instrument()
+print(json.dumps({"live": otel_gil.wait_until_live(120), "gil": sys._is_gil_enabled()}),
+      flush=True)
+sys.stdin.readline()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import gilmod
+print(json.dumps({"gil": sys._is_gil_enabled()}), flush=True)
+sys.stdin.readline()
+spans = {}
+def worker():
+    mine = []
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        with tracer.start_as_current_span("request") as span:
+            mine.append(f"{span.get_span_context().span_id:016x}")
+            until = time.monotonic() + 0.03
+            while time.monotonic() < until:
+                sum(i * i for i in range(200))
+    spans[threading.get_native_id()] = mine
+threads = [threading.Thread(target=worker) for _ in range(2)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(json.dumps({"spans": spans}), flush=True)
+"""
+
+
+@pytest.mark.ebpf
+@pytest.mark.parametrize("target", FREE_THREADED, ids=lambda t: t.name.replace("-gil", ""))
+def test_sidecar_traces_an_app_whose_gil_is_enabled_after_it_registered(
+        target: PythonTarget, tmp_path: Path) -> None:
+    require(target)
+    (tmp_path / "ext").mkdir()
+    ext = build_gilmod(target, tmp_path / "ext")
+    site = tmp_path / "site"
+    packages = Path(opentelemetry.__path__[0]).parent
+    shutil.copytree(packages / "opentelemetry", site / "opentelemetry")
+    shutil.copy(packages / "typing_extensions.py", site)
+    shutil.copytree(Path(otel_gil.__file__).parent, site / "otel_gil",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    sock = tmp_path / "otel-gil.sock"
+    with OtlpReceiver() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+               "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "200",
+               "OTEL_PYTHON_GIL_PROMETHEUS_PORT": "0"}
+        # GIVEN a sidecar, and a free-threaded app with its GIL off registered with it
+        sidecar = subprocess.Popen([sys.executable, "-m", "otel_gil", "sidecar", "--listen",
+                                    str(sock)], env={**os.environ, **env},
+                                   stderr=subprocess.PIPE, text=True)
+        assert sidecar.stderr is not None
+        sidecar_log: List[str] = []
+        reader = threading.Thread(target=lambda: sidecar_log.extend(iter(
+            sidecar.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        try:
+            _until(lambda: any("listening" in ln for ln in sidecar_log), timeout=60)
+            code = INSTRUMENTED.replace("SITE", repr(str(site))).replace("EXT", repr(str(ext)))
+            with spawn(_gil_unset(target), code,
+                       env={"OTEL_PYTHON_GIL_MODE": "connect",
+                            "OTEL_PYTHON_GIL_SOCKET": str(sock)}) as child:
+                assert child.read_json(timeout=180) == {"live": True, "gil": False}
+                # WHEN it enables its GIL, then its threads contend for it in their spans
+                child.send("import")
+                assert child.read_json(timeout=60) == {"gil": True}
+                # THEN the sidecar notices without a restart (its watch reads the
+                # GIL's state every 50 ms)
+                _until(lambda: any("the GIL was enabled at run time: tracing from now" in ln
+                                   for ln in sidecar_log), timeout=60)
+                child.send("go")
+                spans: Dict[str, List[str]] = child.read_json(timeout=120)["spans"]
+                assert child.popen.wait(timeout=60) == 0
+                app_log = child.stderr()
+            receiver.wait_for_spans(
+                lambda got: sum(s.name == names.GIL_WAIT.name for s in got) >= 5, timeout=60)
+        finally:
+            sidecar.send_signal(signal.SIGTERM)
+            sidecar.wait(timeout=30)
+            reader.join(timeout=10)
+        waits = [s for s in receiver.spans() if s.name == names.GIL_WAIT.name]
+    # THEN the app said once that there was nothing to measure yet
+    assert app_log.count("nothing to measure yet") == 1, app_log
+    assert ("otel-gil: GIL disabled: nothing to measure yet; the sidecar traces from the moment "
+            "the GIL is enabled") in app_log
+    # AND traced the waits from then on, each the child of its thread's span
+    assert len(waits) >= 5
+    for w in waits:
+        thread = str(w.attributes[names.THREAD_NATIVE_ID.name])
+        assert w.parent_span_id in spans[thread], (thread, w.parent_span_id)
