@@ -437,26 +437,30 @@ def _gil_disabled_by(pid: int) -> str:
             argv = f.read().split(b"\0")
     except OSError:
         return ""
-    option = x_gil_option(argv)  # the command line wins over the environment
+    option, ignore_env = x_gil_option(argv)  # the command line wins over the environment
     if option is not None:
         return "-X gil=0" if option == b"0" else ""
-    return "PYTHON_GIL=0" if b"PYTHON_GIL=0" in environ else ""
+    return "PYTHON_GIL=0" if not ignore_env and b"PYTHON_GIL=0" in environ else ""
 
 
-def x_gil_option(argv: list[bytes]) -> bytes | None:
-    """The value of ``-X gil=V`` among the interpreter's own options, which
-    come before the program (-c, -m, -, or a script); the last one wins."""
+def x_gil_option(argv: list[bytes]) -> tuple[bytes | None, bool]:
+    """(the value of ``-X gil=V``, whether -E or -I makes the interpreter ignore
+    PYTHON_* variables), from its own options, which come before the program
+    (-c, -m, -, or a script); the last -X gil wins."""
     found = None
+    ignore_env = False
     i = 1
     while i < len(argv) and argv[i].startswith(b"-") and argv[i] not in (b"-c", b"-m", b"-"):
         option = argv[i]
-        if option == b"-X" and i + 1 < len(argv):
+        if option in (b"-X", b"-W") and i + 1 < len(argv):  # their value may stand apart
             i += 1
-            option = b"-X" + argv[i]
+            option += argv[i]
         if option.startswith(b"-Xgil="):
             found = option[len(b"-Xgil="):]
+        elif not option.startswith((b"-X", b"-W", b"--")) and set(option[1:]) & set(b"EI"):
+            ignore_env = True  # -E, -I, or flags combined as in -IB
         i += 1
-    return found
+    return found, ignore_env
 
 
 NOT_YET_REMEDY = ("attach once Py_Initialize() has run; `otel-gil run` and "

@@ -232,18 +232,22 @@ def test_require_gil_raises_when_disabled() -> None:
                               "(run with PYTHON_GIL=1 to measure the GIL)")
 
 
-@pytest.mark.parametrize("argv, value", [
-    ([b"python3.13t", b"-X", b"gil=0", b"-c", b"pass"], b"0"),
-    ([b"python3.13t", b"-Xgil=1", b"app.py"], b"1"),
-    ([b"python3.13t", b"-X", b"dev", b"-Xgil=1", b"-Xgil=0", b"app.py", b"-Xgil=1"], b"0"),
-    ([b"python3.13t", b"-c", b"-Xgil=0"], None),
-    ([b"python3.13t", b"app.py", b"-X", b"gil=0"], None),
-    ([b"python3.13t"], None),
+@pytest.mark.parametrize("argv, value, ignore_env", [
+    ([b"python3.13t", b"-X", b"gil=0", b"-c", b"pass"], b"0", False),
+    ([b"python3.13t", b"-Xgil=1", b"app.py"], b"1", False),
+    ([b"python3.13t", b"-X", b"dev", b"-Xgil=1", b"-Xgil=0", b"app.py", b"-Xgil=1"], b"0", False),
+    ([b"python3.13t", b"-c", b"-Xgil=0"], None, False),
+    ([b"python3.13t", b"app.py", b"-X", b"gil=0", b"-E"], None, False),
+    ([b"python3.13t", b"-IB", b"app.py"], None, True),
+    ([b"python3.13t", b"-E", b"-Xgil=0", b"-m", b"app"], b"0", True),
+    ([b"python3.13t", b"-Wdefault", b"-X", b"importtime"], None, False),
+    ([b"python3.13t", b"-W", b"error", b"-X", b"gil=0", b"app.py"], b"0", False),
+    ([b"python3.13t"], None, False),
 ])
-def test_x_gil_option_is_read_before_the_program(argv: list, value: Any) -> None:
-    # GIVEN a command line WHEN its -X gil= option is looked for
-    # THEN only the interpreter's own options count, the last one winning
-    assert x_gil_option(argv) == value
+def test_x_gil_option_is_read_before_the_program(argv: list, value: Any, ignore_env: bool) -> None:
+    # GIVEN a command line WHEN its -X gil= option and -E/-I are looked for
+    # THEN only the interpreter's own options count, the last -X gil winning
+    assert x_gil_option(argv) == (value, ignore_env)
 
 
 # ----------------------------------------------------------------- extra targets
