@@ -64,7 +64,7 @@ class TargetInfo:
     state: Optional[events.Target] = None  # last read of the kernel's per-process state
     ctx_table: Optional[ContextTable] = None
     # A free-threaded target added with its GIL off has no probes until the GIL
-    # is switched on for good (GilWatch); then attached_ns is when they were.
+    # is switched on for good (Session._watch_gil); attached_ns is when they were.
     attached_ns: int = 0
     gil_enabled_ns: int = 0  # when the GIL was seen switched on after add(); 0 if never
     watched_ns: int = 0  # last read of _gil_runtime_state.enabled
