@@ -123,6 +123,11 @@ class Agent:
             if not reply.get("ok"):
                 self._fail(f"the sidecar refused: {reply.get('error', '?')}")
                 return
+            if reply.get("watching"):
+                # A free-threaded app whose GIL is off: said once, here; the
+                # sidecar attaches the probes if the GIL is enabled later.
+                log.warning("otel-gil: %s: nothing to measure yet; the sidecar traces from "
+                            "the moment the GIL is enabled", reply["watching"])
             self.live.set()
             self._sock.settimeout(None)
             while self._sock.recv(4096):

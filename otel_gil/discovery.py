@@ -26,8 +26,15 @@ from otel_gil.elfsyms import (
     gil_symbols,
     minidebuginfo,
 )
-from otel_gil.errors import GilDisabledError, TargetError, TargetGone, TargetNotReady
+from otel_gil.errors import (
+    GilDisabledError,
+    NotPythonError,
+    TargetError,
+    TargetGone,
+    TargetNotReady,
+)
 from otel_gil.layout import (
+    SUPPORTED,
     GilLayout,
     debug_offsets_layout,
     dwarf_gil_fields,
@@ -35,6 +42,7 @@ from otel_gil.layout import (
     is_free_threaded,
     read_debug_offsets,
     read_version,
+    supported_range,
     table_layout,
 )
 
@@ -57,6 +65,16 @@ class Interpreter:
     runtime_address: int | None
     symbol_source: str
     gil_layout: GilLayout | None = None
+    # Why the result is not vouched for (a version newer than the known ones,
+    # its GIL found through _Py_DebugOffsets alone); empty when it is.
+    unverified: str = ""
+
+
+# _PyEval_EnableGILPermanent() stores INT_MAX (3.13+ Python/ceval_gil.c); so does
+# start-up with PYTHON_GIL=1. Anything between 0 and INT_MAX is transient: the
+# GIL is on while an extension of unknown safety initialises, then either
+# switched off again or made permanent.
+GIL_ENABLED_PERMANENTLY = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -64,8 +82,13 @@ class GilAddress:
     address: int
     cond_address: int
     interval_us: int
-    enabled: bool | None
+    enabled: bool | None  # None: a default build; else whether it is on for good
     how: str
+    enabled_count: int | None = None  # the raw _gil_runtime_state.enabled
+    # What switched the GIL off for good at start-up ("PYTHON_GIL=0", "-X gil=0"):
+    # then nothing can enable it later (3.13+ _PyEval_EnableGILTransient checks
+    # config->enable_gil); empty when it may still be enabled.
+    disabled_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,10 +180,10 @@ def _identity(path: str) -> _Identity:
 def _inspect(obj: ElfObject, root: str) -> Interpreter:
     runtime = _runtime_address(obj)
     if runtime is None and obj.lookup("Py_Initialize") is None:
-        raise TargetError(f"{obj.path} holds no CPython interpreter (no _PyRuntime)")
+        raise NotPythonError(f"{obj.path} holds no CPython interpreter (no _PyRuntime)",
+                             remedy="give the path of a python3.X executable or libpython")
     version, _how = read_version(obj, runtime)
-    if not (3, 8) <= version[:2] <= (3, 14):
-        raise TargetError(f"{obj.path}: CPython {version} is not supported (3.8 to 3.14 are)")
+    unverified = _check_version(obj, runtime, version)
     free_threaded = is_free_threaded(obj, runtime)
     found = _find_gil_functions(obj, root)
     takes, drops, source, dwarf_obj = found
@@ -174,11 +197,55 @@ def _inspect(obj: ElfObject, root: str) -> Interpreter:
     finally:
         if dwarf_obj is not None and dwarf_obj is not obj:
             dwarf_obj.close()
+    if unverified:
+        fields = ("read from DWARF" if "DWARF" in layout.how
+                  else f"assumed as in {SUPPORTED[1][0]}.{SUPPORTED[1][1]}")
+        unverified += (f": unverified; the GIL was located through its _Py_DebugOffsets, its "
+                       f"fields {fields}, take_gil found via {source}")
     return Interpreter(
         path=obj.path, build_id=obj.build_id(), version=version, free_threaded=free_threaded,
         static=obj.is_executable(), take_gil=tuple(takes), drop_gil=tuple(drops),
-        runtime_address=runtime, symbol_source=source, gil_layout=layout,
+        runtime_address=runtime, symbol_source=source, gil_layout=layout, unverified=unverified,
     )
+
+
+UPGRADE_REMEDY = ("upgrade otel-gil; if this is its newest release, report the interpreter "
+                  "with the output of `otel-gil doctor --python PATH --json`")
+
+
+def _check_version(obj: ElfObject, runtime: int | None, version: tuple[int, int, int]) -> str:
+    """Raise for a version that cannot be traced; for one newer than the known
+    ones whose ``_Py_DebugOffsets`` locate the GIL, return why it is unverified."""
+    shown = ".".join(map(str, version))
+    if version[:2] < SUPPORTED[0]:
+        raise TargetError(
+            f"{obj.path}: CPython {shown} is too old: otel-gil supports {supported_range()}",
+            remedy="run the app on CPython 3.8 or newer",
+        )
+    if version[:2] <= SUPPORTED[1]:
+        return ""
+    why = _debug_offsets_problem(obj, runtime)
+    if why:
+        raise TargetError(
+            f"{obj.path}: CPython {shown} is newer than this otel-gil knows "
+            f"({supported_range()}), and {why}, so the GIL cannot be located",
+            remedy=UPGRADE_REMEDY,
+        )
+    return f"CPython {shown} is newer than this otel-gil knows ({supported_range()})"
+
+
+def _debug_offsets_problem(obj: ElfObject, runtime: int | None) -> str:
+    """Why ``_Py_DebugOffsets`` cannot locate the GIL; empty when they can."""
+    if runtime is None:
+        return "it has neither a _PyRuntime symbol nor a .PyRuntime section"
+    try:
+        found = read_debug_offsets(obj, runtime)
+    except TargetError:
+        return ("its _Py_DebugOffsets have a layout this otel-gil does not know "
+                "(no GIL fields that line up)")
+    if found is None:
+        return "its _PyRuntime does not start with _Py_DebugOffsets (no 'xdebugpy' cookie)"
+    return ""
 
 
 def _runtime_address(obj: ElfObject) -> int | None:
@@ -320,12 +387,14 @@ def _interpreter_from_json(d: dict[str, Any]) -> Interpreter:
         free_threaded=bool(d["free_threaded"]), static=bool(d["static"]),
         take_gil=tuple(fn(x) for x in d["take_gil"]), drop_gil=tuple(fn(x) for x in d["drop_gil"]),
         runtime_address=d["runtime_address"], symbol_source=d["symbol_source"], gil_layout=layout,
+        unverified=str(d.get("unverified", "")),
     )
 
 
 # ----------------------------------------------------------------- inspect_process
 
-_LIBPYTHON_RE = re.compile(r"^libpython3\.\d+t?d?\.so")
+# ABI flags in the name: t free-threaded (3.13+), d debug, m pymalloc (up to 3.7).
+_LIBPYTHON_RE = re.compile(r"^libpython3\.\d+[tdm]*\.so")
 _LIBC_RE = re.compile(r"^(libpthread\.so\.0|libc\.so\.6)$")
 
 
@@ -382,34 +451,131 @@ def _inspect_process(pid: int) -> Target:
     nspid = tuple(int(x) for x in _status_field(status, "NSpid").split()) or (pid,)
     maps = _read_maps(pid)
     root = f"{proc}/root"
+    _refuse_musl(pid, comm, maps)
     lib = [m for m in maps if _LIBPYTHON_RE.match(os.path.basename(m.path))]
-    if lib:
-        chosen = [m for m in maps if m.path == lib[0].path]
-    else:
-        exe = os.readlink(f"{proc}/exe").replace(" (deleted)", "")
-        chosen = [m for m in maps if m.path == exe]
-    if not chosen:  # also before exec has mapped anything, or ld.so has mapped libpython
-        raise TargetNotReady(f"pid {pid} ({comm}) is not a Python process")
+    exe = lib[0].path if lib else _exe_path(pid)
+    chosen = [m for m in maps if m.path == exe]
+    if not chosen:
+        raise NotPythonError(f"pid {pid} ({comm}) is not a Python process: no libpython3.X "
+                             "is mapped into it, nor is its executable", remedy=NOT_PYTHON_REMEDY)
     object_path = _open_path(pid, chosen[0])
     try:
         interp = inspect_binary(object_path, root=root)
+    except NotPythonError as err:
+        raise NotPythonError(
+            f"pid {pid} ({comm}) is not a Python process: no libpython3.X is mapped into it, "
+            f"and {exe} holds no CPython (no _PyRuntime)",
+            remedy=NOT_PYTHON_REMEDY) from err
     except TargetError as err:
-        if not lib:  # e.g. pyenv's launcher, before ld.so mapped its libpython
-            raise TargetNotReady(f"pid {pid} ({comm}) is not a Python process") from err
-        raise
+        # Say which process; the file's own message says which check failed,
+        # with the file named as the process sees it, not through /proc/PID/root.
+        # Without a libpython it may be a launcher (pyenv's) before ld.so has
+        # mapped libpython: not ready, rather than not Python.
+        text = str(err.args[0]).replace(object_path, chosen[0].path)
+        kind = TargetError if lib else TargetNotReady
+        raise kind(f"pid {pid} ({comm}): {text}", remedy=err.remedy) from err
     bias = _load_bias(object_path, chosen)
     libc = _cond_signal(pid, maps)
     ns = os.stat(f"{proc}/ns/pid")
     gil = _read_gil(pid, interp, bias)
+    if gil.enabled is False:
+        gil = dataclasses.replace(gil, disabled_by=_gil_disabled_by(pid))
     return Target(pid, nspid, root, object_path, interp, bias, (ns.st_dev, ns.st_ino), gil, libc)
 
 
-def require_gil(target: Target) -> None:
-    """Raise if the target is free-threaded and runs with the GIL disabled."""
-    if target.gil.enabled is False:
-        raise GilDisabledError(
-            "GIL disabled: nothing to measure", remedy="run with PYTHON_GIL=1 to measure the GIL"
-        )
+def _gil_disabled_by(pid: int) -> str:
+    """"PYTHON_GIL=0" or "-X gil=0" when the process was started so (both are
+    read once, at start-up: Python/initconfig.c config_read_gil), else ""."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return ""
+    option, ignore_env = x_gil_option(argv)  # the command line wins over the environment
+    if option is not None:
+        return "-X gil=0" if option == b"0" else ""
+    return "PYTHON_GIL=0" if not ignore_env and b"PYTHON_GIL=0" in environ else ""
+
+
+def x_gil_option(argv: list[bytes]) -> tuple[bytes | None, bool]:
+    """(the value of ``-X gil=V``, whether -E or -I makes the interpreter ignore
+    PYTHON_* variables), from its own options, which come before the program
+    (-c, -m, -, or a script); the last -X gil wins."""
+    found = None
+    ignore_env = False
+    i = 1
+    while i < len(argv) and argv[i].startswith(b"-") and argv[i] not in (b"-c", b"-m", b"-"):
+        option = argv[i]
+        if option in (b"-X", b"-W") and i + 1 < len(argv):  # their value may stand apart
+            i += 1
+            option += argv[i]
+        if option.startswith(b"-Xgil="):
+            found = option[len(b"-Xgil="):]
+        elif not option.startswith((b"-X", b"-W", b"--")) and set(option[1:]) & set(b"EI"):
+            ignore_env = True  # -E, -I, or flags combined as in -IB
+        i += 1
+    return found, ignore_env
+
+
+NOT_YET_REMEDY = ("attach once Py_Initialize() has run; `otel-gil run` and "
+                  "otel_gil.instrument() wait for that themselves")
+NOT_PYTHON_REMEDY = "give the pid of a CPython 3.8 to 3.15 process"
+MUSL_REMEDY = ("run the app on a glibc-based image (Debian, Ubuntu, Fedora, RHEL, "
+               "python:*-slim), not Alpine")
+# Alpine maps /lib/ld-musl-ARCH.so.1 (libc.musl-ARCH.so.1 links to it); Debian's
+# musl package maps /usr/lib/ARCH-linux-musl/libc.so, its loader's target.
+_MUSL_RE = re.compile(r"(^|/)(ld-musl-[^/]*\.so\.1|libc\.musl-[^/]*\.so\.1)$|-linux-musl/libc\.so$")
+
+
+def _exe_path(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe").replace(" (deleted)", "")
+    except FileNotFoundError as err:
+        raise TargetError(f"no process with pid {pid}") from err
+    except PermissionError as err:
+        raise TargetError(f"cannot read /proc/{pid}/exe", remedy=ROOT_REMEDY) from err
+
+
+def _refuse_musl(pid: int, comm: str, maps: list[_Mapping]) -> None:
+    """musl's condition variables are not glibc's: the release probe (glibc's
+    pthread_cond_signal, and its filter on __condvar_cancel_waiting) has no
+    counterpart there that was checked, so a musl process is refused by name."""
+    musl = next((m.path for m in maps if _MUSL_RE.search(m.path)), None)
+    if musl is not None:
+        raise TargetError(f"pid {pid} ({comm}) runs on musl libc ({musl}): otel-gil "
+                          "supports glibc only", remedy=MUSL_REMEDY)
+
+
+GIL_DISABLED_REMEDY = ("run with PYTHON_GIL=1 to measure the GIL; `otel-gil record` and the "
+                       "sidecar keep watching and trace from the moment it is enabled")
+
+
+def gil_state(enabled_count: int | None) -> str:
+    """A free-threaded target's _gil_runtime_state.enabled, in words."""
+    if enabled_count is None:
+        return "GIL always on (not a free-threaded build)"
+    if enabled_count == GIL_ENABLED_PERMANENTLY:
+        return "GIL enabled"
+    if enabled_count:
+        return (f"GIL enabled only transiently ({enabled_count} request(s): an extension "
+                "module is being initialised)")
+    return "GIL disabled"
+
+
+def require_gil(target: Target, watch: bool = False) -> None:
+    """Raise if the target is free-threaded and its GIL is not on for good;
+    with ``watch``, only if it cannot be switched on later either."""
+    gil = target.gil
+    if gil.enabled is not False:
+        return
+    if gil.disabled_by:
+        raise GilDisabledError(f"GIL disabled by {gil.disabled_by}: nothing to measure",
+                               remedy="run with PYTHON_GIL=1 to measure the GIL")
+    if not watch:
+        raise GilDisabledError(f"{gil_state(gil.enabled_count or 0)}: nothing to measure",
+                               remedy=GIL_DISABLED_REMEDY)
 
 
 def _read_proc(pid: int, name: str) -> str:
@@ -534,23 +700,54 @@ def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddre
                     break
                 interp = _peek(fd, pid, interp + layout.interp_next, "<Q")
         if not interp:
-            raise TargetNotReady(f"pid {pid}: the interpreter is not initialised yet (try again)")
+            raise TargetNotReady(f"pid {pid}: the interpreter is not initialised yet "
+                              "(no main interpreter in _PyRuntime), so it has no GIL",
+                              remedy=NOT_YET_REMEDY)
         gil = _peek(fd, pid, interp + layout.gil_pointer_offset, "<Q")
         if not gil:
-            raise TargetNotReady(f"pid {pid}: the GIL is not created yet (try again)")
+            raise TargetNotReady(f"pid {pid}: the GIL is not created yet (interp->ceval.gil "
+                              "is NULL)", remedy=NOT_YET_REMEDY)
     interval = _peek(fd, pid, gil + layout.interval, "<Q")
     locked = _peek(fd, pid, gil + layout.locked, "<i")
-    enabled = None
+    if layout.inline_offset is not None and (locked, interval) == (0, 0):
+        # 3.8 to 3.11: _PyRuntime is all zeros until _PyRuntime_Initialize()
+        # sets interval (5000 µs) and locked (-1) in _gil_initialize().
+        raise TargetError(f"pid {pid}: the interpreter is not initialised yet (its GIL, "
+                          "inline in _PyRuntime, is all zeros)", remedy=NOT_YET_REMEDY)
+    if locked == -1:  # -1 until create_gil() (Python/ceval_gil.c _gil_initialize)
+        raise TargetError(f"pid {pid}: the GIL is not created yet (gil->locked is -1)",
+                          remedy=NOT_YET_REMEDY)
+    enabled_count = None
     if layout.enabled is not None:
-        enabled = _peek(fd, pid, gil + layout.enabled, "<i") != 0
+        enabled_count = _peek(fd, pid, gil + layout.enabled, "<i")
     # sys.setswitchinterval() accepts any positive float; 5000 µs is the default.
-    # locked is -1 before the GIL is created (Python/ceval_gil.c).
     if locked not in (0, 1) or not 0 < interval <= 10**9:
         raise TargetNotReady(
             f"pid {pid}: the GIL read at {gil:#x} ({layout.how}) looks wrong "
             f"(locked={locked}, interval={interval}); is the interpreter still starting?"
         )
-    return GilAddress(gil, gil + layout.cond, interval, enabled, layout.how)
+    enabled = None if enabled_count is None else enabled_count == GIL_ENABLED_PERMANENTLY
+    return GilAddress(gil, gil + layout.cond, interval, enabled, layout.how, enabled_count)
+
+
+def gil_enabled_count(target: Target) -> int | None:
+    """``_gil_runtime_state.enabled`` now (free-threaded builds; None otherwise,
+    or when the process is gone): 0 disabled, INT_MAX enabled for good, else
+    the count of transient requests (an extension's init, Python/import.c)."""
+    layout = target.interpreter.gil_layout
+    if layout is None or layout.enabled is None:
+        return None
+    try:
+        fd = os.open(f"/proc/{target.pid}/mem", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 4, target.gil.address + layout.enabled)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(struct.unpack("<i", data)[0]) if len(data) == 4 else None
 
 
 # ----------------------------------------------------------------- interpreter paths
@@ -584,6 +781,11 @@ def interpreter_object(path: str, env: Mapping[str, str] | None = None) -> tuple
     root = filesystem_root(path)
     with _open_elf(path) as obj:
         needed, rpath, runpath = _dynamic_tags(obj)
+        loader = obj.program_interpreter()
+    musl = next((n for n in [loader or "", *needed] if _MUSL_RE.search(n)), None)
+    if musl is not None:
+        raise TargetError(f"{path} is linked against musl libc ({musl}): otel-gil supports "
+                          "glibc only", remedy=MUSL_REMEDY)
     lib = next((n for n in needed if _LIBPYTHON_RE.match(n)), None)
     if lib is None:
         return path, root  # the interpreter is linked in (Debian's /usr/bin/python3.X)

@@ -24,9 +24,12 @@ from otel_gil.errors import TargetError
 
 # Copies GCC makes of a static function (cpython-gil.md: 3.8 `take_gil.constprop.0`,
 # Debian 3.11 `take_gil.lto_priv.0`). `.cold` parts are matched separately.
+# drop_gil_impl(tstate, gil) is the part of drop_gil that unlocks and signals
+# gil->cond (3.13 free-threaded, 3.15 everywhere): sid's 3.15 has an
+# out-of-line `drop_gil_impl.lto_priv.0` beside `drop_gil.constprop.0`.
 GIL_FUNCTION_RE: dict[str, Pattern[str]] = {
-    name: re.compile(rf"^{name}(\.(constprop|isra|lto_priv|part)\.\d+)*$")
-    for name in ("take_gil", "drop_gil")
+    "take_gil": re.compile(r"^take_gil(\.(constprop|isra|lto_priv|part)\.\d+)*$"),
+    "drop_gil": re.compile(r"^drop_gil(_impl)?(\.(constprop|isra|lto_priv|part)\.\d+)*$"),
 }
 COLD_SUFFIX_RE = re.compile(r"\.cold(\.\d+)?$")
 
@@ -58,9 +61,13 @@ class ElfObject:
             self._file.close()
             raise TargetError(f"{path} is not an ELF file: {err}") from err
         if self.elf.get_machine_arch() != "x64":
+            arch = self.elf.get_machine_arch()
+            bits = self.elf.elfclass
             self._file.close()
             raise TargetError(
-                f"{path} is {self.elf.get_machine_arch()}, only x86-64 is supported"
+                f"{path} is a {bits}-bit {arch} program: otel-gil traces x86-64 (64-bit) "
+                "CPython only",
+                remedy="run the app with a 64-bit x86-64 Python",
             )
         self._symcache: dict[str, list[Symbol]] = {}
 
@@ -92,6 +99,12 @@ class ElfObject:
         crc_at = (end + 4) & ~3  # the name is padded to 4 bytes, then a u32 CRC
         (crc,) = struct.unpack_from("<I", data, crc_at)
         return data[:end].decode(), crc
+
+    def program_interpreter(self) -> str | None:
+        """The dynamic loader named by PT_INTERP (a program's), or None."""
+        for seg in self.elf.iter_segments("PT_INTERP"):
+            return str(seg.get_interp_name())  # type: ignore[attr-defined]
+        return None
 
     def is_executable(self) -> bool:
         """True for a program (has PT_INTERP), false for a shared library."""

@@ -40,6 +40,11 @@ class TargetGone(TargetError):
     the kernel unmaps its memory): its /proc entries vanish while it is read."""
 
 
+class NotPythonError(TargetNotReady):
+    """The process or file holds no CPython at all (not: a CPython we cannot trace).
+    A kind of TargetNotReady: a process may still exec or load one (`otel-gil run`)."""
+
+
 class GilDisabledError(TargetError):
     """A free-threaded build running with the GIL disabled: nothing to measure."""
 

@@ -8,7 +8,8 @@ gdb ``print &((struct pyruntimestate*)0)->ceval.gil`` on the pyenv builds):
   PEP 684, Include/internal/pycore_interp.h).
 * 3.13+: the same pointer, with offsets published in ``_Py_DebugOffsets``, the first
   member of ``_PyRuntime`` (Include/internal/pycore_runtime.h in 3.13,
-  pycore_debug_offsets.h in 3.14), statically initialised, so readable from the file.
+  pycore_debug_offsets.h in 3.14 and 3.15), statically initialised, so readable
+  from the file. A version newer than 3.15 is read from them alone, unverified.
 
 DWARF (when the object or its debug file has it) is preferred over the table;
 only the one compilation unit that holds take_gil is parsed.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Tuple
 
 from otel_gil.elfsyms import ElfObject
@@ -49,12 +50,25 @@ class GilLayout:
     cond: int
     enabled: int | None
     how: str
+    # PyThreadState fields for the probes, where _Py_DebugOffsets publish them (3.15+).
+    tstate_holds_gil: int | None = None
+    tstate_gil_requested: int | None = None
+
+
+SUPPORTED = ((3, 8), (3, 15))  # the versions whose layout and code were checked here
+
+
+def supported_range() -> str:
+    lo, hi = SUPPORTED
+    return f"{lo[0]}.{lo[1]} to {hi[0]}.{hi[1]}"
 
 
 # _PyRuntime offsets of the inline GIL (3.8 to 3.11) or of interpreters.main and
 # interp->ceval.gil (3.12, 3.13); gdb on pyenv 3.8.18 .. 3.13.0 gave these.
 _INLINE: dict[tuple[int, int], int] = {(3, 8): 1152, (3, 9): 352, (3, 10): 352, (3, 11): 360}
 _CHAIN: dict[tuple[int, int], tuple[int, int]] = {(3, 12): (48, 384), (3, 13): (640, 16)}
+# 3.14 and 3.15 are never read from the table: their _Py_DebugOffsets sit in
+# initialised data (.PyRuntime), readable from the file, stripped or not.
 
 
 def decode_hexversion(value: int) -> Version:
@@ -70,7 +84,11 @@ def name_hint(path: str) -> tuple[int, int] | None:
 
 @dataclass(frozen=True)
 class DebugOffsets:
-    """The fields of ``_Py_DebugOffsets`` that locate the GIL (3.13+)."""
+    """The fields of ``_Py_DebugOffsets`` that locate the GIL (3.13+).
+
+    ``verified`` is False for a version newer than the ones whose table layout
+    is known here: its GIL fields were found by the self-check alone.
+    """
 
     version: Version
     free_threaded: bool
@@ -83,36 +101,84 @@ class DebugOffsets:
     gil_enabled: int
     gil_locked: int
     gil_holder: int
+    verified: bool = True
+    # PyThreadState.holds_gil / gil_requested, published from 3.15 on
+    # (Include/cpython/pystate.h; take_gil sets gil_requested on entry, then
+    # holds_gil=1, gil_requested=0 in one 8-byte store once it has the GIL).
+    tstate_holds_gil: int | None = None
+    tstate_gil_requested: int | None = None
+
+
+# Where {ceval_gil, gil_runtime_state, enabled, locked, holder} start in the
+# interpreter_state table, and how long that table is, per version whose
+# header was read: 3.13 Include/internal/pycore_runtime.h; 3.14 and 3.15
+# Include/internal/pycore_debug_offsets.h (3.14 inserted threads_main after
+# threads_head, and code_object_generation/tlbc_generation at the end).
+_INTERP_TABLE: dict[tuple[int, int], tuple[int, int]] = {
+    (3, 13): (8, 13), (3, 14): (9, 16), (3, 15): (9, 16),
+}
+# In 3.15's thread_state table: holds_gil and gil_requested (indices).
+_TSTATE_GIL_FIELDS: dict[tuple[int, int], tuple[int, int]] = {(3, 15): (12, 13)}
+_DEBUG_WORDS = 64  # enough uint64s to reach 3.15's thread_state table, and a newer search
 
 
 def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
-    """Parse ``_Py_DebugOffsets`` at the start of ``_PyRuntime`` in the file."""
+    """Parse ``_Py_DebugOffsets`` at the start of ``_PyRuntime`` in the file.
+
+    None when there is none (3.8 to 3.12 keep ``_PyRuntime`` in .bss or have no
+    cookie). A version newer than the known ones is searched for a run of
+    fields that passes the self-check, and marked unverified. Raises
+    TargetError when the cookie is there but no such run is.
+    """
     try:
-        raw = obj.read(runtime, 8 + 8 * 40)
+        raw = obj.read(runtime, 8 + 8 * _DEBUG_WORDS)
     except TargetError:
         return None  # _PyRuntime in .bss (3.8, 3.9): no initialised data
     if raw[:8] != DEBUG_COOKIE:
         return None
-    q = struct.unpack_from("<40Q", raw, 8)
+    q = struct.unpack_from(f"<{_DEBUG_WORDS}Q", raw, 8)
     version, free_threaded = decode_hexversion(q[0]), bool(q[1])
     # runtime_state {size, finalizing, interpreters_head} starts at q[2], then
-    # interpreter_state {size, id, next, threads_head, ...}. 3.14 inserted
-    # threads_main after threads_head (pycore_debug_offsets.h), shifting the rest.
+    # interpreter_state {size, id, next, threads_head, ...}.
     interp = q[5:]
-    shift = 8 if free_threaded else 0
-    preferred = (8, 9) if version[:2] == (3, 13) else (9, 8)
-    for gil_at in preferred:
+    known = _INTERP_TABLE.get(version[:2])
+    candidates = [known[0]] if known else list(range(4, 24))
+    for gil_at in candidates:
         offsets = DebugOffsets(
             version, free_threaded, q[2], q[4], interp[1], interp[2],
             interp[gil_at], interp[gil_at + 1], interp[gil_at + 2], interp[gil_at + 3],
-            interp[gil_at + 4],
+            interp[gil_at + 4], verified=known is not None,
         )
-        # Self-check: last_holder and locked sit 8 and 16 bytes (16, 24 free-threaded)
-        # into the GIL struct; a misread table does not line up like this.
-        if (offsets.gil_holder - offsets.gil_runtime_state == 8 + shift
-                and offsets.gil_locked - offsets.gil_runtime_state == 16 + shift):
-            return offsets
-    raise TargetError(f"{obj.path}: _Py_DebugOffsets of {version} have an unknown layout")
+        if _self_check(offsets, interp[0]):
+            return _with_tstate_fields(offsets, q, known)
+    raise TargetError(
+        f"{obj.path}: _Py_DebugOffsets of CPython {'.'.join(map(str, version))} have a "
+        "layout this otel-gil does not know (no GIL fields that line up)"
+    )
+
+
+def _self_check(offsets: DebugOffsets, interp_size: int) -> bool:
+    """last_holder and locked sit 8 and 16 bytes (16, 24 free-threaded) into
+    the GIL struct, whose ``enabled`` offset is published relative to it (0);
+    all of it inside PyInterpreterState. A misread table does not line up so."""
+    shift = 8 if offsets.free_threaded else 0
+    base = offsets.gil_runtime_state
+    return (offsets.gil_holder - base == 8 + shift
+            and offsets.gil_locked - base == 16 + shift
+            and offsets.gil_enabled == 0
+            and 0 < offsets.ceval_gil < interp_size and 0 < base < interp_size)
+
+
+def _with_tstate_fields(offsets: DebugOffsets, q: tuple[int, ...],
+                        known: tuple[int, int] | None) -> DebugOffsets:
+    fields = _TSTATE_GIL_FIELDS.get(offsets.version[:2])
+    if known is None or fields is None:
+        return offsets
+    tstate = q[5 + known[1]:]  # the thread_state table follows interpreter_state
+    holds, requested = tstate[fields[0]], tstate[fields[1]]
+    if not (holds < tstate[0] and requested < tstate[0]):  # inside sizeof(PyThreadState)
+        return offsets
+    return replace(offsets, tstate_holds_gil=holds, tstate_gil_requested=requested)
 
 
 def read_version(obj: ElfObject, runtime: int | None) -> tuple[Version, str]:
@@ -165,7 +231,8 @@ def table_layout(version: Version, free_threaded: bool) -> GilLayout:
         main, gil = _CHAIN[key]
         return GilLayout(None, main, None, None, gil,
                          how=f"*(*(_PyRuntime+{main})+{gil}) ({label})", **fields)
-    raise TargetError(f"CPython {version[0]}.{version[1]} is not supported (3.8 to 3.14 are)")
+    raise TargetError(f"CPython {version[0]}.{version[1]} has no built-in GIL layout here "
+                      f"(known: {supported_range()})")
 
 
 def debug_offsets_layout(dbg: DebugOffsets, struct_fields: dict[str, int] | None) -> GilLayout:
@@ -176,7 +243,9 @@ def debug_offsets_layout(dbg: DebugOffsets, struct_fields: dict[str, int] | None
         None, dbg.interpreters_head, dbg.interp_next, dbg.interp_id, dbg.ceval_gil,
         interval=fields["interval"], locked=fields["locked"], cond=fields["cond"],
         enabled=dbg.gil_enabled if dbg.free_threaded else None,
-        how="_Py_DebugOffsets" + (" + DWARF" if struct_fields else ""),
+        how="_Py_DebugOffsets" + (" + DWARF" if struct_fields else "")
+            + ("" if dbg.verified else " (unverified layout)"),
+        tstate_holds_gil=dbg.tstate_holds_gil, tstate_gil_requested=dbg.tstate_gil_requested,
     )
 
 

@@ -15,7 +15,7 @@ SCHEMA = "otel-gil/record/v1"
 TOP_HOLDERS = 10
 RELEASE_METHOD = (
     "libc pthread_cond_signal filtered on the GIL's condition variable: drop_gil signals "
-    "it on every release in CPython 3.8-3.14, inlined or not, so releases are exact"
+    "it on every release in CPython 3.8-3.15, inlined or not, so releases are exact"
 )
 
 
@@ -42,7 +42,8 @@ def describe_target(target: Target) -> Dict[str, Any]:
         },
         "gil": {"address": target.gil.address, "cond_address": target.gil.cond_address,
                 "interval_us": target.gil.interval_us, "enabled": target.gil.enabled,
-                "found_by": target.gil.how},
+                "enabled_count": target.gil.enabled_count, "found_by": target.gil.how},
+        "unverified": interp.unverified,
         "release": {"method": RELEASE_METHOD, "fidelity": "exact",
                     "probe": {"path": target.cond_signal[0], "address": target.cond_signal[1]}},
     }
@@ -112,6 +113,7 @@ def to_json(session: Session) -> Dict[str, Any]:
         proc = describe_target(info.target)
         st = info.state or events.Target()
         proc.update(started_ns=info.started_ns, ended_ns=info.ended_ns,
+                    attached_ns=info.attached_ns, gil_enabled_ns=info.gil_enabled_ns,
                     acquisitions=st.acq_seq, handoffs=st.handoffs,
                     forced_switches=st.forced_switches, releases=st.releases,
                     lost_events=st.lost, untracked_threads=st.untracked)

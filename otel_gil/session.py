@@ -8,9 +8,10 @@ of an exited thread is read one last time, then deleted).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from otel_gil import discovery, events, timeline
@@ -18,6 +19,8 @@ from otel_gil.discovery import Target
 from otel_gil.errors import ProbeError, TargetGone
 from otel_gil.probes import ContextTable, ProbeConfig, Probes
 from otel_gil.trust import printable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,9 +60,21 @@ class ThreadTotals:
 @dataclass
 class TargetInfo:
     target: Target
-    started_ns: int  # CLOCK_MONOTONIC when its probes were attached
+    started_ns: int  # CLOCK_MONOTONIC when it was added (and its probes attached)
     ended_ns: int = 0
     state: Optional[events.Target] = None  # last read of the kernel's per-process state
+    ctx_table: Optional[ContextTable] = None
+    # A free-threaded target added with its GIL off has no probes until the GIL
+    # is switched on for good (Session._watch_gil); attached_ns is when they were.
+    attached_ns: int = 0
+    gil_enabled_ns: int = 0  # when the GIL was seen switched on after add(); 0 if never
+    watched_ns: int = 0  # last read of _gil_runtime_state.enabled
+
+
+# How often a GIL-less free-threaded target's _gil_runtime_state.enabled is read
+# (one 4-byte pread): waits are traced from at most this long after the GIL is
+# switched on.
+GIL_WATCH_INTERVAL_NS = 50_000_000
 
 
 def _thread_identity(pid: int, tid: int) -> Tuple[str, int]:
@@ -104,10 +119,22 @@ class Session:
     def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
         """Inspect and attach to a running Python process. Raises TargetError
         (TargetNotReady before its interpreter is up, TargetGone once it exits,
-        also mid-attach) or ProbeError."""
+        also mid-attach) or ProbeError.
+
+        A free-threaded process running with its GIL disabled is kept, without
+        probes, and watched: step() attaches them once the GIL is switched on
+        for good (an extension that does not declare Py_mod_gil was imported).
+        """
         target = discovery.inspect_process(pid)
-        discovery.require_gil(target)
+        discovery.require_gil(target, watch=True)  # refuses PYTHON_GIL=0
         started = _start_time(pid)
+        if target.gil.enabled is False:
+            self._start_times[pid] = started
+            self.targets[pid] = TargetInfo(target, time.monotonic_ns(), ctx_table=ctx_table,
+                                           watched_ns=time.monotonic_ns())
+            log.warning("otel-gil: pid %d: %s: nothing to measure yet; watching for it to be "
+                        "enabled", pid, discovery.gil_state(target.gil.enabled_count))
+            return target
         try:
             self.probes.add(target, ctx_table)
         except ProbeError as err:
@@ -121,8 +148,38 @@ class Session:
             self.probes.remove(pid)
             raise TargetGone(f"pid {pid} exited while its probes were being attached")
         self._start_times[pid] = started
-        self.targets[pid] = TargetInfo(target, time.monotonic_ns())
+        now = time.monotonic_ns()
+        self.targets[pid] = TargetInfo(target, now, ctx_table=ctx_table, attached_ns=now)
         return target
+
+    def _watch_gil(self) -> None:
+        """Attach the probes of watched targets whose GIL is now on for good.
+        A transient enable (an extension's init) is not: it ends within that
+        import, and take_gil returns at once again (Python/ceval_gil.c)."""
+        now = time.monotonic_ns()
+        for pid, info in self.targets.items():
+            if info.attached_ns or info.ended_ns or now - info.watched_ns < GIL_WATCH_INTERVAL_NS:
+                continue
+            info.watched_ns = now
+            count = discovery.gil_enabled_count(info.target)
+            if count != discovery.GIL_ENABLED_PERMANENTLY:
+                continue
+            gil = replace(info.target.gil, enabled=True, enabled_count=count)
+            info.target = replace(info.target, gil=gil)
+            try:
+                self.probes.add(info.target, info.ctx_table)
+            except ProbeError as err:
+                log.warning("otel-gil: pid %d: the GIL was enabled, but %s", pid, err)
+                info.watched_ns = now + 10**9 * 3600  # said once; not retried
+                continue
+            info.attached_ns = info.gil_enabled_ns = time.monotonic_ns()
+            log.warning("otel-gil: pid %d: the GIL was enabled at run time: tracing from now",
+                        pid)
+
+    @property
+    def traced(self) -> bool:
+        """Whether any target ever had its probes attached."""
+        return any(info.attached_ns for info in self.targets.values())
 
     def alive(self, pid: int) -> bool:
         return pid in self.targets and not self.targets[pid].ended_ns
@@ -131,6 +188,7 @@ class Session:
         """Deliver events, refresh totals, and retire targets that exited."""
         self.probes.poll(timeout_ms)
         self.refresh()
+        self._watch_gil()
         for pid, info in list(self.targets.items()):
             if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
                 self.detach(pid)

@@ -29,7 +29,7 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from otel_gil import context, protocol, trust
+from otel_gil import context, discovery, protocol, trust
 from otel_gil.clock import Clock
 from otel_gil.errors import EnvironmentProblem, OtelGilError
 from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
@@ -233,7 +233,10 @@ class Sidecar:
         self.metrics.add_process(pid, str(resource.get("service.name", "unknown")),
                                  target.nspid[-1], lambda tid: directory(tid).name)
         log.info("otel-gil: tracing pid %s (%s)", pid, resource.get("service.name", "?"))
-        return {"ok": True, "host_pid": pid}
+        reply: Dict[str, Any] = {"ok": True, "host_pid": pid}
+        if target.gil.enabled is False:  # free-threaded, GIL off: watched (Session.add)
+            reply["watching"] = discovery.gil_state(target.gil.enabled_count)
+        return reply
 
     def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable],
                      published: bool = False) -> ThreadInfo:

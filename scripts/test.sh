@@ -5,13 +5,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Test-only OS packages: bpftrace, as "another tracer" whose uprobe otel-gil must name.
-if ! dpkg-query -W -f='${Status}' bpftrace 2>/dev/null | grep -q 'install ok installed'; then
-    echo "test: installing bpftrace" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bpftrace \
+# Test-only OS packages: bpftrace, as "another tracer" whose uprobe otel-gil must
+# name; musl-tools, to build the musl-linked program otel-gil must refuse.
+TEST_PACKAGES=(bpftrace musl-tools)
+missing=()
+for p in "${TEST_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test: installing ${missing[*]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
         >/dev/null 2>&1 || { apt-get update -q >/dev/null &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bpftrace \
-        >/dev/null; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >/dev/null; }
 fi
 # Test-only: Debian's chromium, the headless browser that opens the HTML view
 # (tests/test_views_browser.py).

@@ -2,8 +2,10 @@
 
 The matrix is the one of shared/reference/test-targets.md: the pyenv builds
 already on the machine, plus what scripts/targets.sh builds into
-$OTEL_GIL_TARGETS (Debian's python3.11 with its -dbg symbols, a free-threaded
-3.13, sid's 3.14 in a chroot tree, a stripped copy of pyenv 3.11).
+$OTEL_GIL_TARGETS (Debian's python3.11 with its -dbg symbols, free-threaded
+3.13, 3.14 and 3.15 where the archive has their sources, sid's 3.14 and 3.15
+in chroot trees, a stripped copy of pyenv 3.11, sid's 3.15 fully stripped).
+i386_target() is a 32-bit CPython, kept apart: it is one otel-gil refuses.
 
 A test picks targets with `all_targets()`, calls `require(target)` (skip, or
 fail under CI=true), then `spawn(target, code)` and talks to the child through
@@ -50,6 +52,20 @@ class PythonTarget:
     root: str | None = None  # chroot directory; binary lies inside it
     env: tuple[tuple[str, str], ...] = ()  # what the target needs to run
     stamp: str | None = None  # written by scripts/targets.sh once built
+    free_threaded: bool = False
+
+    @property
+    def unbuildable(self) -> str | None:
+        """Why scripts/targets.sh could not build this target here (its
+        <name>.unavailable file: e.g. the archive had no such source), or None."""
+        if self.stamp is None:
+            return None
+        marker = self.stamp[: -len(".stamp")] + ".unavailable"
+        try:
+            with open(marker) as f:
+                return f.read().strip() or "scripts/targets.sh could not build it"
+        except OSError:
+            return None
 
     @property
     def debug_file(self) -> str | None:
@@ -98,29 +114,44 @@ def _pyenv(minor: int) -> PythonTarget:
     )
 
 
+def _freethreaded(minor: int) -> list[PythonTarget]:
+    """py3XXt-gil (PYTHON_GIL=1) and py3XXt-nogil (PYTHON_GIL=0) of one build.
+    PYTHON_GIL is read at startup by free-threaded builds (3.13 Python/initconfig.c)."""
+    t = str(TARGETS_DIR)
+    name = f"py3{minor}t"
+    gil = PythonTarget(
+        name=f"{name}-gil", version=(3, minor), binary=f"{t}/{name}/bin/python3.{minor}t",
+        expect_gil=True, interpreter_elf=f"{t}/{name}/lib/libpython3.{minor}t.so.1.0",
+        symbols="symtab", env=(("PYTHON_GIL", "1"),), stamp=f"{t}/{name}.stamp",
+        free_threaded=True,
+    )  # fmt: skip
+    return [gil, replace(gil, name=f"{name}-nogil", expect_gil=False, env=(("PYTHON_GIL", "0"),))]
+
+
+def _sid(minor: int) -> PythonTarget:
+    sid = f"{TARGETS_DIR}/sid-3.{minor}"
+    return PythonTarget(
+        name=f"sid-3.{minor}", version=(3, minor), binary=f"{sid}/usr/bin/python3.{minor}",
+        expect_gil=True, interpreter_elf=f"{sid}/usr/bin/python3.{minor}", symbols="build-id",
+        root=sid, stamp=f"{TARGETS_DIR}/sid-3.{minor}.stamp",
+    )  # fmt: skip
+
+
 def all_targets() -> list[PythonTarget]:
     """Every target, in a stable order (pyenv ones first, by version)."""
     t = str(TARGETS_DIR)
-    # PYTHON_GIL is read at startup by free-threaded builds (3.13 Python/initconfig.c).
-    py313t_gil = PythonTarget(
-        name="py313t-gil", version=(3, 13), binary=f"{t}/py313t/bin/python3.13t",
-        expect_gil=True, interpreter_elf=f"{t}/py313t/lib/libpython3.13t.so.1.0",
-        symbols="symtab", env=(("PYTHON_GIL", "1"),), stamp=f"{t}/py313t.stamp",
-    )  # fmt: skip
-    sid = f"{t}/sid-3.14"
     stripped = f"{t}/stripped-3.11"
+    stripped_315 = f"{t}/stripped-3.15"
     return [_pyenv(minor) for minor in range(8, 14)] + [
         PythonTarget(
             name="debian-3.11", version=(3, 11), binary="/usr/bin/python3.11",
             expect_gil=True, interpreter_elf="/usr/bin/python3.11", symbols="build-id",
         ),
-        py313t_gil,
-        replace(py313t_gil, name="py313t-nogil", expect_gil=False, env=(("PYTHON_GIL", "0"),)),
-        PythonTarget(
-            name="sid-3.14", version=(3, 14), binary=f"{sid}/usr/bin/python3.14",
-            expect_gil=True, interpreter_elf=f"{sid}/usr/bin/python3.14", symbols="build-id",
-            root=sid, stamp=f"{t}/sid-3.14.stamp",
-        ),
+        *_freethreaded(13),
+        *_freethreaded(14),
+        *_freethreaded(15),
+        _sid(14),
+        _sid(15),
         # The executable's RUNPATH still names the pyenv prefix: LD_LIBRARY_PATH
         # is searched first (ld.so(8)), so the stripped copy is the one loaded.
         PythonTarget(
@@ -129,7 +160,23 @@ def all_targets() -> list[PythonTarget]:
             symbols="none", env=(("LD_LIBRARY_PATH", f"{stripped}/lib"),),
             stamp=f"{t}/stripped-3.11.stamp",
         ),
+        # sid's 3.15 with no .symtab, no .gnu_debuglink and no debug files.
+        PythonTarget(
+            name="stripped-3.15", version=(3, 15), binary=f"{stripped_315}/usr/bin/python3.15",
+            expect_gil=True, interpreter_elf=f"{stripped_315}/usr/bin/python3.15",
+            symbols="none", root=stripped_315, stamp=f"{t}/stripped-3.15.stamp",
+        ),
     ]  # fmt: skip
+
+
+def i386_target() -> PythonTarget:
+    """A 32-bit CPython (bookworm's i386 python3.11) in a chroot: one otel-gil refuses."""
+    root = f"{TARGETS_DIR}/i386-3.11"
+    return PythonTarget(
+        name="i386-3.11", version=(3, 11), binary=f"{root}/usr/bin/python3.11", expect_gil=True,
+        interpreter_elf=f"{root}/usr/bin/python3.11", symbols="none", root=root,
+        stamp=f"{TARGETS_DIR}/i386-3.11.stamp",
+    )  # fmt: skip
 
 
 _ensure_error: str | None = None
@@ -144,7 +191,8 @@ def ensure_targets() -> None:
     global _ensured, _ensure_error
     if not _ensured:
         _ensured = True
-        built_here = [t for t in all_targets() if not t.name.startswith("pyenv-")]
+        built_here = [t for t in all_targets() + [i386_target()]
+                      if not t.name.startswith("pyenv-") and t.unbuildable is None]
         if not all(t.available() for t in built_here):
             _ensure_error = _run_targets_script()
     if _ensure_error is not None:
@@ -171,7 +219,12 @@ def require(target: PythonTarget) -> None:
     """Skip the calling test if target is missing; under CI=true fail instead.
 
     A skip in CI would hide a broken setup. Tries scripts/targets.sh first.
+    A target that scripts/targets.sh recorded it could not build from the
+    archive (target.unbuildable) is skipped even in CI, with that reason.
     """
+    unbuildable = target.unbuildable
+    if unbuildable is not None:
+        pytest.skip(f"target {target.name} cannot be built on this machine: {unbuildable}")
     reason = target.why_unavailable()
     if reason is not None:
         try:

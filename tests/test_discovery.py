@@ -9,16 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import struct
 import subprocess
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from otel_gil import discovery
-from otel_gil.discovery import Target, inspect_binary, inspect_process, require_gil
-from otel_gil.errors import GilDisabledError, TargetGone, TargetNotReady
+from otel_gil.discovery import Target, inspect_binary, inspect_process, require_gil, x_gil_option
+from otel_gil.errors import (
+    GilDisabledError,
+    NotPythonError,
+    TargetGone,
+)
 
 PYENV = "/root/.pyenv/versions"
 PYENV_VERSIONS = ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"]
@@ -191,8 +196,10 @@ def test_missing_pid_and_non_python_pid() -> None:
         # WHEN/THEN inspecting them raises TargetError with a plain message
         with pytest.raises(TargetGone, match=f"^no process with pid {missing}$"):
             inspect_process(missing)
-        not_python = rf"^pid {sleep.pid} \(sleep\) is not a Python process$"
-        with pytest.raises(TargetNotReady, match=not_python):
+        not_python = (rf"^pid {sleep.pid} \(sleep\) is not a Python process: no libpython3.X is "
+                      r"mapped into it, and /usr/bin/sleep holds no CPython \(no _PyRuntime\) "
+                      r"\(give the pid of a CPython 3.8 to 3.15 process\)$")
+        with pytest.raises(NotPythonError, match=not_python):
             inspect_process(sleep.pid)
     finally:
         sleep.kill()
@@ -230,12 +237,44 @@ def test_require_gil_raises_when_disabled() -> None:
     finally:
         proc.kill()
         proc.wait()
-    off = dataclasses.replace(target, gil=dataclasses.replace(target.gil, enabled=False))
-    # WHEN/THEN require_gil refuses it, with the remedy
+    def gil(**fields: Any) -> Any:
+        return dataclasses.replace(target, gil=dataclasses.replace(target.gil, **fields))
+
+    off = gil(enabled=False, enabled_count=0)
+    # WHEN/THEN require_gil refuses it, with the remedy, unless asked to watch
     with pytest.raises(GilDisabledError) as err:
         require_gil(off)
-    assert str(err.value) == ("GIL disabled: nothing to measure "
+    assert str(err.value) == ("GIL disabled: nothing to measure (run with PYTHON_GIL=1 to "
+                              "measure the GIL; `otel-gil record` and the sidecar keep "
+                              "watching and trace from the moment it is enabled)")
+    require_gil(off, watch=True)
+    # AND a GIL switched on only for an extension's init is said to be so
+    with pytest.raises(GilDisabledError, match=r"^GIL enabled only transiently \(2 request"):
+        require_gil(gil(enabled=False, enabled_count=2))
+    # AND one switched off for good at start-up is refused even when watching
+    pinned = gil(enabled=False, enabled_count=0, disabled_by="PYTHON_GIL=0")
+    with pytest.raises(GilDisabledError) as err:
+        require_gil(pinned, watch=True)
+    assert str(err.value) == ("GIL disabled by PYTHON_GIL=0: nothing to measure "
                               "(run with PYTHON_GIL=1 to measure the GIL)")
+
+
+@pytest.mark.parametrize("argv, value, ignore_env", [
+    ([b"python3.13t", b"-X", b"gil=0", b"-c", b"pass"], b"0", False),
+    ([b"python3.13t", b"-Xgil=1", b"app.py"], b"1", False),
+    ([b"python3.13t", b"-X", b"dev", b"-Xgil=1", b"-Xgil=0", b"app.py", b"-Xgil=1"], b"0", False),
+    ([b"python3.13t", b"-c", b"-Xgil=0"], None, False),
+    ([b"python3.13t", b"app.py", b"-X", b"gil=0", b"-E"], None, False),
+    ([b"python3.13t", b"-IB", b"app.py"], None, True),
+    ([b"python3.13t", b"-E", b"-Xgil=0", b"-m", b"app"], b"0", True),
+    ([b"python3.13t", b"-Wdefault", b"-X", b"importtime"], None, False),
+    ([b"python3.13t", b"-W", b"error", b"-X", b"gil=0", b"app.py"], b"0", False),
+    ([b"python3.13t"], None, False),
+])
+def test_x_gil_option_is_read_before_the_program(argv: list, value: Any, ignore_env: bool) -> None:
+    # GIVEN a command line WHEN its -X gil= option and -E/-I are looked for
+    # THEN only the interpreter's own options count, the last -X gil winning
+    assert x_gil_option(argv) == (value, ignore_env)
 
 
 # ----------------------------------------------------------------- extra targets
@@ -301,32 +340,60 @@ def test_free_threaded_313t_process(gil_env: str | None, enabled: bool) -> None:
             require_gil(target)
 
 
-def test_sid_314_binary_in_its_root() -> None:
-    # GIVEN sid's stripped LTO python3.14, unpacked in a root tree with python3.14-dbg
-    exe = f"{SID}/usr/bin/python3.14"
+@pytest.mark.parametrize("minor", [14, 15])
+def test_sid_binary_in_its_root(minor: int) -> None:
+    # GIVEN sid's stripped LTO python3.X, unpacked in a root tree with python3.X-dbg
+    root = f"{TARGETS}/sid-3.{minor}"
+    exe = f"{root}/usr/bin/python3.{minor}"
     need(exe)
     with discovery.ElfObject(exe) as obj:
         build_id = obj.build_id()
     assert build_id is not None
     # WHEN it is inspected with that tree as its root
-    interp = inspect_binary(exe, root=SID, cache=False)
+    interp = inspect_binary(exe, root=root, cache=False)
     # THEN symbols come from the -dbg file inside the tree, matched by build-id
-    debug = f"{SID}/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
+    debug = f"{root}/usr/lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}.debug"
     assert interp.symbol_source == f"debug file {debug} (build-id)"
-    assert interp.version[:2] == (3, 14) and not interp.free_threaded
+    assert interp.version[:2] == (3, minor) and not interp.free_threaded
+    assert interp.unverified == ""
     assert [f.name for f in interp.take_gil] == ["take_gil.lto_priv.0"]
-    assert [f.name for f in interp.drop_gil] == ["drop_gil.constprop.0"]
+    # AND drop_gil's out-of-line part, which unlocks and signals gil->cond, is
+    # listed beside it (both have .cold parts, which are not)
+    assert [f.name for f in interp.drop_gil] == ["drop_gil.constprop.0",
+                                                 "drop_gil_impl.lto_priv.0"]
     assert all(len(f.ret_addresses) == 1 for f in interp.take_gil)
-    # AND the GIL is located through 3.14's _Py_DebugOffsets (threads_main layout)
-    assert interp.gil_layout is not None and interp.gil_layout.how == "_Py_DebugOffsets"
+    # AND the GIL is located through _Py_DebugOffsets (3.14's threads_main layout)
+    layout = interp.gil_layout
+    assert layout is not None and layout.how == "_Py_DebugOffsets"
+    assert (layout.locked, layout.cond) == (16, 32)
+    # AND from 3.15 on they also publish PyThreadState.holds_gil/gil_requested,
+    # where take_gil's code (objdump) writes them: movl $1,0x28(tstate), then
+    # movq $1,0x24(tstate) once held
+    if minor >= 15:
+        assert (layout.tstate_holds_gil, layout.tstate_gil_requested) == (0x24, 0x28)
+        take = interp.take_gil[0]
+        code = objdump_text(exe, take.address, take.size)
+        assert re.search(r"movl +\$0x1,0x28\(%r\w+\)", code)
+        assert re.search(r"movq +\$0x1,0x24\(%r\w+\)", code)
+    else:
+        assert layout.tstate_holds_gil is None
 
 
-def test_sid_314_process_in_chroot_and_pid_namespace() -> None:
-    # GIVEN python3.14 running chrooted in the sid tree, in its own PID namespace
-    need(f"{SID}/usr/bin/python3.14")
+def objdump_text(path: str, start: int, size: int) -> str:
+    return subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", f"--start-address={start:#x}",
+         f"--stop-address={start + size:#x}", path],
+        capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("minor", [14, 15])
+def test_sid_process_in_chroot_and_pid_namespace(minor: int) -> None:
+    # GIVEN python3.X running chrooted in the sid tree, in its own PID namespace
+    root = f"{TARGETS}/sid-3.{minor}"
+    need(f"{root}/usr/bin/python3.{minor}")
     proc = subprocess.Popen(
-        ["/usr/bin/unshare", "--pid", "--fork", f"--mount-proc={SID}/proc",
-         "/usr/sbin/chroot", SID, "/usr/bin/python3.14", "-c", CHILD],
+        ["/usr/bin/unshare", "--pid", "--fork", f"--mount-proc={root}/proc",
+         "/usr/sbin/chroot", root, f"/usr/bin/python3.{minor}", "-c", CHILD],
         stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
     )
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
@@ -338,14 +405,31 @@ def test_sid_314_process_in_chroot_and_pid_namespace() -> None:
         # THEN it is pid 1 in its namespace, its GIL is found, and the libc to
         # probe is the tree's own (sid's), not the host's
         assert target.nspid == (child, 1)
-        assert target.interpreter.version[:2] == (3, 14)
+        assert target.interpreter.version[:2] == (3, minor)
         assert target.gil.interval_us == 5000
         assert target.gil.cond_address == target.gil.address + 32
-        assert os.path.samefile(target.cond_signal[0], f"{SID}/usr/lib/x86_64-linux-gnu/libc.so.6")
+        assert os.path.samefile(target.cond_signal[0], f"{root}/usr/lib/x86_64-linux-gnu/libc.so.6")
         assert peek_int(child, target.gil.address + 16) in (0, 1)
     finally:
         os.kill(child, 9)
         proc.wait()
+
+
+def test_stripped_315_in_its_root() -> None:
+    # GIVEN sid's python3.15 stripped of everything (.symtab, .gnu_debuglink),
+    # in a tree without debug files, as a slim image ships it
+    exe = f"{TARGETS}/stripped-3.15/usr/bin/python3.15"
+    need(exe)
+    # WHEN it is inspected
+    interp = inspect_binary(exe, root=f"{TARGETS}/stripped-3.15", cache=False)
+    # THEN take_gil is found from PyEval_AcquireLock's tail call, at the address
+    # the -dbg file gives sid's original, and the GIL through _Py_DebugOffsets
+    truth = inspect_binary(f"{TARGETS}/sid-3.15/usr/bin/python3.15",
+                           root=f"{TARGETS}/sid-3.15", cache=False)
+    assert interp.symbol_source == discovery.FALLBACK_SOURCE
+    assert [(f.address, f.size, f.ret_addresses) for f in interp.take_gil] == [
+        (f.address, f.size, f.ret_addresses) for f in truth.take_gil]
+    assert interp.gil_layout == truth.gil_layout
 
 
 def test_stripped_311_copy() -> None:

@@ -52,9 +52,18 @@ def _expected(target: PythonTarget) -> Tuple[str, List[Tuple[str, int]]]:
         assert debug is not None
         return f"debug file {debug} (build-id)", _readelf_take_gil(debug)
     # Fully stripped: found from PyEval_AcquireLock, at the address the
-    # unstripped original has in its .symtab (strip keeps the code as it is).
-    original = _readelf_take_gil(PYENV_311_LIB)
+    # unstripped original (or its -dbg file) has in its .symtab (strip keeps
+    # the code as it is).
+    original = _readelf_take_gil(_stripped_original(target))
     return FALLBACK_SOURCE, [("take_gil", original[0][1])]
+
+
+def _stripped_original(target: PythonTarget) -> str:
+    if target.name == "stripped-3.11":
+        return PYENV_311_LIB
+    sid = next(t for t in all_targets() if t.name == f"sid-3.{target.version[1]}")
+    assert target.name == "stripped-3.15" and sid.debug_file is not None
+    return sid.debug_file
 
 
 def _copies(doc: Dict[str, Any]) -> List[Tuple[str, int]]:
@@ -78,8 +87,7 @@ def test_doctor_python_finds_interpreter(target: PythonTarget) -> None:
     assert os.path.samefile(found["object"], target.interpreter_elf)
     assert found["root"] == (target.root or "/")
     assert tuple(int(x) for x in found["version"].split(".")[:2]) == target.version
-    assert found["flavour"] == ("free-threaded" if target.name.startswith("py313t")
-                                else "default")
+    assert found["flavour"] == ("free-threaded" if target.free_threaded else "default")
     assert found["symbols"] == source
     assert _copies(doc) == copies
     assert all(f["rets"] >= 1 and f["source"] == source for f in found["take_gil"])
@@ -110,7 +118,7 @@ def test_doctor_pid_of_live_child(target: PythonTarget) -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert doc["ok"] is True
         assert os.path.samefile(found["object"], target.interpreter_elf)
-        assert found["gil"]["enabled"] is (True if target.name == "py313t-gil" else None)
+        assert found["gil"]["enabled"] is (True if target.free_threaded else None)
         assert os.path.basename(found["release_probe"]["path"]) == "libc.so.6"
         assert text.returncode == 0 and text.stdout.endswith("verdict: tracing would work\n")
     else:

@@ -89,6 +89,15 @@ def test_every_metric_is_exported_with_its_unit(traced: Any) -> None:
         assert points[metric.name][0] == metric.unit
 
 
+def assert_held_seconds(held_s: float, result: Dict[str, Any]) -> None:
+    """Held seconds of the burners against their CPU and run-queue time (schedstat):
+    a CPU-bound holder keeps the GIL while preempted, so a busy machine adds to
+    the hold up to the time spent runnable, never more."""
+    cpu_s = sum(result["cpu_ns"].values()) / 1e9
+    runnable_s = sum(result["runnable_ns"].values()) / 1e9
+    assert 0.95 * cpu_s <= held_s <= 1.05 * cpu_s + runnable_s, (held_s, cpu_s, runnable_s)
+
+
 @pytest.mark.ebpf
 def test_held_seconds_match_the_workloads_cpu_time(traced: Any) -> None:
     session, result, data, _ = traced
@@ -97,9 +106,9 @@ def test_held_seconds_match_the_workloads_cpu_time(traced: Any) -> None:
               if p.attributes[names.LABEL_THREAD] == "burner"]
     assert len(burner) == 1
     assert burner[0].attributes[names.LABEL_SERVICE] == "metrics-test"
-    cpu_s = sum(result["cpu_ns"].values()) / 1e9
-    # THEN the burners' held seconds are their CPU time, within a few % (5)
-    assert abs(burner[0].value - cpu_s) <= 0.05 * cpu_s, (burner[0].value, cpu_s)
+    # THEN the burners' held seconds are their CPU time, within a few % (5), plus
+    # at most the time they were preempted holding it (test_record.WORKLOAD)
+    assert_held_seconds(burner[0].value, result)
     acquisitions = sum(p.value for p in points[names.ACQUISITIONS.name][1])
     assert acquisitions == sum(t.acquisitions for t in session.threads.values())
     forced = sum(p.value for p in points[names.FORCED_SWITCHES.name][1])
@@ -130,8 +139,7 @@ def test_prometheus_scrape_shows_the_documented_series(traced: Any) -> None:
     line = next(ln for ln in scrape.splitlines()
                 if ln.startswith(names.HELD_TIME.prometheus + "{") and 'thread_name="burner"' in ln)
     assert 'service_name="metrics-test"' in line
-    cpu_s = sum(result["cpu_ns"].values()) / 1e9
-    assert abs(float(line.rsplit(" ", 1)[1]) - cpu_s) <= 0.05 * cpu_s
+    assert_held_seconds(float(line.rsplit(" ", 1)[1]), result)
 
 
 @pytest.mark.ebpf

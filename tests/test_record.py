@@ -24,19 +24,24 @@ from otel_gil.session import Session
 
 WORKLOAD = r"""
 import json, os, sys, threading, time
-def burn(out):
-    t0 = time.thread_time_ns()
+def runnable_ns():
+    # /proc/self/task/TID/schedstat: on-CPU ns, run-queue wait ns, timeslices
+    with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+        return int(f.read().split()[1])
+def burn(out, queued):
+    t0, q0 = time.thread_time_ns(), runnable_ns()
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         sum(i * i for i in range(100))
     out[threading.get_native_id()] = time.thread_time_ns() - t0
+    queued[threading.get_native_id()] = runnable_ns() - q0
 print(json.dumps({"pid": os.getpid(), "ready": True}), flush=True)
 sys.stdin.readline()
-out = {}
-threads = [threading.Thread(target=burn, args=(out,)) for _ in range(4)]
+out, queued = {}, {}
+threads = [threading.Thread(target=burn, args=(out, queued)) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
-print(json.dumps({"cpu_ns": out}), flush=True)
+print(json.dumps({"cpu_ns": out, "runnable_ns": queued}), flush=True)
 sys.stdin.readline()
 """
 
@@ -69,8 +74,17 @@ def _trace_workload(target: PythonTarget) -> tuple:
             session.close()
     finally:
         child.close()
-    cpu = {int(k): v for k, v in result["cpu_ns"].items()}
+    cpu = {int(k): (v, result["runnable_ns"][k]) for k, v in result["cpu_ns"].items()}
     return session, cpu, independent
+
+
+def assert_hold_matches_cpu(held: int, cpu_ns: int, runnable: int) -> None:
+    """A CPU-bound thread holds the GIL whenever it runs, so its hold time is
+    its CPU time (within 2%) on a quiet machine. On a busy one, a holder can
+    also be preempted while holding (the GIL stays held): that time is in the
+    thread's run-queue wait (schedstat), which bounds the excess from above."""
+    assert held >= 0.98 * cpu_ns, (held, cpu_ns, runnable)
+    assert held <= 1.02 * cpu_ns + runnable, (held, cpu_ns, runnable)
 
 
 @pytest.mark.ebpf
@@ -89,11 +103,11 @@ def test_four_cpu_bound_threads(target: PythonTarget) -> None:
     assert sum(t.unmatched for t in session.threads.values()) == 0, \
         (session.skipped_runs, [(t.tid, t.acquisitions, t.unmatched)
                                 for t in session.threads.values()])
-    # AND each burner's hold time is within 2% of its own CPU time
+    # AND each burner's hold time is its own CPU time within 2%, plus at most
+    # the time it was preempted (assert_hold_matches_cpu)
     assert len(cpu) == 4
-    for ns_tid, cpu_ns in cpu.items():
-        held = by_ns_tid[ns_tid].hold_ns
-        assert abs(held - cpu_ns) <= 0.02 * cpu_ns, (ns_tid, held, cpu_ns)
+    for ns_tid, (cpu_ns, runnable) in cpu.items():
+        assert_hold_matches_cpu(by_ns_tid[ns_tid].hold_ns, cpu_ns, runnable)
     # AND the holds of all threads fit in the traced wall time
     wall = info.ended_ns - info.started_ns
     assert sum(t.hold_ns for t in session.threads.values()) <= wall
@@ -124,7 +138,10 @@ def test_gil_disabled_is_refused(target: PythonTarget) -> None:
         child.read_json(timeout=60)
         session = Session(ProbeConfig())
         try:
-            with pytest.raises(GilDisabledError, match="GIL disabled: nothing to measure"):
+            # PYTHON_GIL=0 (the target's env) keeps it off for good: no watching
+            with pytest.raises(GilDisabledError,
+                               match=r"^GIL disabled by PYTHON_GIL=0: nothing to measure "
+                                     r"\(run with PYTHON_GIL=1 to measure the GIL\)$"):
                 session.add(child.host_pid)
         finally:
             session.close()

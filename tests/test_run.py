@@ -209,5 +209,5 @@ def test_run_with_the_gil_disabled_is_refused() -> None:
     # THEN one line says there is nothing to measure, and the program is stopped
     assert proc.returncode == 3
     assert proc.stderr.splitlines() == [
-        "otel-gil: error: GIL disabled: nothing to measure (run with PYTHON_GIL=1 to measure "
-        "the GIL)"]
+        "otel-gil: error: GIL disabled by PYTHON_GIL=0: nothing to measure (run with "
+        "PYTHON_GIL=1 to measure the GIL)"]

@@ -44,9 +44,13 @@ def test_matrix_names_are_the_documented_ones() -> None:
     # GIVEN the matrix WHEN listed THEN it is test-targets.md's, in a stable order
     assert IDS == [
         "pyenv-3.8", "pyenv-3.9", "pyenv-3.10", "pyenv-3.11", "pyenv-3.12", "pyenv-3.13",
-        "debian-3.11", "py313t-gil", "py313t-nogil", "sid-3.14", "stripped-3.11",
+        "debian-3.11", "py313t-gil", "py313t-nogil", "py314t-gil", "py314t-nogil",
+        "py315t-gil", "py315t-nogil", "sid-3.14", "sid-3.15", "stripped-3.11", "stripped-3.15",
     ]  # fmt: skip
-    assert [t.name for t in TARGETS if not t.expect_gil] == ["py313t-nogil"]
+    assert [t.name for t in TARGETS if not t.expect_gil] == [
+        "py313t-nogil", "py314t-nogil", "py315t-nogil"]
+    assert [t.name for t in TARGETS if t.free_threaded] == [
+        "py313t-gil", "py313t-nogil", "py314t-gil", "py314t-nogil", "py315t-gil", "py315t-nogil"]
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=IDS)

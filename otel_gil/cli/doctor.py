@@ -93,7 +93,14 @@ def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str
                      for f in interp.drop_gil],
         "release_fidelity": "exact: every release seen at pthread_cond_signal(&gil->cond), "
                             "whether or not drop_gil is inlined",
+        "unverified": interp.unverified,
     }
+
+
+def _summary(what: str, interp: discovery.Interpreter, flavour: str) -> str:
+    text = (f"{what}: CPython {'.'.join(map(str, interp.version))} ({flavour}), "
+            f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}")
+    return f"{text}; WARNING: {interp.unverified}" if interp.unverified else text
 
 
 class DoctorCommand(Command):
@@ -138,21 +145,22 @@ class DoctorCommand(Command):
             out.update(_describe(interp, args.python, root))
             if interp.free_threaded:
                 out["gil"] = "free-threaded build: the GIL is measurable when it runs with " \
-                             "PYTHON_GIL=1 (checked per process with --pid)"
-            return f"{args.python}: CPython {out['version']} ({out['flavour']}), " \
-                   f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
+                             "PYTHON_GIL=1 or enables it at run time (checked per process " \
+                             "with --pid)"
+            return _summary(args.python, interp, out["flavour"])
         target = discovery.inspect_process(args.pid)
         interp = discovery.inspect_binary(target.object_path, root=target.root, cache=False)
         out.update(_describe(interp, _exe(args.pid), os.path.realpath(target.root)))
         out["object"] = _host_path(args.pid, target.object_path)
         out.update(pid=target.pid, nspid=list(target.nspid),
                    gil={"address": hex(target.gil.address), "enabled": target.gil.enabled,
+                        "enabled_count": target.gil.enabled_count,
+                        "state": discovery.gil_state(target.gil.enabled_count),
                         "interval_us": target.gil.interval_us, "found_by": target.gil.how},
                    release_probe={"path": _host_path(args.pid, target.cond_signal[0]),
                                   "address": hex(target.cond_signal[1])})
         discovery.require_gil(target)
-        return f"pid {args.pid}: CPython {out['version']} ({out['flavour']}), " \
-               f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
+        return _summary(f"pid {args.pid}", interp, out["flavour"])
 
     @staticmethod
     def _print(checks: List[Check], target: Optional[Dict[str, Any]], verdict: str) -> None:
@@ -162,7 +170,8 @@ class DoctorCommand(Command):
                 print(f"       remedy: {c.remedy}")
         if target:
             for key, value in target.items():
-                print(f"  {key}: {value}")
+                if value != "":
+                    print(f"  {key}: {value}")
         print(f"verdict: {verdict}")
 
 

@@ -13,8 +13,8 @@ from typing import Callable, Dict, Optional
 from otel_gil import report, views
 from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
 from otel_gil.cli.views import add_view_options, view_files, write_views
-from otel_gil.discovery import Target
-from otel_gil.errors import OtelGilError
+from otel_gil.discovery import GIL_DISABLED_REMEDY, Target
+from otel_gil.errors import GilDisabledError, OtelGilError
 from otel_gil.probes import ProbeConfig, program_text
 from otel_gil.session import Session
 
@@ -50,9 +50,12 @@ def probe_config(args: argparse.Namespace) -> ProbeConfig:
 
 def announce(target: Target, how: str = "Ctrl-C to stop") -> None:
     interp = target.interpreter
-    print(f"otel-gil: tracing pid {target.pid} (CPython {'.'.join(map(str, interp.version))}"
+    verb = "watching" if target.gil.enabled is False else "tracing"  # Session said why
+    print(f"otel-gil: {verb} pid {target.pid} (CPython {'.'.join(map(str, interp.version))}"
           f"{' free-threaded' if interp.free_threaded else ''}, take_gil via "
           f"{interp.symbol_source}); {how}", file=sys.stderr, flush=True)
+    if interp.unverified:
+        print(f"otel-gil: warning: {interp.unverified}", file=sys.stderr, flush=True)
 
 
 def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], None]] = None,
@@ -69,6 +72,9 @@ def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], No
         follow(session, lambda: stop.requested, args.duration, each_second)
     finally:
         session.close()
+    if not session.traced:  # every target kept its GIL disabled throughout
+        raise GilDisabledError("GIL disabled: nothing to measure (it stayed disabled while "
+                               "watched)", remedy=GIL_DISABLED_REMEDY)
     return session
 
 
