@@ -7,8 +7,11 @@ The app keeps a *context table* in its own memory: a 64-byte header and a
 power-of-two number of 128-byte slots (layout in ``bpf/gil.h``, ``struct
 ctx_slot_head``). A thread owns the slot for its native thread id; at every
 OpenTelemetry ``attach``/``detach`` it writes the now-current span context into
-it as an OTEP 4947 thread-context record. The eBPF probes read the calling
-thread's slot with ``bpf_probe_read_user`` at GIL events.
+it as an OTEP 4947 thread-context record. Where the thread's contextvars Context
+changes with no attach (an event loop switching tasks, a worker thread running a
+copied context), otel_gil/event_loop.py calls publish_entered()/publish_current().
+The eBPF probes read the calling thread's slot with ``bpf_probe_read_user`` at
+GIL events.
 
 The app's resource is published separately, as an OTEP 4719 process context
 (otel_gil/process_context.py), which reuses this module's memory helpers.
@@ -16,6 +19,7 @@ The app's resource is published separately, as an OTEP 4719 process context
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import mmap
 import os
@@ -45,6 +49,8 @@ __all__ = [
     "SlotRecord",
     "current_table",
     "install",
+    "publish_current",
+    "publish_entered",
     "read_slots",
     "read_thread_names",
     "uninstall",
@@ -72,6 +78,7 @@ _ATTRS_OFFSET = _SLOT_HEAD.size  # 44
 _ATTRS_MAX = SLOT_SIZE - _ATTRS_OFFSET
 ATTR_THREAD_NAME = 0  # key_idx of thread.name in the slot's attribute entries
 _INVALID = bytes(26)
+_EMPTY = Context()  # an OpenTelemetry Context with no span
 
 # prctl(2) constants from linux/prctl.h (PR_SET_VMA since Linux 5.17).
 _PR_SET_VMA = 0x53564D41
@@ -228,6 +235,11 @@ _tls = threading.local()  # .view: the thread's record (see ContextTable.view); 
 # most that many ended spans stay alive a little longer.
 _cache: dict[int, tuple[object, bytes]] = {}
 _CACHE_MAX = 256
+# The ContextVar that holds OpenTelemetry's current Context in each contextvars
+# Context (ContextVarsRuntimeContext._current_context), or None when the app
+# uses another runtime context: then a Context about to be entered cannot be
+# read, and publish_entered() publishes "no span" rather than guess.
+_otel_var: ContextVar[Context] | None = None
 
 
 def _claim_current() -> memoryview:
@@ -290,6 +302,41 @@ def _failed() -> None:
         pass
 
 
+def publish_entered(entered: contextvars.Context) -> None:
+    """Publish the span current in ``entered``: a contextvars Context that this
+    thread is about to run code in with no OpenTelemetry attach (an event-loop
+    step, a worker thread's copied context; otel_gil/event_loop.py). Never raises."""
+    try:
+        var = _otel_var
+        otel = entered.get(var) if var is not None else None
+        span = otel.get(_SPAN_KEY) if otel is not None else None
+        if span is None:
+            record = _INVALID
+        else:
+            hit = _cache.get(id(span))
+            record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+        try:
+            _tls.view[:] = record
+        except AttributeError:
+            _claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def publish_current() -> None:
+    """Publish the span current in this thread's current contextvars Context
+    again (a step ended: the loop's own code runs on). Never raises."""
+    var = _otel_var
+    if var is not None:
+        otel = var.get(None)
+        _publish(otel if otel is not None else _EMPTY)
+    else:
+        try:
+            _publish(otel_context.get_current())
+        except Exception:  # noqa: BLE001 - never raise into the app
+            _failed()
+
+
 class PublishingRuntimeContext(_RuntimeContext):
     """Delegates to the app's runtime context, then publishes the now-current span."""
 
@@ -304,8 +351,10 @@ class PublishingRuntimeContext(_RuntimeContext):
             self._attach: Callable[[Context], Any] = var.set
             self._detach: Callable[[Any], None] = var.reset
             self._get: Callable[[], Context] = var.get
+            self.var: ContextVar[Context] | None = var
         else:
             self._attach, self._detach, self._get = inner.attach, inner.detach, inner.get_current
+            self.var = None
 
     # attach() and detach() inline _publish(): a Python call costs ~70 ns here,
     # a tenth of the budget (bench/context_switch.py).
@@ -352,7 +401,7 @@ def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
     """Create the table (once per process), hook OpenTelemetry's runtime context
     and publish the calling thread's current context. Idempotent. Threads with a
     context attached before install() publish it at their next attach/detach."""
-    global _table
+    global _table, _otel_var
     if _table is None:
         _table = ContextTable(slots)
         os.register_at_fork(after_in_child=_after_fork)
@@ -360,8 +409,12 @@ def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
     if isinstance(runtime, PublishingRuntimeContext):
         runtime.enabled = True
     else:
-        otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
+        runtime = otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
+    _otel_var = runtime.var
     _publish(otel_context.get_current())
+    from otel_gil import event_loop  # noqa: PLC0415 - it imports this module
+
+    event_loop.install()
     return _table
 
 
@@ -369,6 +422,9 @@ def uninstall() -> None:
     """Put the original runtime context back and mark every record invalid. The
     table stays mapped (the sidecar may hold its address); install() reuses it.
     If something else wrapped our hook meanwhile, the hook turns pass-through."""
+    from otel_gil import event_loop  # noqa: PLC0415
+
+    event_loop.uninstall()
     runtime = otel_context._RUNTIME_CONTEXT
     if isinstance(runtime, PublishingRuntimeContext):
         otel_context._RUNTIME_CONTEXT = runtime.inner
