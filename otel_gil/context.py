@@ -53,7 +53,9 @@ __all__ = [
     "publish_entered",
     "read_slots",
     "read_thread_names",
+    "span_ended",
     "uninstall",
+    "watch_span_ends",
 ]
 
 # Mirrors bpf/gil.h (GIL_CTX_HEADER_SIZE, GIL_CTX_SLOT_SIZE, GIL_CTX_PROBES).
@@ -234,6 +236,7 @@ _tls = threading.local()  # .view: the thread's record (see ContextTable.view); 
 # while cached (its span context never changes); cleared past _CACHE_MAX, so at
 # most that many ended spans stay alive a little longer.
 _cache: dict[int, tuple[object, bytes]] = {}
+_cached_ids: dict[int, int] = {}  # span_id -> its key in _cache (see EndedSpans)
 _CACHE_MAX = 256
 # The ContextVar that holds OpenTelemetry's current Context in each contextvars
 # Context (ContextVarsRuntimeContext._current_context), or None when the app
@@ -256,15 +259,70 @@ def _claim_current() -> memoryview:
 
 def _remember(span: Any) -> bytes:
     span_context = span.get_span_context()
-    if span_context.is_valid:
+    # An SDK span that has ended publishes "no span": work after its end
+    # (an ASGI server span ends when the response is sent, and stays current
+    # while the middleware finishes) would otherwise get a child outside it.
+    if span_context.is_valid and getattr(span, "end_time", None) is None:
         record = _ids_record(span_context.trace_id, span_context.span_id,
                              int(span_context.trace_flags))
     else:
         record = _INVALID
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
+        _cached_ids.clear()
     _cache[id(span)] = (span, record)
+    _cached_ids[span_context.span_id] = id(span)
     return record
+
+
+def span_ended(span: Any) -> None:
+    """A span ended on this thread (the SDK calls span processors' on_end
+    there, inside Span.end): if it is cached, it publishes "no span" from then
+    on; if it is this thread's published span, its slot says so now. Never raises."""
+    try:
+        span_id = span.get_span_context().span_id
+        key = _cached_ids.pop(span_id, None)
+        hit = _cache.get(key) if key is not None else None
+        if hit is not None and key is not None:
+            _cache[key] = (hit[0], _INVALID)
+        view = getattr(_tls, "view", None)
+        if view is not None and view[24] and bytes(view[16:24]) == span_id.to_bytes(8, "big"):
+            view[:] = _INVALID
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def _ended_spans_processor() -> Any:
+    """An SDK SpanProcessor (a subclass, so that hooks newer SDKs call, such as
+    _on_ending, keep their defaults) calling span_ended(). The hot path pays
+    nothing for it; each span end pays one dict lookup."""
+    from opentelemetry.sdk.trace import SpanProcessor  # noqa: PLC0415
+
+    class EndedSpans(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            span_ended(span)
+
+    return EndedSpans()
+
+
+_ended_spans_on: set[int] = set()  # id() of the tracer providers given an EndedSpans
+
+
+def watch_span_ends(tracer_provider: Any) -> None:
+    """Give an SDK tracer provider a span processor calling span_ended() (once;
+    default: the global one). Other providers have no such hook: their ended
+    spans keep publishing while they stay current."""
+    try:
+        if tracer_provider is None:
+            from opentelemetry import trace  # noqa: PLC0415
+
+            tracer_provider = trace.get_tracer_provider()
+        add = getattr(tracer_provider, "add_span_processor", None)
+        if add is not None and id(tracer_provider) not in _ended_spans_on:
+            add(_ended_spans_processor())
+            _ended_spans_on.add(id(tracer_provider))
+    except Exception:  # noqa: BLE001, S110 - optional: publishing works without it
+        pass
 
 
 def _publish(context: Context) -> None:
@@ -323,9 +381,13 @@ def publish_entered(entered: contextvars.Context) -> None:
         _failed()
 
 
-def publish_current() -> None:
+def publish_current(claim: bool = True) -> None:
     """Publish the span current in this thread's current contextvars Context
-    again (a step ended: the loop's own code runs on). Never raises."""
+    again (a step ended: the loop's own code runs on). With claim=False, a
+    thread that has no slot yet is left without one (a pool thread that never
+    published has nothing stale to correct). Never raises."""
+    if not claim and getattr(_tls, "view", None) is None:
+        return
     var = _otel_var
     if var is not None:
         otel = var.get(None)
@@ -458,6 +520,7 @@ def _after_fork() -> None:
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
     _cache = {}
+    _cached_ids.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())
 

@@ -214,7 +214,7 @@ def _patch_executor() -> None:
         try:
             return original_run(self, *args)  # type: ignore[no-any-return]
         finally:
-            publish_current()
+            publish_current(claim=False)
 
     _replace(work_item, "run", run)
 
