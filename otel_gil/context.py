@@ -513,13 +513,12 @@ def current_table() -> ContextTable | None:
 def _after_fork() -> None:
     """In a forked child only the forking thread exists, under a new tid: forget
     the parent's slots and let this thread claim afresh."""
-    global _cache
     if _table is None:
         return
     _table.reset()
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
-    _cache = {}
+    _cache.clear()  # in place: otel_gil/event_loop.py holds this dict
     _cached_ids.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())

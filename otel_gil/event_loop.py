@@ -58,18 +58,29 @@ import functools
 import importlib.abc
 import importlib.machinery
 import sys
+import threading
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from otel_gil import context
 from otel_gil.context import publish_current, publish_entered
 
 __all__ = ["install", "patched", "uninstall"]
 
 _active = False
+# context._otel_var while installed with the contextvars runtime context: the
+# inlined fast path of Handle._run reads it; None means take the slow path.
+_otel_var: Any = None
 _NO_CONTEXT = contextvars.Context()  # publishing it publishes "no span"
 # (owner, attribute, original) of every patch, for uninstall().
 _patches: List[Tuple[Any, str, Any]] = []
-_AMBIENT = "_otel_gil_ambient"  # a uvloop loop's own Context, set by run_forever
+# context.py's objects for the inlined publishing below: context.py mutates
+# them in place and never rebinds them.
+_TLS, _CACHE = context._tls, context._cache
+_INVALID, _SPAN_KEY = context._INVALID, context._SPAN_KEY  # type: ignore[attr-defined]
+# .record: the record of the uvloop loop running on this thread (run_forever);
+# without one (a loop already running at instrument()), "no span".
+_loop_records = threading.local()
 
 
 # ------------------------------------------------------------------- asyncio
@@ -78,15 +89,51 @@ _AMBIENT = "_otel_gil_ambient"  # a uvloop loop's own Context, set by run_foreve
 def _patch_asyncio() -> None:
     handle = asyncio.events.Handle
     original_run = handle.__dict__["_run"]
+    # context.py's publishing, inlined: a Python call costs ~70 ns, and this
+    # runs twice per step (bench/event_loop.py). The names are bound once;
+    # context.py mutates these objects in place, never rebinds them.
+    tls, cache, remember, claim, failed = (_TLS, _CACHE, context._remember,
+                                           context._claim_current, context._failed)
+    invalid, span_key = _INVALID, _SPAN_KEY
 
     def _run(self: Any) -> None:
-        if not _active:
-            return original_run(self)  # type: ignore[no-any-return]
-        publish_entered(self._context)
+        var = _otel_var
+        if var is None:  # not instrumented, or not the contextvars runtime context
+            if not _active:
+                return original_run(self)  # type: ignore[no-any-return]
+            publish_entered(self._context)
+            try:
+                return original_run(self)  # type: ignore[no-any-return]
+            finally:
+                publish_current()
+        try:  # publish_entered(self._context)
+            otel = self._context.get(var)
+            span = None if otel is None else otel.get(span_key)
+            if span is None:
+                record = invalid
+            else:
+                hit = cache.get(id(span))
+                record = hit[1] if hit is not None and hit[0] is span else remember(span)
+            try:
+                tls.view[:] = record
+            except AttributeError:
+                claim()[:] = record
+        except Exception:  # noqa: BLE001 - never raise into the app
+            failed()
         try:
             return original_run(self)  # type: ignore[no-any-return]
         finally:
-            publish_current()
+            try:  # publish_current()
+                otel = var.get(None)
+                span = None if otel is None else otel.get(span_key)
+                if span is None:
+                    record = invalid
+                else:
+                    hit = cache.get(id(span))
+                    record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                tls.view[:] = record
+            except Exception:  # noqa: BLE001 - never raise into the app
+                failed()
 
     _replace(handle, "_run", _run)
     if sys.version_info >= (3, 12):  # eager_task_factory: asyncio/tasks.py, 3.12+
@@ -115,32 +162,56 @@ class _Callback:
     """A callback scheduled on a uvloop loop. uvloop calls it inside the
     callback's Context (uvloop/cbhandles.pyx, Handle._run: Context_Enter), so on
     entry the current Context is the callback's; on exit, still inside it, the
-    loop's own Context is republished from the snapshot run_forever took."""
+    loop's own record (taken when run_forever began, on this thread) is
+    written back."""
 
-    __slots__ = ("callback", "loop")
+    __slots__ = ("callback",)
 
-    def __init__(self, callback: Callable[..., Any], loop: Any) -> None:
+    def __init__(self, callback: Callable[..., Any]) -> None:
         self.callback = callback
-        self.loop = loop
 
     def __call__(self, *args: Any) -> Any:
-        if not _active:
+        var = _otel_var
+        if var is None:
             return self.callback(*args)
-        publish_current()
+        try:  # publish_current(), inlined as in Handle._run above
+            otel = var.get(None)
+            span = None if otel is None else otel.get(_SPAN_KEY)
+            if span is None:
+                record = _INVALID
+            else:
+                hit = _CACHE.get(id(span))
+                record = hit[1] if hit is not None and hit[0] is span else context._remember(span)
+            try:
+                _TLS.view[:] = record
+            except AttributeError:
+                context._claim_current()[:] = record
+        except Exception:  # noqa: BLE001 - never raise into the app
+            context._failed()
         try:
             return self.callback(*args)
         finally:
-            publish_entered(self.loop.__dict__.get(_AMBIENT, _NO_CONTEXT))
+            try:
+                _TLS.view[:] = getattr(_loop_records, "record", _INVALID)
+            except Exception:  # noqa: BLE001 - never raise into the app
+                context._failed()
 
     def __repr__(self) -> str:
         return repr(self.callback)
 
 
-def _wrapped(callback: Any, loop: Any) -> Any:
+def _wrapped(callback: Any) -> Any:
     # Leave what is not callable as it is: uvloop raises its own TypeError.
-    if not _active or type(callback) is _Callback or not callable(callback):
+    if _otel_var is None or type(callback) is _Callback or not callable(callback):
         return callback
-    return _Callback(callback, loop)
+    return _Callback(callback)
+
+
+def _record_now() -> bytes:
+    """The record publish_current() would write now, without writing it."""
+    otel = _otel_var.get(None) if _otel_var is not None else None
+    span = None if otel is None else otel.get(_SPAN_KEY)
+    return _INVALID if span is None else context._remember(span)
 
 
 def _patch_uvloop(uvloop: ModuleType) -> None:
@@ -154,24 +225,26 @@ def _patch_uvloop(uvloop: ModuleType) -> None:
     run_forever = loop_class.run_forever
 
     def soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_soon(self, _wrapped(callback, self), *args, context=context)
+        return call_soon(self, _wrapped(callback), *args, context=context)
 
     def soon_threadsafe(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_soon_threadsafe(self, _wrapped(callback, self), *args, context=context)
+        return call_soon_threadsafe(self, _wrapped(callback), *args, context=context)
 
     def later(self: Any, delay: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_later(self, delay, _wrapped(callback, self), *args, context=context)
+        return call_later(self, delay, _wrapped(callback), *args, context=context)
 
     def at(self: Any, when: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_at(self, when, _wrapped(callback, self), *args, context=context)
+        return call_at(self, when, _wrapped(callback), *args, context=context)
 
     def forever(self: Any) -> Any:
-        previous = self.__dict__.get(_AMBIENT)
-        self.__dict__[_AMBIENT] = contextvars.copy_context()
+        # The loop's own Context does not change while it runs (its code runs
+        # in no other): its record, taken now, holds until run_forever returns.
+        previous = getattr(_loop_records, "record", _INVALID)
+        _loop_records.record = _record_now()
         try:
             return run_forever(self)
         finally:
-            self.__dict__[_AMBIENT] = previous if previous is not None else _NO_CONTEXT
+            _loop_records.record = previous
 
     for name, patch in (("call_soon", soon), ("call_soon_threadsafe", soon_threadsafe),
                         ("call_later", later), ("call_at", at), ("run_forever", forever)):
@@ -332,7 +405,8 @@ def _run_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
 def install() -> None:
     """Patch asyncio and the executor now, uvloop and anyio now or when imported.
     Idempotent; never raises."""
-    global _active
+    global _active, _otel_var
+    _otel_var = context._otel_var
     if _active:
         return
     _active = True
@@ -353,8 +427,9 @@ def install() -> None:
 def uninstall() -> None:
     """Put every patched attribute back. Callbacks wrapped meanwhile stay
     wrapped but no longer publish."""
-    global _active
+    global _active, _otel_var
     _active = False
+    _otel_var = None
     try:
         while _finder in sys.meta_path:
             sys.meta_path.remove(_finder)
