@@ -48,6 +48,7 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
             from otel_gil import context, process_context  # noqa: PLC0415
 
             table = context.install()
+            context.watch_span_ends(tracer_provider)
             resource = _resource_attributes(tracer_provider)
             try:
                 process_context.publish_process_context(resource)

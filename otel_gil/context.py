@@ -7,8 +7,11 @@ The app keeps a *context table* in its own memory: a 64-byte header and a
 power-of-two number of 128-byte slots (layout in ``bpf/gil.h``, ``struct
 ctx_slot_head``). A thread owns the slot for its native thread id; at every
 OpenTelemetry ``attach``/``detach`` it writes the now-current span context into
-it as an OTEP 4947 thread-context record. The eBPF probes read the calling
-thread's slot with ``bpf_probe_read_user`` at GIL events.
+it as an OTEP 4947 thread-context record. Where the thread's contextvars Context
+changes with no attach (an event loop switching tasks, a worker thread running a
+copied context), otel_gil/event_loop.py calls publish_entered()/publish_current().
+The eBPF probes read the calling thread's slot with ``bpf_probe_read_user`` at
+GIL events.
 
 The app's resource is published separately, as an OTEP 4719 process context
 (otel_gil/process_context.py), which reuses this module's memory helpers.
@@ -16,6 +19,7 @@ The app's resource is published separately, as an OTEP 4719 process context
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import mmap
 import os
@@ -46,9 +50,13 @@ __all__ = [
     "SlotRecord",
     "current_table",
     "install",
+    "publish_current",
+    "publish_entered",
     "read_slots",
     "read_thread_names",
+    "span_ended",
     "uninstall",
+    "watch_span_ends",
 ]
 
 # Mirrors bpf/gil.h (GIL_CTX_HEADER_SIZE, GIL_CTX_SLOT_SIZE, GIL_CTX_PROBES).
@@ -73,6 +81,7 @@ _ATTRS_OFFSET = _SLOT_HEAD.size  # 44
 _ATTRS_MAX = SLOT_SIZE - _ATTRS_OFFSET
 ATTR_THREAD_NAME = 0  # key_idx of thread.name in the slot's attribute entries
 _INVALID = bytes(26)
+_EMPTY = Context()  # an OpenTelemetry Context with no span
 
 # prctl(2) constants from linux/prctl.h (PR_SET_VMA since Linux 5.17).
 _PR_SET_VMA = 0x53564D41
@@ -228,7 +237,13 @@ _tls = threading.local()  # .view: the thread's record (see ContextTable.view); 
 # while cached (its span context never changes); cleared past _CACHE_MAX, so at
 # most that many ended spans stay alive a little longer.
 _cache: dict[int, tuple[object, bytes]] = {}
+_cached_ids: dict[int, int] = {}  # span_id -> its key in _cache (see EndedSpans)
 _CACHE_MAX = 256
+# The ContextVar that holds OpenTelemetry's current Context in each contextvars
+# Context (ContextVarsRuntimeContext._current_context), or None when the app
+# uses another runtime context: then a Context about to be entered cannot be
+# read, and publish_entered() publishes "no span" rather than guess.
+_otel_var: ContextVar[Context] | None = None
 
 
 def _claim_current() -> memoryview:
@@ -245,15 +260,70 @@ def _claim_current() -> memoryview:
 
 def _remember(span: Any) -> bytes:
     span_context = span.get_span_context()
-    if span_context.is_valid:
+    # An SDK span that has ended publishes "no span": work after its end
+    # (an ASGI server span ends when the response is sent, and stays current
+    # while the middleware finishes) would otherwise get a child outside it.
+    if span_context.is_valid and getattr(span, "end_time", None) is None:
         record = _ids_record(span_context.trace_id, span_context.span_id,
                              int(span_context.trace_flags))
     else:
         record = _INVALID
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
+        _cached_ids.clear()
     _cache[id(span)] = (span, record)
+    _cached_ids[span_context.span_id] = id(span)
     return record
+
+
+def span_ended(span: Any) -> None:
+    """A span ended on this thread (the SDK calls span processors' on_end
+    there, inside Span.end): if it is cached, it publishes "no span" from then
+    on; if it is this thread's published span, its slot says so now. Never raises."""
+    try:
+        span_id = span.get_span_context().span_id
+        key = _cached_ids.pop(span_id, None)
+        hit = _cache.get(key) if key is not None else None
+        if hit is not None and key is not None:
+            _cache[key] = (hit[0], _INVALID)
+        view = getattr(_tls, "view", None)
+        if view is not None and view[24] and bytes(view[16:24]) == span_id.to_bytes(8, "big"):
+            view[:] = _INVALID
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def _ended_spans_processor() -> Any:
+    """An SDK SpanProcessor (a subclass, so that hooks newer SDKs call, such as
+    _on_ending, keep their defaults) calling span_ended(). The hot path pays
+    nothing for it; each span end pays one dict lookup."""
+    from opentelemetry.sdk.trace import SpanProcessor  # noqa: PLC0415
+
+    class EndedSpans(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            span_ended(span)
+
+    return EndedSpans()
+
+
+_ended_spans_on: set[int] = set()  # id() of the tracer providers given an EndedSpans
+
+
+def watch_span_ends(tracer_provider: Any) -> None:
+    """Give an SDK tracer provider a span processor calling span_ended() (once;
+    default: the global one). Other providers have no such hook: their ended
+    spans keep publishing while they stay current."""
+    try:
+        if tracer_provider is None:
+            from opentelemetry import trace  # noqa: PLC0415
+
+            tracer_provider = trace.get_tracer_provider()
+        add = getattr(tracer_provider, "add_span_processor", None)
+        if add is not None and id(tracer_provider) not in _ended_spans_on:
+            add(_ended_spans_processor())
+            _ended_spans_on.add(id(tracer_provider))
+    except Exception:  # noqa: BLE001, S110 - optional: publishing works without it
+        pass
 
 
 def _publish(context: Context) -> None:
@@ -291,6 +361,45 @@ def _failed() -> None:
         pass
 
 
+def publish_entered(entered: contextvars.Context) -> None:
+    """Publish the span current in ``entered``: a contextvars Context that this
+    thread is about to run code in with no OpenTelemetry attach (an event-loop
+    step, a worker thread's copied context; otel_gil/event_loop.py). Never raises."""
+    try:
+        var = _otel_var
+        otel = entered.get(var) if var is not None else None
+        span = otel.get(_SPAN_KEY) if otel is not None else None
+        if span is None:
+            record = _INVALID
+        else:
+            hit = _cache.get(id(span))
+            record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+        try:
+            _tls.view[:] = record
+        except AttributeError:
+            _claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def publish_current(claim: bool = True) -> None:
+    """Publish the span current in this thread's current contextvars Context
+    again (a step ended: the loop's own code runs on). With claim=False, a
+    thread that has no slot yet is left without one (a pool thread that never
+    published has nothing stale to correct). Never raises."""
+    if not claim and getattr(_tls, "view", None) is None:
+        return
+    var = _otel_var
+    if var is not None:
+        otel = var.get(None)
+        _publish(otel if otel is not None else _EMPTY)
+    else:
+        try:
+            _publish(otel_context.get_current())
+        except Exception:  # noqa: BLE001 - never raise into the app
+            _failed()
+
+
 class PublishingRuntimeContext(_RuntimeContext):
     """Delegates to the app's runtime context, then publishes the now-current span."""
 
@@ -305,8 +414,10 @@ class PublishingRuntimeContext(_RuntimeContext):
             self._attach: Callable[[Context], Any] = var.set
             self._detach: Callable[[Any], None] = var.reset
             self._get: Callable[[], Context] = var.get
+            self.var: ContextVar[Context] | None = var
         else:
             self._attach, self._detach, self._get = inner.attach, inner.detach, inner.get_current
+            self.var = None
 
     # attach() and detach() inline _publish(): a Python call costs ~70 ns here,
     # a tenth of the budget (bench/context_switch.py).
@@ -353,7 +464,7 @@ def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
     """Create the table (once per process), hook OpenTelemetry's runtime context
     and publish the calling thread's current context. Idempotent. Threads with a
     context attached before install() publish it at their next attach/detach."""
-    global _table
+    global _table, _otel_var
     if _table is None:
         _table = ContextTable(slots)
         os.register_at_fork(after_in_child=_after_fork)
@@ -361,8 +472,12 @@ def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
     if isinstance(runtime, PublishingRuntimeContext):
         runtime.enabled = True
     else:
-        otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
+        runtime = otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
+    _otel_var = runtime.var
     _publish(otel_context.get_current())
+    from otel_gil import event_loop  # noqa: PLC0415 - it imports this module
+
+    event_loop.install()
     return _table
 
 
@@ -370,6 +485,9 @@ def uninstall() -> None:
     """Put the original runtime context back and mark every record invalid. The
     table stays mapped (the sidecar may hold its address); install() reuses it.
     If something else wrapped our hook meanwhile, the hook turns pass-through."""
+    from otel_gil import event_loop  # noqa: PLC0415
+
+    event_loop.uninstall()
     runtime = otel_context._RUNTIME_CONTEXT
     if isinstance(runtime, PublishingRuntimeContext):
         otel_context._RUNTIME_CONTEXT = runtime.inner
@@ -396,13 +514,13 @@ def current_table() -> ContextTable | None:
 def _after_fork() -> None:
     """In a forked child only the forking thread exists, under a new tid: forget
     the parent's slots and let this thread claim afresh."""
-    global _cache
     if _table is None:
         return
     _table.reset()
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
-    _cache = {}
+    _cache.clear()  # in place: otel_gil/event_loop.py holds this dict
+    _cached_ids.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())
 

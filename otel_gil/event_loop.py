@@ -1,0 +1,449 @@
+"""The context slot across event-loop steps and worker threads.
+
+This module runs *inside the traced app* (Python 3.8+, stdlib only). It must be
+cheap and must never raise into the app.
+
+otel_gil/context.py publishes a thread's span at every OpenTelemetry
+attach/detach. An event loop switches tasks with neither: it runs each step of
+a task, and each callback, inside that task's own contextvars Context
+(Lib/asyncio/events.py, Handle._run: ``self._context.run(self._callback,
+*self._args)``). A worker thread that runs a copied Context (asyncio.to_thread,
+anyio.to_thread.run_sync) does the same. Here the slot is made to follow the
+thread's current Context at those switches:
+
+- asyncio, any loop built on asyncio.BaseEventLoop, with the C or the Python
+  Task: ``Handle._run`` is the one place where the loop runs a task step, a
+  call_soon/call_later callback, a future's done-callback or an I/O callback
+  (BaseEventLoop._run_once). It is patched on the class, so handles and tasks
+  created before instrument() are covered. Before the step: the span current in
+  the handle's Context; after it: the span current in the loop's own Context
+  (none, unless the loop itself runs inside a span), so a wait in the loop's
+  code between steps is charged to no task.
+- eager tasks (3.12+, asyncio.eager_task_factory): a task's first step runs
+  inside create_task, in the caller's step; create_task republishes the
+  caller's span when it returns.
+- uvloop: its Handle is Cython and enters the Context in C (uvloop/cbhandles.pyx),
+  so Loop.call_soon, call_soon_threadsafe, call_later and call_at wrap their
+  callback instead: every task step and timer, and every future callback, is
+  scheduled through them. Callbacks uvloop builds in Cython (add_reader,
+  add_writer, add_signal_handler, protocol callbacks) are not bracketed: they
+  run with the loop's record (no span), and an attach/detach inside them is
+  published as usual. Callbacks already scheduled when instrument() runs are
+  not bracketed either.
+- concurrent.futures.ThreadPoolExecutor (loop.run_in_executor, asyncio.to_thread):
+  a work item that is ``functools.partial(ctx.run, ...)`` or ``ctx.run`` (what
+  to_thread submits) publishes ctx's span first; every work item republishes
+  the worker's own Context when it ends, so the next job does not inherit it.
+- anyio worker threads (Starlette and FastAPI sync endpoints):
+  AsyncIOBackend.run_sync_in_worker_thread wraps the function, which publishes
+  the copied Context's span on entry and "no span" on exit.
+
+Why not PyContext_AddWatcher (3.14+), which reports every switch: a watcher
+callback may be called with an exception pending (Context.run leaving a Context
+after the called function raised, Python/context.c) and must leave it intact.
+A ctypes callback runs Python code with the exception still set: CPython then
+raises SystemError ("returned a result with an exception set") and the app's
+own exception is lost (tests/test_event_loop.py shows it on sid's 3.14).
+Only a compiled callback can save and restore it, as dd-trace-py's Rust
+watcher does with PyErr_GetRaisedException/PyErr_SetRaisedException; this
+package ships no compiled code. The patches above therefore serve 3.14 too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures.thread as futures_thread
+import contextvars
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+import threading
+from types import ModuleType
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from otel_gil import context
+from otel_gil.context import publish_current, publish_entered
+
+__all__ = ["install", "patched", "uninstall"]
+
+_active = False
+# context._otel_var while installed with the contextvars runtime context: the
+# inlined fast path of Handle._run reads it; None means take the slow path.
+_otel_var: Any = None
+_NO_CONTEXT = contextvars.Context()  # publishing it publishes "no span"
+# (owner, attribute, original) of every patch, for uninstall().
+_patches: List[Tuple[Any, str, Any]] = []
+# context.py's objects for the inlined publishing below: context.py mutates
+# them in place and never rebinds them.
+_TLS, _CACHE = context._tls, context._cache
+_INVALID, _SPAN_KEY = context._INVALID, context._SPAN_KEY  # type: ignore[attr-defined]
+# .record: the record of the uvloop loop running on this thread (run_forever);
+# without one (a loop already running at instrument()), "no span".
+_loop_records = threading.local()
+
+
+# ------------------------------------------------------------------- asyncio
+
+
+def _patch_asyncio() -> None:
+    handle = asyncio.events.Handle
+    original_run = handle.__dict__["_run"]
+    # context.py's publishing, inlined: a Python call costs ~70 ns, and this
+    # runs twice per step (bench/event_loop.py). The names are bound once;
+    # context.py mutates these objects in place, never rebinds them.
+    tls, cache, remember, claim, failed = (_TLS, _CACHE, context._remember,
+                                           context._claim_current, context._failed)
+    invalid, span_key = _INVALID, _SPAN_KEY
+
+    def _run(self: Any) -> None:
+        var = _otel_var
+        if var is None:  # not instrumented, or not the contextvars runtime context
+            if not _active:
+                return original_run(self)  # type: ignore[no-any-return]
+            publish_entered(self._context)
+            try:
+                return original_run(self)  # type: ignore[no-any-return]
+            finally:
+                publish_current()
+        try:  # publish_entered(self._context)
+            otel = self._context.get(var)
+            span = None if otel is None else otel.get(span_key)
+            if span is None:
+                record = invalid
+            else:
+                hit = cache.get(id(span))
+                record = hit[1] if hit is not None and hit[0] is span else remember(span)
+            try:
+                tls.view[:] = record
+            except AttributeError:
+                claim()[:] = record
+        except Exception:  # noqa: BLE001 - never raise into the app
+            failed()
+        try:
+            return original_run(self)  # type: ignore[no-any-return]
+        finally:
+            try:  # publish_current()
+                otel = var.get(None)
+                span = None if otel is None else otel.get(span_key)
+                if span is None:
+                    record = invalid
+                else:
+                    hit = cache.get(id(span))
+                    record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                tls.view[:] = record
+            except Exception:  # noqa: BLE001 - never raise into the app
+                failed()
+
+    _replace(handle, "_run", _run)
+    if sys.version_info >= (3, 12):  # eager_task_factory: asyncio/tasks.py, 3.12+
+        _wrap_create_task(asyncio.BaseEventLoop)
+
+
+def _wrap_create_task(loop_class: Any) -> None:
+    original = getattr(loop_class, "create_task", None)
+    if original is None:
+        return
+
+    def create_task(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if _active:  # an eager first step may have published its own span
+                publish_current()
+
+    _replace(loop_class, "create_task", create_task)
+
+
+# -------------------------------------------------------------------- uvloop
+
+
+class _Callback:
+    """A callback scheduled on a uvloop loop. uvloop calls it inside the
+    callback's Context (uvloop/cbhandles.pyx, Handle._run: Context_Enter), so on
+    entry the current Context is the callback's; on exit, still inside it, the
+    loop's own record (taken when run_forever began, on this thread) is
+    written back."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: Callable[..., Any]) -> None:
+        self.callback = callback
+
+    def __call__(self, *args: Any) -> Any:
+        var = _otel_var
+        if var is None:
+            return self.callback(*args)
+        try:  # publish_current(), inlined as in Handle._run above
+            otel = var.get(None)
+            span = None if otel is None else otel.get(_SPAN_KEY)
+            if span is None:
+                record = _INVALID
+            else:
+                hit = _CACHE.get(id(span))
+                record = hit[1] if hit is not None and hit[0] is span else context._remember(span)
+            try:
+                _TLS.view[:] = record
+            except AttributeError:
+                context._claim_current()[:] = record
+        except Exception:  # noqa: BLE001 - never raise into the app
+            context._failed()
+        try:
+            return self.callback(*args)
+        finally:
+            try:
+                _TLS.view[:] = getattr(_loop_records, "record", _INVALID)
+            except Exception:  # noqa: BLE001 - never raise into the app
+                context._failed()
+
+    def __repr__(self) -> str:
+        return repr(self.callback)
+
+
+def _wrapped(callback: Any) -> Any:
+    # Leave what is not callable as it is: uvloop raises its own TypeError.
+    if _otel_var is None or type(callback) is _Callback or not callable(callback):
+        return callback
+    return _Callback(callback)
+
+
+def _record_now() -> bytes:
+    """The record publish_current() would write now, without writing it."""
+    otel = _otel_var.get(None) if _otel_var is not None else None
+    span = None if otel is None else otel.get(_SPAN_KEY)
+    return _INVALID if span is None else context._remember(span)
+
+
+def _patch_uvloop(uvloop: ModuleType) -> None:
+    loop_class = getattr(uvloop, "Loop", None)
+    if loop_class is None or "call_soon" in _patched_names(loop_class):
+        return
+    call_soon = loop_class.call_soon
+    call_soon_threadsafe = loop_class.call_soon_threadsafe
+    call_later = loop_class.call_later
+    call_at = loop_class.call_at
+    run_forever = loop_class.run_forever
+
+    def soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+        return call_soon(self, _wrapped(callback), *args, context=context)
+
+    def soon_threadsafe(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+        return call_soon_threadsafe(self, _wrapped(callback), *args, context=context)
+
+    def later(self: Any, delay: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+        return call_later(self, delay, _wrapped(callback), *args, context=context)
+
+    def at(self: Any, when: Any, callback: Any, *args: Any, context: Any = None) -> Any:
+        return call_at(self, when, _wrapped(callback), *args, context=context)
+
+    def forever(self: Any) -> Any:
+        # The loop's own Context does not change while it runs (its code runs
+        # in no other): its record, taken now, holds until run_forever returns.
+        previous = getattr(_loop_records, "record", _INVALID)
+        _loop_records.record = _record_now()
+        try:
+            return run_forever(self)
+        finally:
+            _loop_records.record = previous
+
+    for name, patch in (("call_soon", soon), ("call_soon_threadsafe", soon_threadsafe),
+                        ("call_later", later), ("call_at", at), ("run_forever", forever)):
+        _replace(loop_class, name, patch)
+    if sys.version_info >= (3, 12):
+        _wrap_create_task(loop_class)
+
+
+def _patched_names(owner: Any) -> List[str]:
+    return [name for o, name, _ in _patches if o is owner]
+
+
+# ------------------------------------------------------------ worker threads
+
+
+def _entered_by(function: Any) -> Optional[contextvars.Context]:
+    """The Context a work item enters first: ``partial(ctx.run, f, ...)`` or
+    ``ctx.run`` (asyncio.to_thread: Lib/asyncio/threads.py)."""
+    if type(function) is functools.partial:
+        function = function.func
+    owner = getattr(function, "__self__", None)
+    if type(owner) is contextvars.Context and getattr(function, "__name__", "") == "run":
+        return owner
+    return None
+
+
+def _patch_executor() -> None:
+    work_item = futures_thread._WorkItem
+    original_run = work_item.__dict__["run"]
+
+    def run(self: Any, *args: Any) -> None:
+        if not _active:
+            return original_run(self, *args)  # type: ignore[no-any-return]
+        # 3.8-3.13: self.fn; 3.14: self.task = (fn, args, kwargs) (WorkerContext).
+        task = getattr(self, "task", None)
+        function = task[0] if type(task) is tuple and task else getattr(self, "fn", None)
+        entered = _entered_by(function)
+        if entered is not None:
+            publish_entered(entered)
+        try:
+            return original_run(self, *args)  # type: ignore[no-any-return]
+        finally:
+            publish_current(claim=False)
+
+    _replace(work_item, "run", run)
+
+
+class _InWorker:
+    """A function anyio runs in a worker thread inside a copied Context
+    (anyio/_backends/_asyncio.py, WorkerThread.run: ``context.run(func, *args)``)."""
+
+    __slots__ = ("function",)
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+
+    def __call__(self, *args: Any) -> Any:
+        if not _active:
+            return self.function(*args)
+        publish_current()
+        try:
+            return self.function(*args)
+        finally:
+            # The worker's own Context: empty (a thread starts with one), so
+            # its code between jobs is charged to no request.
+            publish_entered(_NO_CONTEXT)
+
+
+def _patch_anyio(backend: ModuleType) -> None:
+    cls = getattr(backend, "AsyncIOBackend", None)
+    method = getattr(cls, "__dict__", {}).get("run_sync_in_worker_thread")
+    if not isinstance(method, classmethod) or "run_sync_in_worker_thread" in _patched_names(cls):
+        return
+    original = method.__func__
+
+    def run_sync_in_worker_thread(klass: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        if _active and callable(func) and type(func) is not _InWorker:
+            func = _InWorker(func)
+        return original(klass, func, *args, **kwargs)
+
+    _replace(cls, "run_sync_in_worker_thread", classmethod(run_sync_in_worker_thread))
+
+
+# ---------------------------------------------------- patching, and imports
+
+# Modules patched when they are imported (or at once, if they already are).
+_AFTER_IMPORT: Dict[str, Callable[[ModuleType], None]] = {
+    "uvloop": _patch_uvloop,
+    "anyio._backends._asyncio": _patch_anyio,
+}
+
+
+def _replace(owner: Any, name: str, value: Any) -> None:
+    _patches.append((owner, name, owner.__dict__.get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
+_MISSING = object()
+
+
+class _Loader(importlib.abc.Loader):
+    """Runs a module's own loader, then its patch; then puts the loader back
+    on the module, so nothing else ever sees this one."""
+
+    def __init__(self, loader: Any, patch: Callable[[ModuleType], None]) -> None:
+        self.loader = loader
+        self.patch = patch
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
+        module: Optional[ModuleType] = self.loader.create_module(spec)
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        try:
+            self.loader.exec_module(module)
+        finally:
+            if module.__spec__ is not None:
+                module.__spec__.loader = self.loader
+            module.__loader__ = self.loader
+        _run_patch(self.patch, module)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds the modules of _AFTER_IMPORT through the other finders, and gives
+    their specs a _Loader."""
+
+    def find_spec(self, fullname: str, path: Optional[Sequence[str]],
+                  target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
+        patch = _AFTER_IMPORT.get(fullname)
+        if patch is None or not _active:
+            return None
+        try:
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is self or find is None:
+                    continue
+                spec: Optional[importlib.machinery.ModuleSpec] = find(fullname, path, target)
+                if spec is None:
+                    continue
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, patch)
+                return spec
+        except Exception:  # noqa: BLE001 - leave the import to the usual machinery
+            return None
+        return None
+
+
+_finder = _Finder()
+
+
+def _run_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
+    try:
+        patch(module)
+    except Exception:  # noqa: BLE001, S110 - an unknown version: left unpatched
+        pass
+
+
+def install() -> None:
+    """Patch asyncio and the executor now, uvloop and anyio now or when imported.
+    Idempotent; never raises."""
+    global _active, _otel_var
+    _otel_var = context._otel_var
+    if _active:
+        return
+    _active = True
+    try:
+        if not _patches:
+            _patch_asyncio()
+            _patch_executor()
+        for name, patch in _AFTER_IMPORT.items():
+            module = sys.modules.get(name)
+            if module is not None:
+                _run_patch(patch, module)
+        if _finder not in sys.meta_path:
+            sys.meta_path.insert(0, _finder)
+    except Exception:  # noqa: BLE001, S110 - the attach/detach hook still works
+        pass
+
+
+def uninstall() -> None:
+    """Put every patched attribute back. Callbacks wrapped meanwhile stay
+    wrapped but no longer publish."""
+    global _active, _otel_var
+    _active = False
+    _otel_var = None
+    try:
+        while _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)
+        while _patches:
+            owner, name, original = _patches.pop()
+            if original is _MISSING:
+                if name in owner.__dict__:
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+    except Exception:  # noqa: BLE001, S110 - never raise into the app
+        pass
+
+
+def patched() -> List[str]:
+    """What is patched now, as ``module.Class.attribute`` (diagnostics, tests)."""
+    return [f"{owner.__module__}.{owner.__qualname__}.{name}" for owner, name, _ in _patches]
