@@ -43,7 +43,7 @@ def sidecar_command(options: Options, owner_fd: int, listen: str) -> List[str]:
             "--listen", listen, "--wait-threshold-ms", str(options.wait_threshold_ms),
             "--hold-threshold-ms", str(options.hold_threshold_ms),
             "--prometheus-port", str(options.prometheus_port),
-            "--max-thread-labels", str(options.max_thread_labels)]
+            "--max-thread-labels", str(options.max_thread_labels), "--probes", options.probes]
 
 
 def sidecar_env() -> Dict[str, str]:

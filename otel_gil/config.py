@@ -19,6 +19,7 @@ OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS = "OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS"
 OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
+OTEL_PYTHON_GIL_PROBES = "OTEL_PYTHON_GIL_PROBES"
 
 # What each variable does: docs/configuration.md is generated from this.
 DOCS: Dict[str, str] = {
@@ -41,10 +42,17 @@ DOCS: Dict[str, str] = {
     OTEL_PYTHON_GIL_MAX_THREAD_LABELS:
         "Sidecar: distinct thread names per process used as metric labels; further "
         "threads are reported as `other`.",
+    OTEL_PYTHON_GIL_PROBES:
+        "Probe set of a spawned sidecar. `contended` (default): only code that runs when a "
+        "thread must wait for the GIL is probed, so an uncontended hand-off costs nothing; "
+        "waits, their holders, hand-offs and forced switches are exact, hold times only "
+        "while another thread waits. `all`: every acquisition and release as well (exact "
+        "holds; about 1-2 µs per GIL hand-off, bench/README.md).",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
 MODES = ("auto", "connect", "spawn", "off")
+PROBE_SETS = ("contended", "all")  # mirrors otel_gil.probes.PROBE_SETS (no bcc import here)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Options:
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
+    probes: str = "contended"
 
     @property
     def socket_configured(self) -> bool:
@@ -72,6 +81,7 @@ ENV: Dict[str, str] = {
     "start_timeout_s": OTEL_PYTHON_GIL_START_TIMEOUT_S,
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,
+    "probes": OTEL_PYTHON_GIL_PROBES,
 }
 
 
@@ -99,6 +109,9 @@ def load(overrides: Optional[Mapping[str, Any]] = None,
     opts = Options(**values)
     if opts.mode not in MODES:
         raise ValueError(f"{OTEL_PYTHON_GIL_MODE}={opts.mode!r}: use one of {', '.join(MODES)}")
+    if opts.probes not in PROBE_SETS:
+        raise ValueError(f"{OTEL_PYTHON_GIL_PROBES}={opts.probes!r}: use one of "
+                         f"{', '.join(PROBE_SETS)}")
     return opts
 
 

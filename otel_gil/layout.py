@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Tuple
 
 from otel_gil.elfsyms import ElfObject
@@ -49,12 +49,21 @@ class GilLayout:
     cond: int
     enabled: int | None
     how: str
+    # In PyThreadState: thread_id (pthread_self(), every version) and
+    # native_thread_id (the kernel tid, 3.11+); None where unknown.
+    tstate_thread_id: int | None = None
+    tstate_native_thread_id: int | None = None
 
 
 # _PyRuntime offsets of the inline GIL (3.8 to 3.11) or of interpreters.main and
 # interp->ceval.gil (3.12, 3.13); gdb on pyenv 3.8.18 .. 3.13.0 gave these.
 _INLINE: dict[tuple[int, int], int] = {(3, 8): 1152, (3, 9): 352, (3, 10): 352, (3, 11): 360}
 _CHAIN: dict[tuple[int, int], tuple[int, int]] = {(3, 12): (48, 384), (3, 13): (640, 16)}
+# PyThreadState thread_id / native_thread_id (gdb on the pyenv builds, Debian's
+# 3.11 and sid's 3.14 -dbg, the free-threaded 3.13: the same in both flavours).
+_TSTATE_IDS: dict[tuple[int, int], tuple[int, int | None]] = {
+    (3, 8): (176, None), (3, 9): (176, None), (3, 10): (176, None), (3, 11): (152, 160),
+    (3, 12): (136, 144), (3, 13): (152, 160), (3, 14): (152, 160)}
 
 
 def decode_hexversion(value: int) -> Version:
@@ -83,6 +92,8 @@ class DebugOffsets:
     gil_enabled: int
     gil_locked: int
     gil_holder: int
+    tstate_thread_id: int | None = None
+    tstate_native_thread_id: int | None = None
 
 
 def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
@@ -111,8 +122,25 @@ def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
         # into the GIL struct; a misread table does not line up like this.
         if (offsets.gil_holder - offsets.gil_runtime_state == 8 + shift
                 and offsets.gil_locked - offsets.gil_runtime_state == 16 + shift):
-            return offsets
+            ids = _thread_state_ids(q, 5 + gil_at + 5)
+            return offsets if ids is None else replace(
+                offsets, tstate_thread_id=ids[0], tstate_native_thread_id=ids[1])
     raise TargetError(f"{obj.path}: _Py_DebugOffsets of {version} have an unknown layout")
+
+
+def _thread_state_ids(q: tuple[int, ...], start: int) -> tuple[int, int] | None:
+    """thread_id and native_thread_id from the debug offsets' thread_state table.
+
+    It follows the interpreter_state table, which gains fields between
+    versions (3.14: code_object_generation, tlbc_generation), so it is found
+    by its own head: {size, prev, next, interp, current_frame, thread_id,
+    native_thread_id} with prev/next/interp at 0/8/16 (Include/cpython/pystate.h).
+    """
+    for i in range(start, len(q) - 6):
+        size, prev, nxt, interp, _frame, tid, native = q[i:i + 7]
+        if (prev, nxt, interp) == (0, 8, 16) and 0 < tid < size and native == tid + 8:
+            return tid, native
+    return None
 
 
 def read_version(obj: ElfObject, runtime: int | None) -> tuple[Version, str]:
@@ -155,8 +183,10 @@ def table_layout(version: Version, free_threaded: bool) -> GilLayout:
     """The hard-coded fallback, tested against every pyenv build here."""
     key = version[:2]
     shift = 8 if free_threaded else 0  # a leading `int enabled`, padded to 8
+    ids = _TSTATE_IDS.get(key, (None, None))
     fields: dict[str, Any] = {"interval": shift, "locked": 16 + shift, "cond": 32 + shift,
-                              "enabled": 0 if free_threaded else None}
+                              "enabled": 0 if free_threaded else None,
+                              "tstate_thread_id": ids[0], "tstate_native_thread_id": ids[1]}
     label = f"{version[0]}.{version[1]} table"
     if key in _INLINE:
         off = _INLINE[key]
@@ -177,6 +207,7 @@ def debug_offsets_layout(dbg: DebugOffsets, struct_fields: dict[str, int] | None
         interval=fields["interval"], locked=fields["locked"], cond=fields["cond"],
         enabled=dbg.gil_enabled if dbg.free_threaded else None,
         how="_Py_DebugOffsets" + (" + DWARF" if struct_fields else ""),
+        tstate_thread_id=dbg.tstate_thread_id, tstate_native_thread_id=dbg.tstate_native_thread_id,
     )
 
 
@@ -197,8 +228,11 @@ def dwarf_layout(dwarf_obj: ElfObject, take_gil: int, version: Version) -> GilLa
         return None
     runtime = structs.get("pyruntimestate")
     enabled = fields.get("enabled")
+    ts = structs.get("_ts")
     common: dict[str, Any] = {"interval": fields["interval"], "locked": fields["locked"],
-                              "cond": fields["cond"], "enabled": enabled}
+                              "cond": fields["cond"], "enabled": enabled,
+                              "tstate_thread_id": _member_path(ts, ["thread_id"]),
+                              "tstate_native_thread_id": _member_path(ts, ["native_thread_id"])}
     if version[:2] <= (3, 11):
         off = _member_path(runtime, ["ceval", "gil"])
         if off is None:
@@ -252,7 +286,7 @@ def _load_unit_structs(dwarf_obj: ElfObject, address: int) -> dict[str, object] 
             # An LTO partition (Debian 3.11): its types live in other units,
             # reached only through DW_FORM_ref_addr chains; the table is used.
             return None
-        wanted = {"_gil_runtime_state", "pyruntimestate", "_is"}
+        wanted = {"_gil_runtime_state", "pyruntimestate", "_is", "_ts"}
         out: dict[str, object] = {}
         for die in unit.iter_DIEs():
             if die.tag != "DW_TAG_structure_type" or "DW_AT_declaration" in die.attributes:

@@ -9,6 +9,7 @@ import sys
 
 from otel_gil import config
 from otel_gil.cli.base import Command, positive_float, require_root
+from otel_gil.cli.record import add_probe_set_option
 from otel_gil.probes import ProbeConfig
 
 
@@ -34,6 +35,7 @@ class SidecarCommand(Command):
                                  f"{opts.prometheus_port}; 0: none)")
         parser.add_argument("--max-thread-labels", type=int, default=opts.max_thread_labels,
                             help="distinct thread names per process in metric labels")
+        add_probe_set_option(parser, opts.probes)
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -41,7 +43,8 @@ class SidecarCommand(Command):
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
-                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
+                          probes=args.probes)
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
         sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
