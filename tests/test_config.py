@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from otel_gil import config
+from otel_gil import agent, config
+from otel_gil.probes import PROBE_SETS
 
 
 def test_defaults_environment_and_keywords() -> None:
@@ -24,6 +25,8 @@ def test_defaults_environment_and_keywords() -> None:
     ({}, {"OTEL_PYTHON_GIL_PROMETHEUS_PORT": "ninety"}, "OTEL_PYTHON_GIL_PROMETHEUS_PORT"),
     ({}, {"OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS": "-1"}, "must not be negative"),
     ({"colour": "blue"}, {}, "unknown option(s): colour"),
+    ({}, {"OTEL_PYTHON_GIL_PROBES": "some"}, "OTEL_PYTHON_GIL_PROBES='some': use one of "
+                                             "contended, all"),
 ])
 def test_bad_values_are_named(overrides: dict, env: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
@@ -40,3 +43,14 @@ def test_instrument_with_bad_option_warns_once_and_never_raises() -> None:
     assert proc.stdout.strip() == "ran not instrumented"
     assert proc.stderr.count("GIL tracing off") == 1
     assert "OTEL_PYTHON_GIL_MODE='sometimes'" in proc.stderr
+
+
+def test_probe_set_reaches_a_spawned_sidecar() -> None:
+    # GIVEN the default, the environment, and a keyword
+    assert config.load({}, {}).probes == "contended"
+    assert config.load({}, {"OTEL_PYTHON_GIL_PROBES": "all"}).probes == "all"
+    opts = config.load({"probes": "contended"}, {"OTEL_PYTHON_GIL_PROBES": "all"})
+    # WHEN the sidecar command is built THEN it carries the set the keyword chose
+    cmd = agent.sidecar_command(opts, 3, "@x")
+    assert cmd[cmd.index("--probes") + 1] == "contended"
+    assert config.PROBE_SETS == PROBE_SETS  # the app side's copy, without bcc
