@@ -1,21 +1,39 @@
-/* otel-gil: every GIL wait and hold of the traced processes, timed in the kernel.
+/* otel-gil: the GIL waits and holds of the traced processes, timed in the kernel.
  *
- * Probes (attached per target pid by otel_gil/probes.py):
- *   on_take_gil         take_gil entry (every copy): a wait begins.
- *   on_take_gil_return  each `ret` instruction of take_gil: the GIL is held.
- *                       Plain uprobes at the ret offsets, not uretprobes: those
- *                       rewrite the return address and need the uretprobe()
- *                       syscall, which seccomp profiles kill (correlation.md).
- *   on_cond_signal      libc pthread_cond_signal, filtered on the GIL's
- *                       condition variable: drop_gil does `locked = 0;
- *                       COND_SIGNAL(gil->cond)` in every CPython 3.8..3.14
- *                       (Python/ceval_gil.[ch]), so this sees every release,
- *                       even where LTO inlined drop_gil into its callers.
+ * Two probe sets; otel_gil/disasm.py finds the sites in each build with
+ * capstone, otel_gil/probes.py attaches them per target pid. bench/README.md
+ * has the cost of each probe and how many fire per transition.
+ *
+ * contended (the default): only code that runs when a thread must wait.
+ *   on_wait     each `call pthread_cond_timedwait` in take_gil: a timed wait on
+ *               gil->cond begins. The caller holds gil->mutex.
+ *   on_wake     the first emulated instruction after that call returns, rax
+ *               still its result. The waiter holds gil->mutex again, so
+ *               gil->locked, last_holder and switch_number are stable while
+ *               it reads them: take_gil and drop_gil change them only under
+ *               the mutex (Python/ceval_gil.[ch], 3.8 to 3.14).
+ *   An acquisition that finds the GIL free, and every release, run no probe.
+ *   Waits are exact; who held the GIL meanwhile is what the waiters saw at
+ *   each wake-up (a timed wait returns at least every switch interval).
+ *
+ * all: the contended probes, plus
+ *   on_held     an emulated instruction after MUTEX_UNLOCK(gil->mutex) on the
+ *               path to take_gil's ret (the ret itself where a build has none):
+ *               the GIL is held.
+ *   on_release  each direct `call pthread_cond_signal` in the interpreter
+ *               outside take_gil, kept when rdi is the GIL's cond: drop_gil does
+ *               `locked = 0; COND_SIGNAL(gil->cond)` in every CPython 3.8 to
+ *               3.14, so this sees every release, even where LTO inlined
+ *               drop_gil into its callers. (Where the build has no such call,
+ *               libc's pthread_cond_signal entry, with the same filter.)
+ *   on_take_gil take_gil entry: only where a build has no timed-wait call site,
+ *               as the start of every wait.
+ *
  *   sched_process_exit  a thread ended: mark it, so user space can reap it.
  *
  * Compile-time settings (-D, set by the loader from ProbeConfig, whose
  * defaults the ones below repeat, for compiling this file on its own;
- * tests/test_probe_config.py keeps the two equal): WAIT_THRESHOLD_NS,
+ * tests/test_probe_config.py keeps the two equal): PROBES_ALL, WAIT_THRESHOLD_NS,
  * HOLD_THRESHOLD_NS, MAX_THREADS, MAX_TARGETS, RINGBUF_PAGES, and
  * EMPTY_PROBES, which makes every uprobe return at once: the cost floor that
  * bench/overhead.py compares the real probes against, and SIDECAR_PIDNS_DEV /
@@ -46,9 +64,16 @@
 #else
 #define FLOOR_ONLY() do {} while (0)
 #endif
+#ifdef PROBES_ALL
+#define PROBE_SET GIL_SET_ALL
+#else
+#define PROBE_SET GIL_SET_CONTENDED
+#endif
+#define ETIMEDOUT_ 110 /* asm-generic/errno.h: what pthread_cond_timedwait returns */
 
 BPF_HASH(targets, u32, struct target, MAX_TARGETS);
 BPF_HASH(threads, u32, struct thread_stats, MAX_THREADS);
+BPF_HASH(holders, u64, struct holder_stats, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Scratch for building a new thread's entry: too large for the BPF stack. */
 BPF_PERCPU_ARRAY(zero_thread, struct thread_stats, 1);
@@ -113,20 +138,44 @@ static __always_inline struct thread_stats *thread_of(u32 tid, u32 pid, struct t
     return threads.lookup(&tid);
 }
 
-/* Copy the calling thread's published span context, if the app has a context
- * table. Only ever called for the current thread, which is stopped in the
- * probe, so its slot cannot change under us. */
-static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ctx *out)
+/* The calling thread's tid in the target's PID namespace (its context-table key). */
+static __always_inline u32 own_ns_tid(struct target *t, u32 tid)
 {
-    if (!t->ctx_table)
+    if (!t->ns_translate)
+        return tid;
+    struct bpf_pidns_info ns = {};
+    if (bpf_get_ns_current_pid_tgid(t->ns_dev, t->ns_ino, &ns, sizeof(ns)))
+        return 0;
+    return ns.pid;
+}
+
+/* Two context records byte for byte (28 bytes: no memcmp in BPF). */
+static __always_inline int ctx_equal(struct thread_ctx *a, struct thread_ctx *b)
+{
+    u64 a0, a1, a2, b0, b1, b2;
+    u32 a3, b3;
+    __builtin_memcpy(&a0, a->trace_id, 8);
+    __builtin_memcpy(&a1, a->trace_id + 8, 8);
+    __builtin_memcpy(&a2, a->span_id, 8);
+    __builtin_memcpy(&a3, &a->valid, 4);
+    __builtin_memcpy(&b0, b->trace_id, 8);
+    __builtin_memcpy(&b1, b->trace_id + 8, 8);
+    __builtin_memcpy(&b2, b->span_id, 8);
+    __builtin_memcpy(&b3, &b->valid, 4);
+    return a0 == b0 && a1 == b1 && a2 == b2 && a3 == b3;
+}
+
+/* Copy the published span context of the thread with this ns tid, if the app
+ * has a context table. The calling thread's own slot cannot change under us
+ * (it is stopped in the probe). Another thread's can, if it runs Python on
+ * another CPU: it holds the GIL then, and writes its slot at each
+ * attach/detach. So such a slot is read twice and kept only if both reads
+ * agree; a torn read is counted and the context left empty. */
+static __always_inline void read_ctx_of(struct target *t, u32 key, int other,
+                                        struct thread_ctx *out)
+{
+    if (!t->ctx_table || !key)
         return;
-    u32 key = tid;
-    if (t->ns_translate) {
-        struct bpf_pidns_info ns = {};
-        if (bpf_get_ns_current_pid_tgid(t->ns_dev, t->ns_ino, &ns, sizeof(ns)))
-            return;
-        key = ns.pid;
-    }
     u32 mask = t->ctx_slots - 1;
 #pragma unroll
     for (int k = 0; k < GIL_CTX_PROBES; k++) {
@@ -136,8 +185,19 @@ static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ct
         if (bpf_probe_read_user(&head, sizeof(head), (void *)addr))
             return;
         if (head.tid == key) {
-            if (head.ctx.valid)
-                __builtin_memcpy(out, &head.ctx, sizeof(*out));
+            if (!head.ctx.valid)
+                return;
+            if (other) {
+                struct thread_ctx again;
+                if (bpf_probe_read_user(&again, sizeof(again),
+                                        (void *)(addr + __builtin_offsetof(struct ctx_slot_head,
+                                                                           ctx))) ||
+                    !ctx_equal(&again, &head.ctx)) {
+                    __sync_fetch_and_add(&t->torn_reads, 1);
+                    return;
+                }
+            }
+            __builtin_memcpy(out, &head.ctx, sizeof(*out));
             return;
         }
         if (head.tid == 0)
@@ -145,32 +205,21 @@ static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ct
     }
 }
 
-int on_take_gil(struct pt_regs *ctx)
+static __always_inline void read_ctx(struct target *t, u32 tid, struct thread_ctx *out)
 {
-    FLOOR_ONLY();
-    u32 pid, tid;
-    if (current_ids(&pid, &tid))
-        return 0;
-    struct target *t = targets.lookup(&pid);
-    if (!t)
-        return 0;
-    struct thread_stats *th = thread_of(tid, pid, t);
-    if (!th)
-        return 0;
-    /* Holding while asking for the GIL means we missed this thread's release
-     * (CPython would abort otherwise): drop the hold rather than invent one. */
-    if (th->hold_start) {
-        th->hold_start = 0;
-        th->unmatched++;
-    }
-    th->wait_seq = t->acq_seq;
-    th->wait_start = bpf_ktime_get_ns();
-    return 0;
+    if (t->ctx_table)
+        read_ctx_of(t, own_ns_tid(t, tid), 0, out);
 }
 
-/* Emit a wait event, with the holds that overlapped [start, now]. */
+/* ------------------------------------------------------------------ waits */
+
+/* Events are submitted with BPF_RB_NO_WAKEUP: waking the reader is an
+ * irq_work self-IPI in the traced thread (a VM exit under KVM, ~20 µs per
+ * event here); user space consumes on its own schedule instead (probes.py). */
+
+/* Emit a wait event, with the holds in the ring that overlapped [start, now]. */
 static __always_inline void emit_wait(struct target *t, struct thread_stats *th,
-                                      u32 pid, u32 tid, u64 start, u64 now)
+                                      u32 pid, u32 tid, u64 start, u64 now, u64 seq_now)
 {
     struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
     if (!ev) {
@@ -182,7 +231,11 @@ static __always_inline void emit_wait(struct target *t, struct thread_stats *th,
     ev->tid = tid;
     ev->start_ns = start;
     ev->end_ns = now;
-    ev->holds_total = t->acq_seq - th->wait_seq;
+    ev->holds_total = seq_now - th->wait_seq;
+    ev->span_changed = 0;
+    ev->probe_set = PROBE_SET;
+    ev->flags = 0;
+    ev->pad = 0;
     __builtin_memset(&ev->ctx, 0, sizeof(ev->ctx));
     read_ctx(t, tid, &ev->ctx);
     u32 n = 0;
@@ -198,10 +251,169 @@ static __always_inline void emit_wait(struct target *t, struct thread_stats *th,
         n++;
     }
     ev->nholds = n;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
-int on_take_gil_return(struct pt_regs *ctx)
+/* The thread's wait ends at `now` (it has the GIL, or is about to). */
+static __always_inline void end_wait(struct target *t, struct thread_stats *th,
+                                     u32 pid, u32 tid, u64 now, u64 seq_now)
+{
+    u64 start = th->wait_start;
+    if (!start)
+        return;
+    u64 wait = now - start;
+    th->wait_ns += wait;
+    th->waits++;
+    if (wait > th->max_wait_ns)
+        th->max_wait_ns = wait;
+    th->wait_hist[bucket_of(wait)]++;
+    if (wait >= WAIT_THRESHOLD_NS)
+        emit_wait(t, th, pid, tid, start, now, seq_now);
+    th->wait_start = 0;
+}
+
+/* Fields of the GIL struct (the caller holds gil->mutex). */
+static __always_inline u64 gil_u64(struct target *t, u32 off)
+{
+    u64 v = 0;
+    bpf_probe_read_user(&v, sizeof(v), (void *)(t->gil_addr + off));
+    return v;
+}
+
+static __always_inline u32 gil_u32(struct target *t, u32 off)
+{
+    u32 v = 0;
+    bpf_probe_read_user(&v, sizeof(v), (void *)(t->gil_addr + off));
+    return v;
+}
+
+/* The thread id (in the target's PID namespace) of a PyThreadState, 0 if unknown. */
+static __always_inline u32 tstate_tid(struct target *t, u64 tstate)
+{
+    u64 v = 0;
+    if (!tstate || !t->tid_how || bpf_probe_read_user(&v, 8, (void *)(tstate + t->off_tid)))
+        return 0;
+    if (t->tid_how == GIL_TID_NATIVE)
+        return (u32)v;
+    /* 3.8 to 3.10 keep only pthread_self(): glibc's struct pthread, whose tid
+     * field's offset comes from libc's own _thread_db_pthread_tid descriptor. */
+    u32 tid = 0;
+    if (!v || bpf_probe_read_user(&tid, 4, (void *)(v + t->off_pthread_tid)))
+        return 0;
+    return tid;
+}
+
+/* A timed wait that expired with the GIL still held and no switch since the
+ * wait began makes take_gil set the drop request (SET_GIL_DROP_REQUEST,
+ * ceval_gil.[ch]). Several waiters may ask during one hold: it counts once. */
+static __always_inline void count_drop_request(struct target *t, struct thread_stats *th,
+                                               u64 timed_out, u64 locked, u64 sw)
+{
+    if (timed_out && locked && sw == th->saved_switch && t->drop_switch != sw + 1) {
+        t->drop_switch = sw + 1;
+        t->forced_switches++;
+    }
+}
+
+/* ------------------------------------------------ contended: who holds */
+
+#ifndef PROBES_ALL
+/* The hold a waiter last saw ends at `end`: into the ring (the holders of
+ * waits), the holder's totals, and an event if long. */
+static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
+{
+    u32 holder = t->obs_holder;
+    if (!holder)
+        return;
+    t->obs_holder = 0;
+    struct gil_hold *h = &t->ring[t->releases & (GIL_HOLD_RING - 1)];
+    h->tid = holder;
+    h->flags = GIL_NS_TID | t->obs_flags;
+    h->start_ns = t->obs_start;
+    h->end_ns = end;
+    __builtin_memcpy(&h->ctx, &t->obs_ctx, sizeof(h->ctx));
+    t->releases++;
+    u64 held = end - t->obs_start;
+    u64 key = (u64)pid << 32 | holder;
+    struct holder_stats *hs = holders.lookup(&key);
+    if (!hs) {
+        struct holder_stats init = {.pid = pid, .ns_tid = holder};
+        holders.insert(&key, &init);
+        hs = holders.lookup(&key);
+    }
+    if (hs) {
+        hs->hold_ns += held;
+        hs->holds++;
+        if (held > hs->max_hold_ns)
+            hs->max_hold_ns = held;
+    }
+    if (held < HOLD_THRESHOLD_NS)
+        return;
+    struct gil_event *ev = events.ringbuf_reserve(sizeof(struct gil_event));
+    if (!ev) {
+        __sync_fetch_and_add(&t->lost, 1);
+        return;
+    }
+    ev->kind = GIL_EVENT_HOLD;
+    ev->pid = pid;
+    ev->tid = holder;
+    ev->nholds = 0;
+    ev->start_ns = h->start_ns;
+    ev->end_ns = end;
+    ev->holds_total = 0;
+    ev->probe_set = PROBE_SET;
+    ev->flags = h->flags;
+    ev->pad = 0;
+    __builtin_memset(&ev->ctx, 0, sizeof(ev->ctx));
+    read_ctx_of(t, holder, 1, &ev->ctx);
+    u64 x, y;
+    __builtin_memcpy(&x, h->ctx.span_id, sizeof(x));
+    __builtin_memcpy(&y, ev->ctx.span_id, sizeof(y));
+    ev->span_changed = x != y || h->ctx.valid != ev->ctx.valid;
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void open_seen_hold(struct target *t, u32 holder, u64 start,
+                                           u32 flags, u64 sw)
+{
+    t->obs_holder = holder;
+    t->obs_start = start;
+    t->obs_flags = flags;
+    t->obs_switch = sw;
+    __builtin_memset(&t->obs_ctx, 0, sizeof(t->obs_ctx));
+    read_ctx_of(t, holder, 1, &t->obs_ctx);
+}
+
+/* What a waiter saw (holding gil->mutex): the GIL locked by `holder` at
+ * switch number sw. A new holder or switch number since the last look means
+ * the hold seen before ended; when unseen, in between, counted as now (the
+ * release normally signals, so wakes, a waiter: that look is close to it). */
+static __always_inline void saw_locked(struct target *t, u32 pid, u64 now, u32 holder,
+                                       u64 sw, int released)
+{
+    if (!holder)
+        return;
+    if (holder != t->obs_holder || sw != t->obs_switch) {
+        close_seen_hold(t, pid, now);
+        open_seen_hold(t, holder, now, GIL_START_SEEN, sw);
+    } else if (released) {
+        /* Woken by a release, yet the same thread holds again: it dropped and
+         * re-took the GIL before this waiter got gil->mutex. */
+        close_seen_hold(t, pid, now);
+        open_seen_hold(t, holder, now, 0, sw);
+    }
+}
+#endif
+
+static __always_inline void saw_switch(struct target *t, u64 sw)
+{
+    if (!t->switch_first)
+        t->switch_first = sw + 1;
+    t->switch_last = sw;
+}
+
+/* A timed wait on gil->cond begins (the caller holds gil->mutex). */
+int on_wait(struct pt_regs *ctx)
 {
     FLOOR_ONLY();
     u64 now = bpf_ktime_get_ns();
@@ -214,35 +426,131 @@ int on_take_gil_return(struct pt_regs *ctx)
     struct thread_stats *th = thread_of(tid, pid, t);
     if (!th)
         return 0;
-    u64 start = th->wait_start;
-    if (start) {
-        u64 wait = now - start;
-        th->wait_ns += wait;
-        if (wait > th->max_wait_ns)
-            th->max_wait_ns = wait;
-        th->wait_hist[bucket_of(wait)]++;
-        if (wait >= WAIT_THRESHOLD_NS)
-            emit_wait(t, th, pid, tid, start, now);
-    } else {
-        th->unmatched++; /* the wait began before we attached */
+    u64 sw = gil_u64(t, t->off_switch);
+    saw_switch(t, sw);
+    th->saved_switch = sw;
+    th->timed_waits++;
+    if (!th->wait_start) {
+#ifdef PROBES_ALL
+        if (th->hold_start) { /* a release we missed: drop the hold rather than invent one */
+            th->hold_start = 0;
+            th->unmatched++;
+        }
+        th->wait_seq = t->acq_seq;
+#else
+        th->wait_seq = sw;
+#endif
+        th->wait_start = now;
     }
-    th->wait_start = 0;
+#ifndef PROBES_ALL
+    if (gil_u32(t, t->off_locked))
+        saw_locked(t, pid, now, tstate_tid(t, gil_u64(t, t->off_holder)), sw, 0);
+    t->obs_last = now;
+#endif
+    return 0;
+}
+
+/* The timed wait returned; the waiter holds gil->mutex. rax: its result. */
+int on_wake(struct pt_regs *ctx)
+{
+    FLOOR_ONLY();
+    u64 now = bpf_ktime_get_ns();
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
+    struct target *t = targets.lookup(&pid);
+    if (!t)
+        return 0;
+    struct thread_stats *th = threads.lookup(&tid);
+    if (!th)
+        return 0;
+    u64 timed_out = (u32)PT_REGS_RC(ctx) == ETIMEDOUT_;
+    u64 locked = gil_u32(t, t->off_locked);
+    u64 sw = gil_u64(t, t->off_switch);
+    saw_switch(t, sw);
+    t->wakeups++;
+    count_drop_request(t, th, timed_out, locked, sw);
+    /* GIL free, and we hold gil->mutex: take_gil's loop ends and this thread
+     * takes the GIL next. Both sets end the wait here, so they time it the
+     * same way; the all set times the few µs until take_gil is done apart
+     * (take_ns, at on_held). */
+#ifdef PROBES_ALL
+    if (!locked) {
+        end_wait(t, th, pid, tid, now, t->acq_seq);
+        th->free_at = now;
+    }
+#else
+    u32 holder = tstate_tid(t, gil_u64(t, t->off_holder));
+    if (locked) {
+        saw_locked(t, pid, now, holder, sw, !timed_out);
+    } else {
+        /* The hold seen before ended with the release that woke us; ours
+         * begins (switch_number moves on if we were not the last holder). */
+        u32 me = own_ns_tid(t, tid);
+        close_seen_hold(t, pid, now);
+        open_seen_hold(t, me, now, 0, sw + (holder != me));
+        th->acquisitions++;
+        end_wait(t, th, pid, tid, now, sw);
+    }
+    t->obs_last = now;
+#endif
+    return 0;
+}
+
+/* ------------------------------------------------ all: every hand-off */
+
+#ifdef PROBES_ALL
+/* take_gil entry: where a build has no timed-wait call site, every wait
+ * starts here (including the brief ones of an uncontended acquisition). */
+int on_take_gil(struct pt_regs *ctx)
+{
+    FLOOR_ONLY();
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
+    struct target *t = targets.lookup(&pid);
+    if (!t)
+        return 0;
+    struct thread_stats *th = thread_of(tid, pid, t);
+    if (!th)
+        return 0;
+    if (th->hold_start) {
+        th->hold_start = 0;
+        th->unmatched++;
+    }
+    th->wait_seq = t->acq_seq;
+    th->wait_start = bpf_ktime_get_ns();
+    return 0;
+}
+
+int on_held(struct pt_regs *ctx)
+{
+    FLOOR_ONLY();
+    u64 now = bpf_ktime_get_ns();
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return 0;
+    struct target *t = targets.lookup(&pid);
+    if (!t)
+        return 0;
+    struct thread_stats *th = thread_of(tid, pid, t);
+    if (!th)
+        return 0;
+    end_wait(t, th, pid, tid, now, t->acq_seq); /* only with on_take_gil: else ended at wake */
+    if (th->free_at) {
+        th->take_ns += now - th->free_at;
+        th->free_at = 0;
+    }
     th->hold_start = now;
     if (t->ctx_table) {
         __builtin_memset(&th->hold_ctx, 0, sizeof(th->hold_ctx));
         read_ctx(t, tid, &th->hold_ctx);
     }
     th->acquisitions++;
-    if (t->holder_tid != tid) {
+    /* As CPython counts switch_number: a hand-off is an acquisition by
+     * another thread than the last holder (not the first one seen). */
+    if (t->holder_tid && t->holder_tid != tid)
         t->handoffs++;
-        /* Forced: CPython asks a holder to drop only after a waiter's timed
-         * wait of one switch interval expired (take_gil, ceval_gil.c), so a
-         * hand-off after a hold or a wait of at least the interval counts. */
-        struct gil_hold *last = &t->ring[(t->releases - 1) & (GIL_HOLD_RING - 1)];
-        if ((start && now - start >= t->interval_ns) ||
-            (t->releases && last->end_ns - last->start_ns >= t->interval_ns))
-            t->forced_switches++;
-    }
     t->holder_tid = tid;
     t->acq_seq++;
     return 0;
@@ -285,12 +593,15 @@ static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 
     ev->start_ns = h->start_ns;
     ev->end_ns = h->end_ns;
     ev->holds_total = 0;
+    ev->probe_set = PROBE_SET;
+    ev->flags = 0;
+    ev->pad = 0;
     __builtin_memcpy(&ev->ctx, at_release, sizeof(ev->ctx));
     ev->span_changed = span_changed(&h->ctx, at_release);
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
-int on_cond_signal(struct pt_regs *ctx)
+int on_release(struct pt_regs *ctx)
 {
     FLOOR_ONLY();
     u32 pid, tid;
@@ -302,20 +613,19 @@ int on_cond_signal(struct pt_regs *ctx)
     u64 now = bpf_ktime_get_ns();
     struct thread_stats *th = threads.lookup(&tid);
     if (!th || !th->hold_start) {
-        /* A waiter inside take_gil is not releasing: glibc's timed wait calls
-         * pthread_cond_signal itself to pass on a wake-up it consumed but
-         * gave up on (__condvar_cancel_waiting, nptl/pthread_cond_wait.c),
-         * and that internal call hits this probe too. Otherwise the GIL was
-         * held since before we attached: no interval to report. */
+        /* The GIL was held since before we attached, or (libc entry fallback)
+         * glibc's own pthread_cond_signal from a waiter that gave up a
+         * wake-up (__condvar_cancel_waiting, nptl/pthread_cond_wait.c). */
         if (th && !th->wait_start)
             th->unmatched++;
         return 0;
     }
-    /* The ring keeps the context read when the hold began (on_take_gil_return):
-     * one read of the app's table per hand-off, not two. The context at
-     * release is read only for the rare hold long enough to become an event. */
+    /* The ring keeps the context read when the hold began (on_held): one read
+     * of the app's table per hand-off, not two. The context at release is
+     * read only for the rare hold long enough to become an event. */
     struct gil_hold *h = &t->ring[t->releases & (GIL_HOLD_RING - 1)];
     h->tid = tid;
+    h->flags = 0;
     h->start_ns = th->hold_start;
     h->end_ns = now;
     __builtin_memcpy(&h->ctx, &th->hold_ctx, sizeof(h->ctx));
@@ -327,6 +637,7 @@ int on_cond_signal(struct pt_regs *ctx)
     }
     return 0;
 }
+#endif
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -336,11 +647,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     struct thread_stats *th = threads.lookup(&tid);
     if (!th)
         return 0;
+#ifdef PROBES_ALL
     /* A process exits holding the GIL (Py_Finalize never drops it): that
-     * hold ends here. A thread can also die inside take_gil (finalization,
-     * PyThread_exit_thread): that wait never ends, so it is not counted. */
+     * hold ends here. */
     if (th->hold_start)
         end_hold(th, bpf_ktime_get_ns());
+#endif
+    /* A thread can die inside take_gil (finalization, PyThread_exit_thread):
+     * that wait never ends, so it is not counted. */
     th->exited = 1;
     th->wait_start = 0;
     return 0;

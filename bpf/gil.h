@@ -34,6 +34,20 @@ enum gil_event_kind {
     GIL_EVENT_HOLD = 2, /* a hold at or above the hold threshold */
 };
 
+/* Probe sets: what a program was compiled for (-DPROBES_ALL or not). */
+enum gil_probe_set {
+    GIL_SET_CONTENDED = 1, /* only the timed wait in take_gil: nothing on an uncontended hand-off */
+    GIL_SET_ALL = 2,       /* every acquisition and release as well */
+};
+
+/* gil_hold.flags and gil_event.flags */
+#define GIL_NS_TID 1     /* tid is in the target's PID namespace (read from its tstate) */
+#define GIL_START_SEEN 2 /* start is when a waiter first saw this hold: it began earlier */
+
+/* How the holder's thread id is read from its PyThreadState (target.tid_how) */
+#define GIL_TID_NATIVE 1  /* u64 tstate->native_thread_id (3.11+) */
+#define GIL_TID_PTHREAD 2 /* tstate->thread_id is a pthread_t; glibc keeps the tid in it */
+
 /* OTEP 4947 thread-context record header: 28 bytes, host-endian, packed. */
 struct thread_ctx {
     __u8 trace_id[16];
@@ -54,7 +68,7 @@ struct ctx_slot_head {
 /* One hold, as remembered for blame. */
 struct gil_hold {
     __u32 tid;
-    __u32 reserved;
+    __u32 flags;          /* GIL_NS_TID, GIL_START_SEEN */
     __u64 start_ns;
     __u64 end_ns;
     struct thread_ctx ctx; /* the holder's context when it took the GIL */
@@ -68,37 +82,66 @@ struct gil_event {
     __u32 nholds;         /* entries used in holds[] (waits only) */
     __u64 start_ns;
     __u64 end_ns;
-    __u64 holds_total;    /* acquisitions by others during the wait (may exceed nholds) */
+    __u64 holds_total;    /* all: acquisitions by others during the wait; contended:
+                           * hand-offs (switch_number) during it. May exceed nholds. */
     struct thread_ctx ctx; /* waiter's context (wait), holder's at release (hold) */
     __u8 span_changed;    /* holds: the thread's span at acquisition was another one */
-    __u8 pad[3];
+    __u8 probe_set;       /* enum gil_probe_set */
+    __u8 flags;           /* GIL_NS_TID, GIL_START_SEEN */
+    __u8 pad;
     struct gil_hold holds[GIL_MAX_HOLDERS];
 };
 
 /* Per-thread totals, kept in the kernel; user space reads them, and deletes a
- * thread's entry once it has read it after the thread exited. */
+ * thread's entry once it has read it after the thread exited.
+ *
+ * A wait is a take_gil call that had to wait on gil->cond: it begins at its
+ * first timed wait and ends when a wake-up finds the GIL free (the thread
+ * holds gil->mutex then, and takes the GIL next). An acquisition that
+ * found the GIL free is not a wait (and, with the contended set, not seen).
+ * Both sets count waits the same way: wait_ns, max_wait_ns, wait_hist, waits.
+ * Only the all set sees holds: acquisitions, hold_ns, max_hold_ns, hold_hist
+ * stay 0 with the contended set (its holders: struct holder_stats). */
 struct thread_stats {
     __u32 pid;
     __u32 exited;
     __u64 wait_start;     /* 0 when not waiting */
-    __u64 hold_start;     /* 0 when not holding */
-    __u64 wait_seq;       /* the process's acquisition count when the wait began */
-    __u64 acquisitions;
+    __u64 hold_start;     /* 0 when not holding (all set) */
+    __u64 wait_seq;       /* all: the process's acquisitions, contended: its switch_number,
+                           * when the wait began */
+    __u64 acquisitions;   /* all: every acquisition; contended: those that ended a wait */
     __u64 wait_ns;
     __u64 hold_ns;
     __u64 max_wait_ns;
     __u64 max_hold_ns;
     __u64 unmatched;      /* waits or holds whose start was not seen (attach, missed probe) */
+    __u64 waits;          /* waits ended (the count of wait_hist) */
+    __u64 timed_waits;    /* timed waits on gil->cond begun (several per long wait) */
+    __u64 saved_switch;   /* switch_number before the current timed wait (drop requests) */
+    __u64 free_at;        /* all: when this waiter found the GIL free (0: not pending) */
+    __u64 take_ns;        /* all: from finding the GIL free to holding it, summed */
     __u32 wait_hist[GIL_HIST_BUCKETS];
     __u32 hold_hist[GIL_HIST_BUCKETS];
     struct thread_ctx hold_ctx; /* the thread's context when its current hold began */
     __u8 pad[4];
 };
 
+/* Contended set: how long a thread held the GIL while another waited, as
+ * reconstructed from the waiters' wake-ups. Keyed by pid << 32 | tid, the tid
+ * in the target's PID namespace (read from the holder's PyThreadState). */
+struct holder_stats {
+    __u32 pid;
+    __u32 ns_tid;
+    __u64 hold_ns;
+    __u64 holds;
+    __u64 max_hold_ns;
+};
+
 /* Per traced process: configuration written by user space before the probes
- * are attached, then state kept by the probes. The probes update the state
- * only while their thread holds the GIL (at acquisition or release), so the
- * GIL itself serialises them. */
+ * are attached, then state kept by the probes. The all set's acquisition and
+ * release probes update their part while their thread holds the GIL; the wait
+ * and wake probes update theirs while their thread holds gil->mutex. Either
+ * lock serialises the writers of each part. */
 struct target {
     /* configuration */
     __u64 cond_addr;      /* runtime address of the GIL's condition variable */
@@ -107,17 +150,36 @@ struct target {
     __u32 ns_translate;   /* 1: the app lives in another PID namespace */
     __u64 ns_dev;         /* that namespace (stat of /proc/PID/ns/pid) */
     __u64 ns_ino;
-    __u64 interval_ns;    /* switch interval: a hand-off after a wait this long was forced */
-    /* state */
+    __u64 interval_ns;    /* switch interval (the timed wait's length) */
+    __u64 gil_addr;       /* runtime address of the GIL struct */
+    __u32 off_locked;     /* offsets in it (otel_gil/layout.py) */
+    __u32 off_holder;     /* last_holder: a PyThreadState* */
+    __u32 off_switch;     /* switch_number */
+    __u32 tid_how;        /* GIL_TID_*, 0: holders' tids unknown */
+    __u32 off_tid;        /* in PyThreadState: native_thread_id or thread_id */
+    __u32 off_pthread_tid; /* GIL_TID_PTHREAD: glibc's tid in struct pthread */
+    /* state of the acquisition and release probes (all set) */
     __u32 holder_tid;
     __u32 reserved;
-    __u64 acq_seq;        /* acquisitions so far; also the hold ring's write index */
+    __u64 acq_seq;        /* acquisitions so far */
     __u64 handoffs;       /* acquisitions by another thread than the last holder */
-    __u64 forced_switches;
+    __u64 forced_switches; /* holds asked to drop (wake probes, both sets) */
     __u64 lost;           /* events dropped: ring buffer full */
     __u64 untracked;      /* threads not tracked: thread map full */
-    __u64 releases;       /* releases seen (condition signals on the GIL) */
+    __u64 releases;       /* holds written to the ring: all set, releases seen */
     struct gil_hold ring[GIL_HOLD_RING];
+    /* state of the wait and wake probes */
+    __u64 drop_switch;    /* switch_number + 1 of the last hold asked to drop */
+    __u64 obs_switch;     /* contended: the current hold as last seen by a waiter */
+    __u32 obs_holder;     /* its holder (ns tid), 0 = none seen */
+    __u32 obs_flags;      /* GIL_START_SEEN */
+    __u64 obs_start;
+    __u64 obs_last;       /* when a waiter last looked */
+    struct thread_ctx obs_ctx; /* the holder's context when first seen */
+    __u32 torn_reads;     /* another thread's context slot changed while read: not used */
+    __u64 wakeups;        /* timed waits that returned */
+    __u64 switch_first;   /* switch_number + 1 at the first wait or wake seen, 0 = none */
+    __u64 switch_last;    /* switch_number at the last one */
 };
 
 #endif /* OTEL_GIL_H */

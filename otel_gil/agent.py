@@ -63,7 +63,7 @@ def sidecar_command(options: Options, owner_fd: int, listen_fd: int) -> List[str
             "--hold-threshold-ms", str(options.hold_threshold_ms),
             "--prometheus-port", str(options.prometheus_port),
             "--max-thread-labels", str(options.max_thread_labels),
-            "--ringbuf-pages", str(options.ringbuf_pages)]
+            "--ringbuf-pages", str(options.ringbuf_pages), "--probes", options.probes]
 
 
 def sidecar_env(cwd: Optional[str] = None) -> Dict[str, str]:

@@ -20,6 +20,7 @@ OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
 OTEL_PYTHON_GIL_RINGBUF_PAGES = "OTEL_PYTHON_GIL_RINGBUF_PAGES"
+OTEL_PYTHON_GIL_PROBES = "OTEL_PYTHON_GIL_PROBES"
 
 # What each variable does: docs/configuration.md is generated from this.
 DOCS: Dict[str, str] = {
@@ -45,10 +46,17 @@ DOCS: Dict[str, str] = {
     OTEL_PYTHON_GIL_RINGBUF_PAGES:
         "Sidecar: size of the kernel's event ring buffer, in 4 KiB pages (a power of two). "
         "Events that find it full are counted in `otel_gil.lost_events`.",
+    OTEL_PYTHON_GIL_PROBES:
+        "Probe set of a spawned sidecar. `contended` (default): only code that runs when a "
+        "thread must wait for the GIL is probed, so an uncontended hand-off costs nothing; "
+        "waits, their holders, hand-offs and forced switches are exact, hold times only "
+        "while another thread waits. `all`: every acquisition and release as well (exact "
+        "holds; about 1-2 µs per GIL hand-off, bench/README.md).",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
 MODES = ("auto", "connect", "spawn", "off")
+PROBE_SETS = ("contended", "all")  # mirrors otel_gil.probes.PROBE_SETS (no bcc import here)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Options:
     prometheus_port: int = 9464
     max_thread_labels: int = 20
     ringbuf_pages: int = 256  # 1 MiB; ProbeConfig's default
+    probes: str = "contended"
 
     @property
     def socket_configured(self) -> bool:
@@ -78,6 +87,7 @@ ENV: Dict[str, str] = {
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,
     "ringbuf_pages": OTEL_PYTHON_GIL_RINGBUF_PAGES,
+    "probes": OTEL_PYTHON_GIL_PROBES,
 }
 
 
@@ -109,6 +119,9 @@ def load(overrides: Optional[Mapping[str, Any]] = None,
         # BPF_MAP_TYPE_RINGBUF: a power-of-two number of pages (kernel/bpf/ringbuf.c)
         raise ValueError(f"{OTEL_PYTHON_GIL_RINGBUF_PAGES}={opts.ringbuf_pages}: use a power "
                          "of two")
+    if opts.probes not in PROBE_SETS:
+        raise ValueError(f"{OTEL_PYTHON_GIL_PROBES}={opts.probes!r}: use one of "
+                         f"{', '.join(PROBE_SETS)}")
     return opts
 
 

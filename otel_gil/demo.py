@@ -259,10 +259,12 @@ def endpoint_configured() -> Optional[str]:
     return env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 
 
-def app_env(receiver_endpoint: Optional[str]) -> Dict[str, str]:
+def app_env(receiver_endpoint: Optional[str], probes: str = "contended") -> Dict[str, str]:
     """The app's environment; with the embedded receiver, pointed at it, with a
-    spawned sidecar (not a node-wide one, whose spans would go elsewhere)."""
+    spawned sidecar (not a node-wide one, whose spans would go elsewhere),
+    running the given probe set."""
     env = dict(os.environ)
+    env["OTEL_PYTHON_GIL_PROBES"] = probes
     if receiver_endpoint is not None:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver_endpoint,
                    OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true",
@@ -292,12 +294,12 @@ def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats,
     return stats, last_words, survived
 
 
-def run(duration: float, output: str, slowest: int = 10) -> int:
+def run(duration: float, output: str, slowest: int = 10, probes: str = "contended") -> int:
     """The whole demo: app, load, result on stdout and in `output` (JSON)."""
     endpoint = endpoint_configured()
     if endpoint:
         say(f"OTEL_EXPORTER_OTLP_ENDPOINT is set: the app and its sidecar export to {endpoint}")
-        stats, last_words, survived = run_app_under_load(app_env(None), duration)
+        stats, last_words, survived = run_app_under_load(app_env(None, probes), duration)
         print(f"Sent {stats.line()}. The spans (request spans with gil.wait children) "
               f"and the sidecar's metrics went to {endpoint}.")
         _check(survived, True, last_words)
@@ -307,7 +309,8 @@ def run(duration: float, output: str, slowest: int = 10) -> int:
     with OtlpReceiver() as receiver:
         say(f"no OTEL_EXPORTER_OTLP_ENDPOINT: collecting on an embedded receiver "
             f"at {receiver.endpoint}")
-        stats, last_words, survived = run_app_under_load(app_env(receiver.endpoint), duration)
+        stats, last_words, survived = run_app_under_load(app_env(receiver.endpoint, probes),
+                                                         duration)
         spans = receiver.spans()
         result = summarize(spans, receiver.metrics(), stats, slowest)
     print(render(result))

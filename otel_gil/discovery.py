@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
 from otel_gil import trust
-from otel_gil.disasm import Function, analyse_function, first_local_branch
+from otel_gil.disasm import (
+    Function,
+    ProbeSites,
+    Site,
+    analyse_function,
+    first_local_branch,
+    probe_sites,
+)
 from otel_gil.elfsyms import (
     ElfObject,
     Symbol,
@@ -46,7 +53,7 @@ from otel_gil.layout import (
     table_layout,
 )
 
-CACHE_FORMAT = 2  # 2: keyed by build-id and symbol table; no pid-specific paths
+CACHE_FORMAT = 3  # 2: keyed by build-id and symbol table; no pid-specific paths; 3: probe sites
 FALLBACK_SOURCE = "no symbols: call target of PyEval_AcquireLock (capstone)"
 ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
 
@@ -68,6 +75,7 @@ class Interpreter:
     # Why the result is not vouched for (a version newer than the known ones,
     # its GIL found through _Py_DebugOffsets alone); empty when it is.
     unverified: str = ""
+    sites: ProbeSites | None = None  # where each probe set's probes go (disasm.probe_sites)
 
 
 # _PyEval_EnableGILPermanent() stores INT_MAX (3.13+ Python/ceval_gil.c); so does
@@ -186,7 +194,7 @@ def _inspect(obj: ElfObject, root: str) -> Interpreter:
     unverified = _check_version(obj, runtime, version)
     free_threaded = is_free_threaded(obj, runtime)
     found = _find_gil_functions(obj, root)
-    takes, drops, source, dwarf_obj = found
+    takes, drops, source, dwarf_obj, sites = found
     if not takes:
         raise TargetError(f"{obj.path}: take_gil not found ({source})")
     for fn in takes:
@@ -206,6 +214,7 @@ def _inspect(obj: ElfObject, root: str) -> Interpreter:
         path=obj.path, build_id=obj.build_id(), version=version, free_threaded=free_threaded,
         static=obj.is_executable(), take_gil=tuple(takes), drop_gil=tuple(drops),
         runtime_address=runtime, symbol_source=source, gil_layout=layout, unverified=unverified,
+        sites=sites,
     )
 
 
@@ -256,41 +265,55 @@ def _runtime_address(obj: ElfObject) -> int | None:
     return section[0] if section else None
 
 
-def _find_gil_functions(
-    obj: ElfObject, root: str
-) -> tuple[list[Function], list[Function], str, ElfObject | None]:
+def _find_gil_functions(obj: ElfObject, root: str) -> tuple[
+        list[Function], list[Function], str, ElfObject | None, ProbeSites | None]:
     """take_gil/drop_gil copies from the first symbol source that has them.
 
-    Returns (takes, drops, source, object to read DWARF from or None); the last
-    is left open for the caller.
+    Returns (takes, drops, source, object to read DWARF from or None, probe
+    sites); the DWARF object is left open for the caller.
     """
     takes, drops, colds = gil_symbols(obj)
     if takes:
-        return _analyse(obj, takes, drops, colds, "symtab") + (obj,)
+        found = _analyse(obj, takes, drops, colds, "symtab", obj)
+        return found[:3] + (obj, found[3])
     mini = minidebuginfo(obj)
     if mini is not None:
         with mini:
             takes, drops, colds = gil_symbols(mini)
-        if takes:
-            return _analyse(obj, takes, drops, colds, "minidebuginfo") + (None,)
+            if takes:
+                found = _analyse(obj, takes, drops, colds, "minidebuginfo", mini)
+                return found[:3] + (None, found[3])
     roots = tuple(dict.fromkeys((root, "/")))
     for debug_path, how in debug_file_candidates(obj, roots):
         debug = ElfObject(debug_path)
         takes, drops, colds = gil_symbols(debug)
         if takes:
-            return _analyse(obj, takes, drops, colds, how) + (debug,)
+            found = _analyse(obj, takes, drops, colds, how, debug)
+            return found[:3] + (debug, found[3])
         debug.close()
-    return _fallback(obj) + (None,)
+    takes_fn, drops_fn, source = _fallback(obj)
+    return takes_fn, drops_fn, source, None, _sites(obj, takes_fn, [], obj)
+
+
+def _sites(obj: ElfObject, takes: list[Function], colds: list[Symbol],
+           names: ElfObject) -> ProbeSites | None:
+    """Probe sites, or None (today's probes) when the code cannot be read."""
+    try:
+        return probe_sites(obj, takes, colds, names)
+    except (TargetError, ValueError, KeyError):
+        return None
 
 
 def _analyse(
-    obj: ElfObject, takes: list[Symbol], drops: list[Symbol], colds: list[Symbol], source: str
-) -> tuple[list[Function], list[Function], str]:
+    obj: ElfObject, takes: list[Symbol], drops: list[Symbol], colds: list[Symbol], source: str,
+    names: ElfObject,
+) -> tuple[list[Function], list[Function], str, ProbeSites | None]:
     def each(syms: list[Symbol]) -> list[Function]:
         return [analyse_function(obj, s.name, s.value, s.size, source, colds)
                 for s in sorted(syms, key=lambda s: s.value)]
 
-    return each(takes), each(drops), source
+    takes_fn = each(takes)
+    return takes_fn, each(drops), source, _sites(obj, takes_fn, colds, names)
 
 
 def _fallback(obj: ElfObject) -> tuple[list[Function], list[Function], str]:
@@ -382,12 +405,22 @@ def _interpreter_from_json(d: dict[str, Any]) -> Interpreter:
                         tuple(x["notes"]))
 
     layout = GilLayout(**d["gil_layout"]) if d.get("gil_layout") else None
+    sites = None
+    if d.get("sites"):
+        raw = d["sites"]
+
+        def each(key: str) -> tuple[Site, ...]:
+            return tuple(Site(**x) for x in raw[key])
+
+        sites = ProbeSites(each("held"), each("waits"), each("wakes"), each("releases"),
+                           tuple(raw["notes"]))
     return Interpreter(
         path=d["path"], build_id=d["build_id"], version=tuple(d["version"]),
         free_threaded=bool(d["free_threaded"]), static=bool(d["static"]),
         take_gil=tuple(fn(x) for x in d["take_gil"]), drop_gil=tuple(fn(x) for x in d["drop_gil"]),
         runtime_address=d["runtime_address"], symbol_source=d["symbol_source"], gil_layout=layout,
         unverified=str(d.get("unverified", "")),
+        sites=sites,
     )
 
 

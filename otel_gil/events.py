@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Tuple
 
 # Constants from bpf/gil.h (checked by the same test).
 GIL_HIST_MIN_SHIFT = 6
@@ -20,6 +20,13 @@ GIL_CTX_SLOT_SIZE = 128
 GIL_CTX_PROBES = 4
 GIL_EVENT_WAIT = 1
 GIL_EVENT_HOLD = 2
+GIL_SET_CONTENDED = 1
+GIL_SET_ALL = 2
+GIL_NS_TID = 1
+GIL_START_SEEN = 2
+GIL_TID_NATIVE = 1
+GIL_TID_PTHREAD = 2
+PROBE_SETS = {GIL_SET_CONTENDED: "contended", GIL_SET_ALL: "all"}
 
 
 class ThreadCtx(ctypes.Structure):
@@ -46,7 +53,7 @@ class CtxSlotHead(ctypes.Structure):
 class GilHold(ctypes.Structure):
     _fields_ = [
         ("tid", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
         ("start_ns", ctypes.c_uint64),
         ("end_ns", ctypes.c_uint64),
         ("ctx", ThreadCtx),
@@ -65,7 +72,9 @@ class GilEvent(ctypes.Structure):
         ("holds_total", ctypes.c_uint64),
         ("ctx", ThreadCtx),
         ("span_changed", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8 * 3),
+        ("probe_set", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
         ("holds", GilHold * GIL_MAX_HOLDERS),
     ]
 
@@ -83,6 +92,11 @@ class ThreadStats(ctypes.Structure):
         ("max_wait_ns", ctypes.c_uint64),
         ("max_hold_ns", ctypes.c_uint64),
         ("unmatched", ctypes.c_uint64),
+        ("waits", ctypes.c_uint64),
+        ("timed_waits", ctypes.c_uint64),
+        ("saved_switch", ctypes.c_uint64),
+        ("free_at", ctypes.c_uint64),
+        ("take_ns", ctypes.c_uint64),
         ("wait_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
         ("hold_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
         ("hold_ctx", ThreadCtx),
@@ -99,6 +113,13 @@ class Target(ctypes.Structure):
         ("ns_dev", ctypes.c_uint64),
         ("ns_ino", ctypes.c_uint64),
         ("interval_ns", ctypes.c_uint64),
+        ("gil_addr", ctypes.c_uint64),
+        ("off_locked", ctypes.c_uint32),
+        ("off_holder", ctypes.c_uint32),
+        ("off_switch", ctypes.c_uint32),
+        ("tid_how", ctypes.c_uint32),
+        ("off_tid", ctypes.c_uint32),
+        ("off_pthread_tid", ctypes.c_uint32),
         ("holder_tid", ctypes.c_uint32),
         ("reserved", ctypes.c_uint32),
         ("acq_seq", ctypes.c_uint64),
@@ -108,6 +129,27 @@ class Target(ctypes.Structure):
         ("untracked", ctypes.c_uint64),
         ("releases", ctypes.c_uint64),
         ("ring", GilHold * GIL_HOLD_RING),
+        ("drop_switch", ctypes.c_uint64),
+        ("obs_switch", ctypes.c_uint64),
+        ("obs_holder", ctypes.c_uint32),
+        ("obs_flags", ctypes.c_uint32),
+        ("obs_start", ctypes.c_uint64),
+        ("obs_last", ctypes.c_uint64),
+        ("obs_ctx", ThreadCtx),
+        ("torn_reads", ctypes.c_uint32),
+        ("wakeups", ctypes.c_uint64),
+        ("switch_first", ctypes.c_uint64),
+        ("switch_last", ctypes.c_uint64),
+    ]
+
+
+class HolderStats(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("ns_tid", ctypes.c_uint32),
+        ("hold_ns", ctypes.c_uint64),
+        ("holds", ctypes.c_uint64),
+        ("max_hold_ns", ctypes.c_uint64),
     ]
 
 
@@ -143,6 +185,7 @@ class Hold:
     start_ns: int
     end_ns: int
     span: SpanRef | None
+    start_seen: bool = False  # contended set: start is when a waiter first saw it
 
     @property
     def duration_ns(self) -> int:
@@ -162,26 +205,40 @@ class Interval:
     holds: Tuple[Hold, ...] = ()  # waits: holds that overlapped, newest first
     holds_total: int = 0  # waits: acquisitions by others during the wait
     span_changed: bool = False  # holds: the thread entered another span during the hold
+    probe_set: str = "all"  # which probe set saw it ("contended" or "all")
+    start_seen: bool = False  # contended holds: start is when a waiter first saw it
 
     @property
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
 
 
-def decode_event(data: bytes) -> Interval:
-    """Decode one ring-buffer record (bytes of a struct gil_event)."""
+def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None) -> Interval:
+    """Decode one ring-buffer record (bytes of a struct gil_event).
+
+    host_tid(pid, ns_tid) gives the sidecar's tid of a thread whose tid the
+    probes read from the target (GIL_NS_TID: a holder seen by the contended
+    set); without it, such tids are kept as they are."""
     if len(data) < ctypes.sizeof(GilEvent):
         raise ValueError(f"short event: {len(data)} bytes, want {ctypes.sizeof(GilEvent)}")
     ev = GilEvent.from_buffer_copy(data[: ctypes.sizeof(GilEvent)])
     if ev.kind not in (GIL_EVENT_WAIT, GIL_EVENT_HOLD):
         raise ValueError(f"unknown event kind {ev.kind}")
+    if ev.probe_set not in PROBE_SETS:
+        raise ValueError(f"unknown probe set {ev.probe_set}")
+
+    def tid(raw: int, flags: int) -> int:
+        return host_tid(ev.pid, raw) if host_tid is not None and flags & GIL_NS_TID else raw
+
     holds = tuple(
-        Hold(h.tid, h.start_ns, h.end_ns, decode_ctx(h.ctx))
+        Hold(tid(h.tid, h.flags), h.start_ns, h.end_ns, decode_ctx(h.ctx),
+             bool(h.flags & GIL_START_SEEN))
         for h in ev.holds[: min(ev.nholds, GIL_MAX_HOLDERS)]
     )
     return Interval(
         kind="wait" if ev.kind == GIL_EVENT_WAIT else "hold",
-        pid=ev.pid, tid=ev.tid, start_ns=ev.start_ns, end_ns=ev.end_ns,
+        pid=ev.pid, tid=tid(ev.tid, ev.flags), start_ns=ev.start_ns, end_ns=ev.end_ns,
         span=decode_ctx(ev.ctx), holds=holds, holds_total=ev.holds_total,
-        span_changed=bool(ev.span_changed),
+        span_changed=bool(ev.span_changed), probe_set=PROBE_SETS[ev.probe_set],
+        start_seen=bool(ev.flags & GIL_START_SEEN),
     )

@@ -53,6 +53,10 @@ class GilLayout:
     # PyThreadState fields for the probes, where _Py_DebugOffsets publish them (3.15+).
     tstate_holds_gil: int | None = None
     tstate_gil_requested: int | None = None
+    # In PyThreadState: thread_id (pthread_self(), every version) and
+    # native_thread_id (the kernel tid, 3.11+); None where unknown.
+    tstate_thread_id: int | None = None
+    tstate_native_thread_id: int | None = None
 
 
 SUPPORTED = ((3, 8), (3, 15))  # the versions whose layout and code were checked here
@@ -67,6 +71,12 @@ def supported_range() -> str:
 # interp->ceval.gil (3.12, 3.13); gdb on pyenv 3.8.18 .. 3.13.0 gave these.
 _INLINE: dict[tuple[int, int], int] = {(3, 8): 1152, (3, 9): 352, (3, 10): 352, (3, 11): 360}
 _CHAIN: dict[tuple[int, int], tuple[int, int]] = {(3, 12): (48, 384), (3, 13): (640, 16)}
+# PyThreadState thread_id / native_thread_id (gdb on the pyenv builds, Debian's
+# 3.11 and sid's 3.14 -dbg, the free-threaded 3.13: the same in both flavours).
+_TSTATE_IDS: dict[tuple[int, int], tuple[int, int | None]] = {
+    (3, 8): (176, None), (3, 9): (176, None), (3, 10): (176, None), (3, 11): (152, 160),
+    (3, 12): (136, 144), (3, 13): (152, 160), (3, 14): (152, 160)}
+
 # 3.14 and 3.15 are never read from the table: their _Py_DebugOffsets sit in
 # initialised data (.PyRuntime), readable from the file, stripped or not.
 
@@ -107,6 +117,8 @@ class DebugOffsets:
     # holds_gil=1, gil_requested=0 in one 8-byte store once it has the GIL).
     tstate_holds_gil: int | None = None
     tstate_gil_requested: int | None = None
+    tstate_thread_id: int | None = None
+    tstate_native_thread_id: int | None = None
 
 
 # Where {ceval_gil, gil_runtime_state, enabled, locked, holder} start in the
@@ -150,7 +162,10 @@ def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
             interp[gil_at + 4], verified=known is not None,
         )
         if _self_check(offsets, interp[0]):
-            return _with_tstate_fields(offsets, q, known)
+            offsets = _with_tstate_fields(offsets, q, known)
+            ids = _thread_state_ids(q, 5 + gil_at + 5)
+            return offsets if ids is None else replace(
+                offsets, tstate_thread_id=ids[0], tstate_native_thread_id=ids[1])
     raise TargetError(
         f"{obj.path}: _Py_DebugOffsets of CPython {'.'.join(map(str, version))} have a "
         "layout this otel-gil does not know (no GIL fields that line up)"
@@ -179,6 +194,21 @@ def _with_tstate_fields(offsets: DebugOffsets, q: tuple[int, ...],
     if not (holds < tstate[0] and requested < tstate[0]):  # inside sizeof(PyThreadState)
         return offsets
     return replace(offsets, tstate_holds_gil=holds, tstate_gil_requested=requested)
+
+
+def _thread_state_ids(q: tuple[int, ...], start: int) -> tuple[int, int] | None:
+    """thread_id and native_thread_id from the debug offsets' thread_state table.
+
+    It follows the interpreter_state table, which gains fields between
+    versions (3.14: code_object_generation, tlbc_generation), so it is found
+    by its own head: {size, prev, next, interp, current_frame, thread_id,
+    native_thread_id} with prev/next/interp at 0/8/16 (Include/cpython/pystate.h).
+    """
+    for i in range(start, len(q) - 6):
+        size, prev, nxt, interp, _frame, tid, native = q[i:i + 7]
+        if (prev, nxt, interp) == (0, 8, 16) and 0 < tid < size and native == tid + 8:
+            return tid, native
+    return None
 
 
 def read_version(obj: ElfObject, runtime: int | None) -> tuple[Version, str]:
@@ -221,8 +251,10 @@ def table_layout(version: Version, free_threaded: bool) -> GilLayout:
     """The hard-coded fallback, tested against every pyenv build here."""
     key = version[:2]
     shift = 8 if free_threaded else 0  # a leading `int enabled`, padded to 8
+    ids = _TSTATE_IDS.get(key, (None, None))
     fields: dict[str, Any] = {"interval": shift, "locked": 16 + shift, "cond": 32 + shift,
-                              "enabled": 0 if free_threaded else None}
+                              "enabled": 0 if free_threaded else None,
+                              "tstate_thread_id": ids[0], "tstate_native_thread_id": ids[1]}
     label = f"{version[0]}.{version[1]} table"
     if key in _INLINE:
         off = _INLINE[key]
@@ -246,6 +278,7 @@ def debug_offsets_layout(dbg: DebugOffsets, struct_fields: dict[str, int] | None
         how="_Py_DebugOffsets" + (" + DWARF" if struct_fields else "")
             + ("" if dbg.verified else " (unverified layout)"),
         tstate_holds_gil=dbg.tstate_holds_gil, tstate_gil_requested=dbg.tstate_gil_requested,
+        tstate_thread_id=dbg.tstate_thread_id, tstate_native_thread_id=dbg.tstate_native_thread_id,
     )
 
 
@@ -266,8 +299,11 @@ def dwarf_layout(dwarf_obj: ElfObject, take_gil: int, version: Version) -> GilLa
         return None
     runtime = structs.get("pyruntimestate")
     enabled = fields.get("enabled")
+    ts = structs.get("_ts")
     common: dict[str, Any] = {"interval": fields["interval"], "locked": fields["locked"],
-                              "cond": fields["cond"], "enabled": enabled}
+                              "cond": fields["cond"], "enabled": enabled,
+                              "tstate_thread_id": _member_path(ts, ["thread_id"]),
+                              "tstate_native_thread_id": _member_path(ts, ["native_thread_id"])}
     if version[:2] <= (3, 11):
         off = _member_path(runtime, ["ceval", "gil"])
         if off is None:
@@ -321,7 +357,7 @@ def _load_unit_structs(dwarf_obj: ElfObject, address: int) -> dict[str, object] 
             # An LTO partition (Debian 3.11): its types live in other units,
             # reached only through DW_FORM_ref_addr chains; the table is used.
             return None
-        wanted = {"_gil_runtime_state", "pyruntimestate", "_is"}
+        wanted = {"_gil_runtime_state", "pyruntimestate", "_is", "_ts"}
         out: dict[str, object] = {}
         for die in unit.iter_DIEs():
             if die.tag != "DW_TAG_structure_type" or "DW_AT_declaration" in die.attributes:

@@ -10,18 +10,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from otel_gil import events
-from otel_gil.errors import EnvironmentProblem, ProbeError
+from otel_gil.disasm import EMULATED, Site
+from otel_gil.elfsyms import ElfObject
+from otel_gil.errors import EnvironmentProblem, ProbeError, TargetError
 
 if TYPE_CHECKING:
-    from otel_gil.discovery import Target
+    from otel_gil.discovery import Interpreter, Target
+
+PROBE_SETS = ("contended", "all")
+DEFAULT_PROBE_SET = "contended"
 
 
 @dataclass(frozen=True)
@@ -32,9 +38,17 @@ class ProbeConfig:
     max_targets: int = 256
     ringbuf_pages: int = 256  # 1 MiB
     empty: bool = False  # probes that return at once: the overhead floor (bench/)
+    probes: str = DEFAULT_PROBE_SET  # "contended" or "all" (bpf/gil.bpf.c)
+
+    def __post_init__(self) -> None:
+        if self.probes not in PROBE_SETS:
+            raise ValueError(f"unknown probe set {self.probes!r}: use one of "
+                             f"{', '.join(PROBE_SETS)}")
 
     def cflags(self) -> List[str]:
         flags = ["-DEMPTY_PROBES"] if self.empty else []
+        if self.probes == "all":
+            flags.append("-DPROBES_ALL")
         pidns = own_pid_namespace()
         if pidns is not None:
             flags += [f"-DSIDECAR_PIDNS_DEV={pidns[0]}ULL", f"-DSIDECAR_PIDNS_INO={pidns[1]}ULL"]
@@ -63,6 +77,25 @@ def own_pid_namespace() -> Optional[Tuple[int, int]]:
     e.g. a sidecar container sharing its pod's PID namespace; else None."""
     st = os.stat("/proc/self/ns/pid")
     return None if st.st_ino == PROC_PID_INIT_INO else (st.st_dev, st.st_ino)
+
+
+def ns_tid_map(pid: int) -> Dict[int, int]:
+    """tid in the target's own PID namespace -> our tid, for its live threads."""
+    out: Dict[int, int] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("NSpid:"):
+                        out[int(line.split()[-1])] = int(task)
+                        break
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def bpf_dir() -> Path:
@@ -113,7 +146,163 @@ def _recent_kernel_log() -> str:
 
 
 TRACEFS = Path("/sys/kernel/tracing")
-PROBE_FUNCTIONS = ("on_take_gil", "on_take_gil_return", "on_cond_signal")
+# The BPF functions of each probe set (bpf/gil.bpf.c).
+PROBE_FUNCTIONS = {"contended": ("on_wait", "on_wake"),
+                   "all": ("on_wait", "on_wake", "on_held", "on_release", "on_take_gil")}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One uprobe of a plan: which program, where, on what instruction."""
+
+    fn_name: str
+    path: str  # as BCC will open it (proc_path); "" before a process is known
+    address: int  # link-time address BCC attaches at; libc's entry: its symbol's
+    role: str  # held, wait, wake, release, entry
+    where: str  # function it sits in
+    insn: str
+    cost: str  # disasm.EMULATED / SINGLE_STEPPED, or "entry" (a function's first instruction)
+
+    @property
+    def in_libc(self) -> bool:
+        return self.where == LIBC_SIGNAL
+
+
+LIBC_SIGNAL = "pthread_cond_signal (libc)"
+# What one probe hit costs, by how the kernel handles the instruction, measured
+# on the 2-vCPU KVM guest of bench/README.md (empty BPF program, per pid; a
+# function entry is a `push`, emulated). The BPF programs add ~0.1-0.3 µs.
+HIT_COST_NS = {EMULATED: 550, "single-stepped": 6800, "entry": 550}
+
+
+def planned(interp: Interpreter, probe_set: str) -> List[Point]:
+    """The uprobes of a probe set in an interpreter build (paths left empty),
+    or ProbeError saying why the set cannot be placed.
+
+    contended: the timed-wait call and wake sites of every take_gil copy.
+    all: those, the held sites (or each ret), the release call sites (or libc's
+    pthread_cond_signal entry), and take_gil's entry where no wait site exists.
+    """
+    sites = interp.sites
+    points: List[Point] = []
+
+    def add(fn_name: str, site: Site) -> None:
+        points.append(Point(fn_name, "", site.address, site.role, site.function, site.insn,
+                            site.cost))
+
+    if sites is not None and sites.waits and len(sites.wakes) == len(sites.waits):
+        for site in sites.waits:
+            add("on_wait", site)
+        for site in sites.wakes:
+            add("on_wake", site)
+    elif probe_set == "contended":
+        why = "; ".join(sites.notes) if sites is not None else "its code could not be analysed"
+        raise ProbeError(
+            f"the contended probes cannot be placed in {interp.path}: no timed wait on the GIL "
+            f"found in take_gil ({why})",
+            "use --probes all (OTEL_PYTHON_GIL_PROBES=all), which probes every transition")
+    else:
+        points += [Point("on_take_gil", "", fn.address, "entry", fn.name, "entry", "entry")
+                   for fn in interp.take_gil]
+    if probe_set == "contended":
+        return points
+    if sites is not None and sites.held:
+        for site in sites.held:
+            add("on_held", site)
+    else:
+        points += [Point("on_held", "", r, "held", fn.name, "ret", "single-stepped")
+                   for fn in interp.take_gil for r in fn.ret_addresses]
+    if sites is not None and sites.releases:
+        for site in sites.releases:
+            add("on_release", site)
+    else:
+        points.append(Point("on_release", "", 0, "release", LIBC_SIGNAL, "entry", "entry"))
+    return points
+
+
+def plan(target: Target, probe_set: str) -> List[Point]:
+    """planned() for a running target: the paths and libc's address filled in."""
+    obj = proc_path(target.pid, target.object_path)
+    libc_path, cond_signal = target.cond_signal
+    libc = proc_path(target.pid, libc_path)
+    return [replace(p, path=libc, address=cond_signal) if p.in_libc else replace(p, path=obj)
+            for p in planned(target.interpreter, probe_set)]
+
+
+def transition_cost(points: List[Point]) -> Dict[str, int]:
+    """ns of probe hits per uncontended GIL transition (one release, one
+    acquisition that finds the GIL free) and per timed wait, by this plan.
+
+    One held site runs per acquisition: which one depends on the path through
+    take_gil, so both the cheapest and the dearest are given (a single-stepped
+    ret kept as a fallback may sit on a path that is rarely taken)."""
+    def costs(role: str) -> List[int]:
+        return [HIT_COST_NS[p.cost] for p in points if p.role == role] or [0]
+
+    # take_gil's own signal of gil->switch_cond, on every acquisition, hits
+    # libc's pthread_cond_signal too when that is the release probe.
+    release = min(costs("release")) * (2 if any(p.in_libc for p in points) else 1)
+    fixed = release + min(costs("entry"))
+    return {"per_uncontended_transition_ns": fixed + min(costs("held")),
+            "per_uncontended_transition_max_ns": fixed + max(costs("held")),
+            "per_timed_wait_ns": min(costs("wait")) + min(costs("wake"))}
+
+
+_PTHREAD_TID: Dict[Tuple[int, int, int], Optional[int]] = {}
+
+
+def glibc_tid_offset(libc_path: str) -> Optional[int]:
+    """Offset of the tid in glibc's struct pthread, from libc's own descriptor
+    for libthread_db (`_thread_db_pthread_tid`: bit size, count, offset; glibc
+    nptl_db/structs.def). None for a libc without it."""
+    try:
+        st = os.stat(libc_path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if key not in _PTHREAD_TID:
+        found = None
+        try:
+            with ElfObject(libc_path) as libc:
+                sym = libc.lookup("_thread_db_pthread_tid", (".dynsym",))
+                if sym is not None:
+                    bits, count, offset = struct.unpack("<III", libc.read(sym.value, 12))
+                    found = offset if (bits, count) == (32, 1) and offset < 4096 else None
+        except (OSError, TargetError, struct.error):
+            found = None
+        _PTHREAD_TID[key] = found
+    return _PTHREAD_TID[key]
+
+
+def target_config(target: Target, ctx_table: Optional[ContextTable]) -> events.Target:
+    """What the probes need to know about a target (struct target's configuration)."""
+    cfg = events.Target()
+    cfg.cond_addr = target.gil.cond_address
+    cfg.interval_ns = target.gil.interval_us * 1000
+    if ctx_table is not None:
+        cfg.ctx_table = ctx_table.address
+        cfg.ctx_slots = ctx_table.slots
+    if len(target.nspid) > 1:
+        cfg.ns_translate = 1
+        cfg.ns_dev, cfg.ns_ino = target.pidns
+    layout = target.interpreter.gil_layout
+    cfg.gil_addr = target.gil.address
+    if layout is not None:
+        # last_holder and switch_number sit on either side of locked in struct
+        # _gil_runtime_state, 3.8 to 3.14 (Include/internal/pycore_gil.h;
+        # checked with gdb on every build here, free-threaded included).
+        cfg.off_locked = layout.locked
+        cfg.off_holder = layout.locked - 8
+        cfg.off_switch = layout.locked + 8
+        if layout.tstate_native_thread_id is not None:
+            cfg.tid_how, cfg.off_tid = events.GIL_TID_NATIVE, layout.tstate_native_thread_id
+        elif layout.tstate_thread_id is not None:
+            pthread_tid = glibc_tid_offset(target.cond_signal[0])
+            if pthread_tid is not None:
+                cfg.tid_how, cfg.off_tid = events.GIL_TID_PTHREAD, layout.tstate_thread_id
+                cfg.off_pthread_tid = pthread_tid
+    cfg.holder_tid = 0
+    return cfg
 
 
 def ensure_tracefs() -> None:
@@ -156,6 +345,9 @@ class Probes:
         self._on_event = on_event
         self.undecodable = 0
         self._attached: Dict[int, List[Tuple[str, int]]] = {}
+        self.plans: Dict[int, List[Point]] = {}
+        self._ns_translate: Dict[int, bool] = {}
+        self._host_tids: Dict[int, Dict[int, int]] = {}
         try:
             self._bpf = bcc.BPF(src_file=str(bpf_dir() / "gil.bpf.c"),
                                 cflags=config.cflags() + [f"-I{bpf_dir()}",
@@ -169,13 +361,14 @@ class Probes:
             ) from None
         try:
             # Load every probe now, so a verifier rejection is reported as such.
-            for fn_name in PROBE_FUNCTIONS:
+            for fn_name in PROBE_FUNCTIONS[config.probes]:
                 self._bpf.load_func(fn_name, bcc.BPF.KPROBE)
         except Exception as exc:
             raise ProbeError(f"the kernel's verifier rejected the BPF program: {exc}",
                              "report this with the output of `otel-gil doctor`") from None
         self._targets = self._bpf["targets"]
         self._threads = self._bpf["threads"]
+        self._holders = self._bpf["holders"]
         self._bpf["events"].open_ring_buffer(self._ring_callback)
 
     # ----------------------------------------------------------------- targets
@@ -183,36 +376,21 @@ class Probes:
     def add(self, target: Target, ctx_table: Optional[ContextTable] = None) -> None:
         """Configure the target in the kernel, then attach its probes (pid-filtered,
         so other processes using the same libpython pay nothing)."""
-        cfg = events.Target()
-        cfg.cond_addr = target.gil.cond_address
-        cfg.interval_ns = target.gil.interval_us * 1000
-        if ctx_table is not None:
-            cfg.ctx_table = ctx_table.address
-            cfg.ctx_slots = ctx_table.slots
-        if len(target.nspid) > 1:
-            cfg.ns_translate = 1
-            cfg.ns_dev, cfg.ns_ino = target.pidns
-        cfg.holder_tid = 0
-        self._targets[ctypes.c_uint32(target.pid)] = cfg
-        interp = target.interpreter
-        points: List[Tuple[str, str, int]] = []
-        obj = proc_path(target.pid, target.object_path)
-        for fn in interp.take_gil:
-            points.append(("on_take_gil", obj, fn.address))
-            points += [("on_take_gil_return", obj, r) for r in fn.ret_addresses]
-        libc_path, cond_signal = target.cond_signal
-        points.append(("on_cond_signal", proc_path(target.pid, libc_path), cond_signal))
+        points = plan(target, self.config.probes)
+        self._targets[ctypes.c_uint32(target.pid)] = target_config(target, ctx_table)
+        self._ns_translate[target.pid] = len(target.nspid) > 1
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
-        for fn_name, path, addr in points:
+        self.plans[target.pid] = points
+        for point in points:
             try:
                 with _libbcc_quiet():
-                    self._bpf.attach_uprobe(name=path, addr=addr, fn_name=fn_name,
-                                            pid=target.pid)
+                    self._bpf.attach_uprobe(name=point.path, addr=point.address,
+                                            fn_name=point.fn_name, pid=target.pid)
             except Exception:
                 self.remove(target.pid)
-                raise self._attach_error(path, addr, target.pid) from None
-            attached.append((path, addr))
+                raise self._attach_error(point.path, point.address, target.pid) from None
+            attached.append((point.path, point.address))
 
     def _attach_error(self, path: str, addr: int, pid: int) -> ProbeError:
         log = _recent_kernel_log()
@@ -240,6 +418,8 @@ class Probes:
             del self._targets[ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        self._ns_translate.pop(pid, None)
+        self._host_tids.pop(pid, None)
 
     def target_state(self, pid: int) -> Optional[events.Target]:
         try:
@@ -254,9 +434,19 @@ class Probes:
 
     # ------------------------------------------------------------------ reading
 
+    def host_tid(self, pid: int, ns_tid: int) -> int:
+        """Our tid of a thread the probes know by its tid in the target's PID
+        namespace (a holder read from its PyThreadState); ns_tid if unknown."""
+        if not self._ns_translate.get(pid):
+            return ns_tid
+        known = self._host_tids.setdefault(pid, {})
+        if ns_tid not in known:
+            known.update(ns_tid_map(pid))
+        return known.get(ns_tid, ns_tid)
+
     def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:
         try:
-            interval = events.decode_event(ctypes.string_at(data, size))
+            interval = events.decode_event(ctypes.string_at(data, size), self.host_tid)
         except ValueError:
             self.undecodable += 1
             return 0
@@ -264,8 +454,15 @@ class Probes:
         return 0
 
     def poll(self, timeout_ms: int) -> None:
-        """Deliver pending events to on_event; waits at most timeout_ms for the first."""
-        self._bpf.ring_buffer_poll(timeout_ms)
+        """Wait timeout_ms, then deliver every pending event to on_event.
+
+        The probes submit events without waking us (BPF_RB_NO_WAKEUP): the
+        wake-up is an irq_work IPI from the traced thread, a VM exit under KVM
+        that made a contended hand-off ~20 µs slower there. So the events are
+        consumed on our own schedule: the step loop's period."""
+        if timeout_ms > 0:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
 
     def skipped_runs(self) -> int:
         """Probe hits whose BPF program the kernel did not run: a uprobe program
@@ -274,7 +471,7 @@ class Probes:
         state machine survives a skipped hit (the interval is dropped and the
         thread's `unmatched` counts it), but the count is reported as lost."""
         total = 0
-        for fn_name in PROBE_FUNCTIONS:
+        for fn_name in PROBE_FUNCTIONS[self.config.probes]:
             fd = self._bpf.funcs[fn_name.encode()].fd
             try:
                 with open(f"/proc/self/fdinfo/{fd}") as f:
@@ -289,6 +486,40 @@ class Probes:
         """Every tracked thread's totals, by host tid."""
         return {k.value: events.ThreadStats.from_buffer_copy(bytes(v))
                 for k, v in self._threads.items()}
+
+    def holders(self) -> Dict[Tuple[int, int], events.HolderStats]:
+        """Contended set: per (pid, tid in the target's namespace), how long each
+        thread held the GIL while another waited."""
+        out = {}
+        for v in self._holders.values():
+            raw = events.HolderStats.from_buffer_copy(bytes(v))
+            out[(raw.pid, raw.ns_tid)] = raw
+        return out
+
+    def forget_holders(self, pid: int) -> None:
+        for k in [k for k, v in self._holders.items() if v.pid == pid]:
+            try:
+                del self._holders[k]
+            except KeyError:
+                pass
+
+    def read_switch_number(self, pid: int) -> Optional[int]:
+        """CPython's own count of hand-offs (gil->switch_number), read from the
+        process: exact, whatever probes are attached."""
+        cfg = self.target_state(pid)
+        if cfg is None or not cfg.gil_addr:
+            return None
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, 8, cfg.gil_addr + cfg.off_switch)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return int.from_bytes(data, "little") if len(data) == 8 else None
 
     def forget_threads(self, tids: List[int]) -> None:
         for tid in tids:

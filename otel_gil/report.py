@@ -9,14 +9,43 @@ from typing import Any, Dict, List, Optional, Sequence
 from otel_gil import events, timeline, views
 from otel_gil.disasm import Function
 from otel_gil.discovery import Target
+from otel_gil.probes import Point
 from otel_gil.session import Session, ThreadTotals
 
 SCHEMA = "otel-gil/record/v1"
 TOP_HOLDERS = 10
-RELEASE_METHOD = (
-    "libc pthread_cond_signal filtered on the GIL's condition variable: drop_gil signals "
-    "it on every release in CPython 3.8-3.15, inlined or not, so releases are exact"
-)
+RELEASE_METHOD = {
+    "call": "every direct call of pthread_cond_signal in the interpreter outside take_gil, "
+            "kept when its argument is the GIL's condition variable: drop_gil signals it on "
+            "every release in CPython 3.8-3.15, inlined or not, so releases are exact",
+    "libc": "libc pthread_cond_signal filtered on the GIL's condition variable (no direct "
+            "call site in this build): every release, exact",
+    "none": "not probed by the contended set",
+}
+# Which probe set measures what, and how exactly (docs/record-json.md, "numbers").
+NUMBERS = {
+    "contended": {
+        "waits": "exact: from a take_gil call's first timed wait on gil->cond to the wake-up "
+                 "that found the GIL free (kernel timestamps)",
+        "holders": "as the waiters saw them at each wake-up (gil->last_holder, switch_number): "
+                   "a hand-off is placed at the first wake-up after it",
+        "handoffs": "exact: CPython's gil->switch_number since attach, read from the process",
+        "forced_switches": "exact: holds asked to drop (a timed wait expired, no switch)",
+        "acquisitions": "only those that ended a wait",
+        "holds": "only while another thread waited (not every hold: use --probes all)",
+        "releases": "not seen",
+    },
+    "all": {
+        "waits": "exact: from a take_gil call's first timed wait on gil->cond to the wake-up "
+                 "that found the GIL free (kernel timestamps)",
+        "holders": "exact: every hold that overlapped the wait",
+        "handoffs": "exact: acquisitions by another thread than the last holder",
+        "forced_switches": "exact: holds asked to drop (a timed wait expired, no switch)",
+        "acquisitions": "exact: every acquisition",
+        "holds": "exact: from take_gil done to the release that signals gil->cond",
+        "releases": "exact",
+    },
+}
 
 
 def _function(fn: Function) -> Dict[str, Any]:
@@ -24,9 +53,19 @@ def _function(fn: Function) -> Dict[str, Any]:
             "ret_addresses": list(fn.ret_addresses), "source": fn.source}
 
 
-def describe_target(target: Target) -> Dict[str, Any]:
-    """Process info: the binary, version, flavour, symbols and how they were found."""
+def describe_probes(points: Sequence[Point]) -> List[Dict[str, Any]]:
+    """Each uprobe: its role, the instruction under it, and how the kernel runs it."""
+    return [{"role": p.role, "function": p.where, "address": p.address, "insn": p.insn,
+             "handling": p.cost} for p in points]
+
+
+def describe_target(target: Target, probe_set: str = "contended",
+                    points: Sequence[Point] = ()) -> Dict[str, Any]:
+    """Process info: the binary, version, flavour, symbols and how they were found,
+    and where the probe set's probes sit."""
     interp = target.interpreter
+    release = "none" if probe_set == "contended" else (
+        "libc" if any(p.role == "release" and p.cost == "entry" for p in points) else "call")
     return {
         "pid": target.pid,
         "nspid": list(target.nspid),
@@ -44,8 +83,10 @@ def describe_target(target: Target) -> Dict[str, Any]:
                 "interval_us": target.gil.interval_us, "enabled": target.gil.enabled,
                 "enabled_count": target.gil.enabled_count, "found_by": target.gil.how},
         "unverified": interp.unverified,
-        "release": {"method": RELEASE_METHOD, "fidelity": "exact",
+        "release": {"method": RELEASE_METHOD[release],
+                    "fidelity": "none" if release == "none" else "exact",
                     "probe": {"path": target.cond_signal[0], "address": target.cond_signal[1]}},
+        "probes": {"set": probe_set, "sites": describe_probes(points)},
     }
 
 
@@ -62,6 +103,7 @@ def _thread(t: ThreadTotals, duration_ns: int) -> Dict[str, Any]:
     return {
         "pid": t.pid, "tid": t.tid, "ns_tid": t.ns_tid, "name": t.name,
         "acquisitions": t.acquisitions, "hold_ns": t.hold_ns, "wait_ns": t.wait_ns,
+        "waits": t.waits, "timed_waits": t.timed_waits, "take_ns": t.take_ns,
         "max_wait_ns": t.max_wait_ns, "max_hold_ns": t.max_hold_ns,
         "p99_wait_ns": t.p99_wait_ns,
         "hold_pct": round(100.0 * t.hold_ns / duration_ns, 2) if duration_ns else 0.0,
@@ -86,7 +128,9 @@ def _hold(h: events.Hold) -> Dict[str, Any]:
 def _interval(iv: events.Interval) -> Dict[str, Any]:
     out: Dict[str, Any] = {"kind": iv.kind, "pid": iv.pid, "tid": iv.tid,
                            "start_ns": iv.start_ns, "end_ns": iv.end_ns,
-                           "duration_ns": iv.duration_ns}
+                           "duration_ns": iv.duration_ns, "probe_set": iv.probe_set}
+    if iv.kind == "hold":
+        out["start_seen"] = iv.start_seen
     if iv.kind == "wait":
         out["holders"] = [{"tid": b.tid, "held_ns": b.held_ns} for b in timeline.blame(iv)]
         out["holders_truncated"] = timeline.holds_truncated(iv)
@@ -109,19 +153,27 @@ def to_json(session: Session) -> Dict[str, Any]:
     duration = session_duration_ns(session)
     threads = sorted(session.threads.values(), key=lambda t: (t.pid, t.tid))
     processes = []
-    for _pid, info in sorted(session.targets.items()):
-        proc = describe_target(info.target)
+    probe_set = session.probe_set
+    for pid, info in sorted(session.targets.items()):
+        proc = describe_target(info.target, probe_set, session.probes.plans.get(pid, ()))
         st = info.state or events.Target()
+        everything = probe_set == "all"
         proc.update(started_ns=info.started_ns, ended_ns=info.ended_ns,
                     attached_ns=info.attached_ns, gil_enabled_ns=info.gil_enabled_ns,
-                    acquisitions=st.acq_seq, handoffs=st.handoffs,
-                    forced_switches=st.forced_switches, releases=st.releases,
+                    acquisitions=st.acq_seq if everything else sum(
+                        t.acquisitions for t in threads if t.pid == pid),
+                    handoffs=st.handoffs, forced_switches=st.forced_switches,
+                    releases=st.releases if everything else None,
+                    switch_number={"at_attach": info.switch_start, "last": info.switch_now},
+                    torn_context_reads=st.torn_reads,
                     lost_events=st.lost, untracked_threads=st.untracked)
         processes.append(proc)
     cfg = session.probes.config
     return {
         "schema": SCHEMA,
         "clock": "CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns)",
+        "probe_set": probe_set,
+        "numbers": NUMBERS[probe_set],
         "duration_ns": duration,
         "thresholds": {"wait_ns": cfg.wait_threshold_ns, "hold_ns": cfg.hold_threshold_ns},
         "processes": processes,
@@ -158,8 +210,12 @@ def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
 
 
 def table(doc: Dict[str, Any]) -> str:
-    """The per-thread table printed by `otel-gil record` and refreshed by `top`."""
-    header = ("PID", "TID", "NAME", "ACQUIRED", "HOLD%", "WAIT%", "MAX WAIT ms", "P99 WAIT ms")
+    """The per-thread table printed by `otel-gil record` and refreshed by `top`.
+    With the contended set, ACQUIRED counts only acquisitions that ended a wait
+    and HOLD% only time held while another thread waited (marked with `*`)."""
+    contended = doc.get("probe_set") == "contended"
+    header = ("PID", "TID", "NAME", "ACQUIRED*" if contended else "ACQUIRED",
+              "HOLD%*" if contended else "HOLD%", "WAIT%", "MAX WAIT ms", "P99 WAIT ms")
     rows = [header]
     for t in sorted(doc["threads"], key=lambda t: -t["hold_ns"]):
         rows.append((str(t["pid"]), str(t["tid"]), t["name"][:16], str(t["acquisitions"]),
@@ -172,4 +228,10 @@ def table(doc: Dict[str, Any]) -> str:
     lines.append(f"{len(doc['threads'])} threads over {doc['duration_ns'] / 1e9:.2f} s; "
                  f"{waits} waits >= {_ms(doc['thresholds']['wait_ns'])} ms; "
                  f"lost events: {doc['lost_events']}")
+    handoffs = sum(p["handoffs"] for p in doc["processes"])
+    forced = sum(p["forced_switches"] for p in doc["processes"])
+    lines.append(f"probes: {doc.get('probe_set', 'all')}; hand-offs {handoffs}, forced "
+                 f"switches {forced} (exact)" + (
+                     "; * ACQUIRED: only those that ended a wait, HOLD%: only while another "
+                     "thread waited (every hold: --probes all)" if contended else ""))
     return "\n".join(lines)

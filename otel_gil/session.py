@@ -4,6 +4,18 @@
 call step() in a loop, read threads()/intervals. The session turns the kernel's
 per-thread entries into ThreadTotals that outlive the threads (the kernel entry
 of an exited thread is read one last time, then deleted).
+
+What each number means depends on the probe set (ProbeConfig.probes):
+
+- both sets: waits (a take_gil call that waited on gil->cond, from its first
+  timed wait until a wake-up found the GIL free), forced switches (holds
+  asked to drop), and hand-offs (the state's ``handoffs``: with the all set
+  counted at each acquisition, with the contended set CPython's own
+  gil->switch_number read from the process, both exact);
+- all only: every acquisition, hold and release;
+- contended: acquisitions are the waits that ended, and a thread's hold time
+  is the time it held the GIL while another thread waited (reconstructed from
+  the waiters' wake-ups: ``holds_scope``).
 """
 
 from __future__ import annotations
@@ -37,20 +49,34 @@ class ThreadTotals:
     max_wait_ns: int = 0
     max_hold_ns: int = 0
     unmatched: int = 0
+    waits: int = 0  # waits ended (both sets count them alike)
+    timed_waits: int = 0  # timed waits on gil->cond begun
+    take_ns: int = 0  # all set: from finding the GIL free to holding it
+    holds: int = 0  # contended set: holds seen while another thread waited
     exited: bool = False
     wait_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
     hold_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
 
-    def update(self, raw: events.ThreadStats) -> None:
+    def update(self, raw: events.ThreadStats, contended: bool = False) -> None:
         self.acquisitions = raw.acquisitions
         self.wait_ns = raw.wait_ns
-        self.hold_ns = raw.hold_ns
         self.max_wait_ns = raw.max_wait_ns
-        self.max_hold_ns = raw.max_hold_ns
         self.unmatched = raw.unmatched
+        self.waits = raw.waits
+        self.timed_waits = raw.timed_waits
+        self.take_ns = raw.take_ns
         self.exited = bool(raw.exited)
         self.wait_hist = list(raw.wait_hist)
-        self.hold_hist = list(raw.hold_hist)
+        if not contended:  # the contended set's holds come from update_holds
+            self.hold_ns = raw.hold_ns
+            self.max_hold_ns = raw.max_hold_ns
+            self.hold_hist = list(raw.hold_hist)
+
+    def update_holds(self, raw: events.HolderStats) -> None:
+        """Contended set: the time this thread held the GIL while another waited."""
+        self.hold_ns = raw.hold_ns
+        self.max_hold_ns = raw.max_hold_ns
+        self.holds = raw.holds
 
     @property
     def p99_wait_ns(self) -> int:
@@ -69,6 +95,8 @@ class TargetInfo:
     attached_ns: int = 0
     gil_enabled_ns: int = 0  # when the GIL was seen switched on after add(); 0 if never
     watched_ns: int = 0  # last read of _gil_runtime_state.enabled
+    switch_start: Optional[int] = None  # gil->switch_number once the probes were attached
+    switch_now: Optional[int] = None  # ... at the last refresh
 
 
 # How often a GIL-less free-threaded target's _gil_runtime_state.enabled is read
@@ -149,7 +177,9 @@ class Session:
             raise TargetGone(f"pid {pid} exited while its probes were being attached")
         self._start_times[pid] = started
         now = time.monotonic_ns()
-        self.targets[pid] = TargetInfo(target, now, ctx_table=ctx_table, attached_ns=now)
+        info = TargetInfo(target, now, ctx_table=ctx_table, attached_ns=now)
+        info.switch_start = info.switch_now = self.probes.read_switch_number(pid)
+        self.targets[pid] = info
         return target
 
     def _watch_gil(self) -> None:
@@ -173,6 +203,7 @@ class Session:
                 info.watched_ns = now + 10**9 * 3600  # said once; not retried
                 continue
             info.attached_ns = info.gil_enabled_ns = time.monotonic_ns()
+            info.switch_start = info.switch_now = self.probes.read_switch_number(pid)
             log.warning("otel-gil: pid %d: the GIL was enabled at run time: tracing from now",
                         pid)
 
@@ -180,6 +211,10 @@ class Session:
     def traced(self) -> bool:
         """Whether any target ever had its probes attached."""
         return any(info.attached_ns for info in self.targets.values())
+
+    @property
+    def probe_set(self) -> str:
+        return self.probes.config.probes
 
     def alive(self, pid: int) -> bool:
         return pid in self.targets and not self.targets[pid].ended_ns
@@ -200,7 +235,6 @@ class Session:
             return
         self.probes.poll(0)
         self.refresh()
-        info.state = self.probes.target_state(pid) or info.state
         info.ended_ns = time.monotonic_ns()
         self.probes.remove(pid)
 
@@ -212,21 +246,40 @@ class Session:
         reread = now - self._names_read_ns > 1_000_000_000
         if reread:
             self._names_read_ns = now
+        contended = self.probe_set == "contended"
         for tid, raw in self.probes.threads().items():
-            totals = self.threads.get(tid)
-            if totals is None:
-                totals = ThreadTotals(tid=tid, pid=raw.pid)
-                self.threads[tid] = totals
-            if totals.name == "?" or (reread and not raw.exited):
-                name, totals.ns_tid = _thread_identity(raw.pid, tid)
-                totals.name = name if name != "?" else totals.name
-            totals.update(raw)
+            totals = self._totals(tid, raw.pid, reread and not raw.exited)
+            totals.update(raw, contended)
             if raw.exited:
                 reaped.append(tid)
         self.probes.forget_threads(reaped)
+        if contended:
+            for (pid, ns_tid), held in self.probes.holders().items():
+                self._totals(self.probes.host_tid(pid, ns_tid), pid, False).update_holds(held)
         for pid, info in self.targets.items():
             if not info.ended_ns:
-                info.state = self.probes.target_state(pid) or info.state
+                self._refresh_state(pid, info)
+
+    def _totals(self, tid: int, pid: int, rename: bool) -> ThreadTotals:
+        totals = self.threads.get(tid)
+        if totals is None:
+            totals = ThreadTotals(tid=tid, pid=pid)
+            self.threads[tid] = totals
+        if totals.name == "?" or rename:
+            name, totals.ns_tid = _thread_identity(pid, tid)
+            totals.name = name if name != "?" else totals.name
+        return totals
+
+    def _refresh_state(self, pid: int, info: TargetInfo) -> None:
+        """The kernel's per-process state; with the contended set, hand-offs are
+        CPython's own switch_number since attach (no probe sees each one)."""
+        info.state = self.probes.target_state(pid) or info.state
+        sw = self.probes.read_switch_number(pid)
+        if sw is not None:
+            info.switch_now = sw
+        if self.probe_set == "contended" and info.state is not None and \
+                info.switch_start is not None and info.switch_now is not None:
+            info.state.handoffs = max(0, info.switch_now - info.switch_start)
 
     @property
     def active(self) -> bool:
@@ -249,6 +302,7 @@ class Session:
         self.detach(pid)
         self.targets.pop(pid, None)
         self._start_times.pop(pid, None)
+        self.probes.forget_holders(pid)
         for tid in [t for t, totals in self.threads.items() if totals.pid == pid]:
             del self.threads[tid]
 

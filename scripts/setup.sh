@@ -70,7 +70,7 @@ stamp=.venv/.otel-gil-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     log "installing otel-gil (editable) with its test dependencies (log: .venv/pip.log)"
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -e ".[test]"; } > .venv/pip.log 2>&1; then
+           .venv/bin/python -m pip install -e ".[test,bench]"; } > .venv/pip.log 2>&1; then
         tail -n 30 .venv/pip.log >&2
         log "pip install failed (full log: .venv/pip.log)"
         exit 1

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from otel_gil import config
+from otel_gil import agent, config
+from otel_gil.probes import PROBE_SETS
 
 
 def test_defaults_environment_and_keywords() -> None:
@@ -25,6 +26,8 @@ def test_defaults_environment_and_keywords() -> None:
     ({}, {"OTEL_PYTHON_GIL_PROMETHEUS_PORT": "ninety"}, "OTEL_PYTHON_GIL_PROMETHEUS_PORT"),
     ({}, {"OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS": "-1"}, "must not be negative"),
     ({"colour": "blue"}, {}, "unknown option(s): colour"),
+    ({}, {"OTEL_PYTHON_GIL_PROBES": "some"}, "OTEL_PYTHON_GIL_PROBES='some': use one of "
+                                             "contended, all"),
 ])
 def test_bad_values_are_named(overrides: dict, env: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
@@ -56,3 +59,14 @@ def test_a_bad_variable_is_one_line_from_every_command() -> None:
     assert run.stderr.strip().splitlines() == [
         "otel-gil: error: OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS='abc' is not a valid "
         "wait_threshold_ms (fix or unset that variable)"]
+
+
+def test_probe_set_reaches_a_spawned_sidecar() -> None:
+    # GIVEN the default, the environment, and a keyword
+    assert config.load({}, {}).probes == "contended"
+    assert config.load({}, {"OTEL_PYTHON_GIL_PROBES": "all"}).probes == "all"
+    opts = config.load({"probes": "contended"}, {"OTEL_PYTHON_GIL_PROBES": "all"})
+    # WHEN the sidecar command is built THEN it carries the set the keyword chose
+    cmd = agent.sidecar_command(opts, 3, 4)
+    assert cmd[cmd.index("--probes") + 1] == "contended"
+    assert config.PROBE_SETS == PROBE_SETS  # the app side's copy, without bcc

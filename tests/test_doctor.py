@@ -91,6 +91,34 @@ def test_doctor_python_finds_interpreter(target: PythonTarget) -> None:
     assert found["symbols"] == source
     assert _copies(doc) == copies
     assert all(f["rets"] >= 1 and f["source"] == source for f in found["take_gil"])
+    # AND it says where each probe set's probes sit, on which instruction (as
+    # objdump decodes it), and how the kernel handles that instruction
+    contended, every = found["probes"]["contended"], found["probes"]["all"]
+    assert contended["usable"] and every["usable"]
+    assert contended["per_uncontended_transition_ns"] == 0
+    assert {s["role"] for s in contended["sites"]} == {"wait", "wake"}
+    assert {s["role"] for s in every["sites"]} == {"wait", "wake", "held", "release"}
+    for site in contended["sites"] + every["sites"]:
+        mnemonic = objdump_insn(target.interpreter_elf, int(site["address"], 16))
+        assert site["insn"].split()[0] == mnemonic, (site, mnemonic)
+        emulated = mnemonic.startswith(("j", "call", "push"))  # arch/x86/kernel/uprobes.c
+        assert site["handling"] == ("emulated" if emulated else "single-stepped"), site
+    # (the free-threaded build's early return, taken only with the GIL off,
+    # has no emulated instruction before its ret: that held site is the ret)
+    stepped = [s for s in every["sites"] if s["handling"] != "emulated"]
+    assert len(stepped) == (1 if target.name.startswith("py313t") else 0), stepped
+
+
+def objdump_insn(path: str, address: int) -> str:
+    """The mnemonic binutils decodes at a link-time address."""
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={address:#x}",
+                          f"--stop-address={address + 16:#x}", path],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        head, _, insn = line.partition(":\t")
+        if insn and head.strip() == f"{address:x}":
+            return insn.split()[0]
+    raise AssertionError(f"objdump decodes no instruction at {address:#x} of {path}")
 
 
 def _idle_child_code() -> str:

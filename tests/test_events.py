@@ -20,10 +20,12 @@ STRUCTS: Dict[str, Type[ctypes.Structure]] = {
     "gil_event": events.GilEvent,
     "thread_stats": events.ThreadStats,
     "target": events.Target,
+    "holder_stats": events.HolderStats,
 }
 CONSTANTS = ["GIL_HIST_MIN_SHIFT", "GIL_HIST_BUCKETS", "GIL_MAX_HOLDERS", "GIL_HOLD_RING",
              "GIL_CTX_HEADER_SIZE", "GIL_CTX_SLOT_SIZE", "GIL_CTX_PROBES",
-             "GIL_EVENT_WAIT", "GIL_EVENT_HOLD"]
+             "GIL_EVENT_WAIT", "GIL_EVENT_HOLD", "GIL_SET_CONTENDED", "GIL_SET_ALL",
+             "GIL_NS_TID", "GIL_START_SEEN", "GIL_TID_NATIVE", "GIL_TID_PTHREAD"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,7 @@ def test_decode_wait_event_round_trip() -> None:
     # GIVEN a raw wait event with a valid context and two holds
     ev = events.GilEvent()
     ev.kind, ev.pid, ev.tid, ev.nholds = events.GIL_EVENT_WAIT, 10, 11, 2
+    ev.probe_set = events.GIL_SET_ALL
     ev.start_ns, ev.end_ns, ev.holds_total = 1000, 6000, 2
     ctypes.memmove(ev.ctx.trace_id, (0xABC).to_bytes(16, "big"), 16)
     ctypes.memmove(ev.ctx.span_id, (0xDEF).to_bytes(8, "big"), 8)
@@ -76,6 +79,30 @@ def test_decode_wait_event_round_trip() -> None:
     assert iv.span == events.SpanRef(0xABC, 0xDEF, 1)
     assert [(h.tid, h.start_ns, h.end_ns) for h in iv.holds] == [(12, 3000, 6000), (13, 500, 3000)]
     assert iv.holds_total == 2
+    assert iv.probe_set == "all"
+
+
+def test_decode_translates_tids_read_from_the_target() -> None:
+    # GIVEN a contended hold event whose tid was read from the holder's tstate
+    # (the target's namespace) and a wait whose second holder was too
+    hold = events.GilEvent()
+    hold.kind, hold.pid, hold.tid, hold.probe_set = events.GIL_EVENT_HOLD, 10, 7, \
+        events.GIL_SET_CONTENDED
+    hold.flags = events.GIL_NS_TID | events.GIL_START_SEEN
+    wait = events.GilEvent()
+    wait.kind, wait.pid, wait.tid, wait.nholds, wait.probe_set = events.GIL_EVENT_WAIT, 10, 11, 2, \
+        events.GIL_SET_CONTENDED
+    wait.holds[0].tid, wait.holds[1].tid = 12, 7
+    wait.holds[1].flags = events.GIL_NS_TID
+    # WHEN decoded with a namespace map (ns tid 7 is host tid 1007)
+    def host(pid: int, ns_tid: int) -> int:
+        return {(10, 7): 1007}.get((pid, ns_tid), ns_tid)
+
+    h = events.decode_event(bytes(hold), host)
+    w = events.decode_event(bytes(wait), host)
+    # THEN only the tids read from the target are translated
+    assert (h.tid, h.start_seen, h.probe_set) == (1007, True, "contended")
+    assert [x.tid for x in w.holds] == [12, 1007] and w.tid == 11
 
 
 def test_decode_rejects_garbage() -> None:
@@ -83,6 +110,9 @@ def test_decode_rejects_garbage() -> None:
         events.decode_event(b"\0" * 8)
     bad = events.GilEvent()
     bad.kind = 99
+    with pytest.raises(ValueError):
+        events.decode_event(bytes(bad))
+    bad.kind = events.GIL_EVENT_WAIT  # a known kind, an unknown probe set
     with pytest.raises(ValueError):
         events.decode_event(bytes(bad))
 

@@ -43,7 +43,8 @@ def traced() -> Any:
             intervals.append(iv)
             metrics.record_interval(iv, None)
 
-        session = Session(ProbeConfig(hold_threshold_ns=4_000_000), on_interval)
+        # The all set: held seconds are every hold, comparable to CPU time
+        session = Session(ProbeConfig(hold_threshold_ns=4_000_000, probes="all"), on_interval)
         metrics = GilMetrics(session, [memory, PrometheusMetricReader()])
         target_info = session.add(child.host_pid)
         metrics.add_process(child.host_pid, "metrics-test", target_info.nspid[-1],

@@ -9,6 +9,7 @@ count of take_gil entries, and lose nothing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,8 +17,10 @@ from typing import Dict, List
 
 import pytest
 from independent_counter import TakeGilCounter
+from perf_uprobe import harmless_counter, open_uprobe
 from targets import Child, PythonTarget, all_targets, require, spawn
 
+from otel_gil.discovery import inspect_binary
 from otel_gil.errors import GilDisabledError
 from otel_gil.probes import ProbeConfig
 from otel_gil.session import Session
@@ -48,11 +51,11 @@ sys.stdin.readline()
 SWITCH_INTERVAL_NS = 5_000_000
 
 
-def _trace_workload(target: PythonTarget) -> tuple:
+def _trace_workload(target: PythonTarget, probes: str = "contended") -> tuple:
     child: Child = spawn(target, WORKLOAD)
     try:
         child.read_json(timeout=60)
-        session = Session(ProbeConfig())
+        session = Session(ProbeConfig(probes=probes))
         session.add(child.host_pid)
         counter = TakeGilCounter(session.targets[child.host_pid].target)
         try:
@@ -88,26 +91,42 @@ def assert_hold_matches_cpu(held: int, cpu_ns: int, runnable: int) -> None:
 
 
 @pytest.mark.ebpf
+@pytest.mark.parametrize("probes", ["contended", "all"])
 @pytest.mark.parametrize("target", [t for t in all_targets() if t.expect_gil],
                          ids=lambda t: t.name)
-def test_four_cpu_bound_threads(target: PythonTarget) -> None:
+def test_four_cpu_bound_threads(target: PythonTarget, probes: str) -> None:
     require(target)
     # GIVEN a child of this interpreter, traced before its 4 threads start
     # WHEN the threads burn CPU for 1.5 s each and the child exits
-    session, cpu, independent = _trace_workload(target)
+    session, cpu, independent = _trace_workload(target, probes)
     info = next(iter(session.targets.values()))
     by_ns_tid = {t.ns_tid: t for t in session.threads.values()}
-    # THEN acquisitions equal the independent count of take_gil entries
-    assert sum(t.acquisitions for t in session.threads.values()) == independent
+    acquired = sum(t.acquisitions for t in session.threads.values())
+    if probes == "all":
+        # THEN acquisitions equal the independent count of take_gil entries
+        assert acquired == independent
+    else:
+        # THEN (contended) the acquisitions seen are those that ended a wait:
+        # nearly all of them, the burners being always contended
+        assert 0.8 * independent <= acquired <= independent, (acquired, independent)
     # (a probe run the kernel skipped would show up here: see Probes.skipped_runs)
     assert sum(t.unmatched for t in session.threads.values()) == 0, \
         (session.skipped_runs, [(t.tid, t.acquisitions, t.unmatched)
                                 for t in session.threads.values()])
     # AND each burner's hold time is its own CPU time within 2%, plus at most
-    # the time it was preempted (assert_hold_matches_cpu)
+    # the time it was preempted (assert_hold_matches_cpu). Contended: its time
+    # held while another waited, which for 4 burners is nearly all of it (not
+    # while it ran alone at the start), and each hold ends when the next
+    # holder's wake-up runs: on a machine short of CPUs, later than the
+    # release. So only a looser lower bound there; tests/test_probe_sets.py
+    # compares the two sets on the same run
     assert len(cpu) == 4
     for ns_tid, (cpu_ns, runnable) in cpu.items():
-        assert_hold_matches_cpu(by_ns_tid[ns_tid].hold_ns, cpu_ns, runnable)
+        held = by_ns_tid[ns_tid].hold_ns
+        if probes == "all":
+            assert_hold_matches_cpu(held, cpu_ns, runnable)
+        else:
+            assert held >= 0.9 * cpu_ns, (ns_tid, held, cpu_ns)
     # AND the holds of all threads fit in the traced wall time
     wall = info.ended_ns - info.started_ns
     assert sum(t.hold_ns for t in session.threads.values()) <= wall
@@ -181,7 +200,8 @@ def test_record_of_non_python_process_is_refused() -> None:
 
 
 @pytest.mark.ebpf
-def test_record_cli_writes_documented_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("probes", ["contended", "all"])
+def test_record_cli_writes_documented_json(tmp_path, probes) -> None:  # type: ignore[no-untyped-def]
     # GIVEN the example app, started but waiting
     app = subprocess.Popen([sys.executable, "examples/contention.py", "--seconds", "1",
                             "--wait-for-go"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -190,7 +210,7 @@ def test_record_cli_writes_documented_json(tmp_path) -> None:  # type: ignore[no
     pid = json.loads(app.stdout.readline())["pid"]
     out = tmp_path / "record.json"
     rec = subprocess.Popen([sys.executable, "-m", "otel_gil", "record", "--pid", str(pid),
-                            "--output", str(out)], stdout=subprocess.PIPE,
+                            "--output", str(out), "--probes", probes], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
         # WHEN the app starts its threads once record says it is tracing
@@ -216,8 +236,20 @@ def test_record_cli_writes_documented_json(tmp_path) -> None:  # type: ignore[no
     assert waits and all(iv["end_ns"] > iv["start_ns"] for iv in waits)
     assert any(iv["holders"] for iv in waits)
     proc = doc["processes"][0]
-    assert proc["pid"] == pid and proc["release"]["fidelity"] == "exact"
     assert proc["symbols"]["take_gil"] and proc["symbols"]["source"]
+    # AND it says which probe set produced which number, and where each probe sat
+    assert doc["probe_set"] == proc["probes"]["set"] == probes
+    assert set(doc["numbers"]) >= {"waits", "holders", "handoffs", "forced_switches", "holds"}
+    roles = {site["role"] for site in proc["probes"]["sites"]}
+    assert all(site["handling"] == "emulated" for site in proc["probes"]["sites"])
+    assert proc["handoffs"] > 0 and proc["forced_switches"] > 0
+    if probes == "all":
+        assert roles == {"wait", "wake", "held", "release"}
+        assert proc["pid"] == pid and proc["release"]["fidelity"] == "exact"
+    else:
+        assert roles == {"wait", "wake"}
+        assert proc["pid"] == pid and proc["release"]["fidelity"] == "none"
+        assert "ACQUIRED*" in stdout and "HOLD%*" in stdout
 
 
 LATE_WORKLOAD = r"""
@@ -302,16 +334,16 @@ def test_another_tracers_uprobe_on_take_gil_is_named() -> None:
     target = next(t for t in all_targets() if t.name == "pyenv-3.11")
     require(target)
     child = spawn(target, LATE_WORKLOAD)
-    bpftrace = None
+    other = None
     try:
         pid = child.read_json(timeout=60)["pid"]
-        # GIVEN bpftrace's uprobe on take_gil (registered with another
-        # reference-counter offset than BCC's)
-        probe = f"uprobe:{target.interpreter_elf}:take_gil {{ @n = count(); }}"
-        bpftrace = subprocess.Popen(["bpftrace", "-p", str(pid), "-e", probe],
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert bpftrace.stdout is not None
-        assert "Attaching 1 probe" in "".join(bpftrace.stdout.readline() for _ in range(2))
+        # GIVEN another tracer's uprobe on the timed-wait call in take_gil, where
+        # the contended set probes too, registered with a reference counter
+        # (as USDT probes are; BCC registers its uprobes without one)
+        site = inspect_binary(target.interpreter_elf).sites
+        assert site is not None and site.waits
+        other = open_uprobe(target.interpreter_elf, site.waits[0].address, pid,
+                            harmless_counter(target.interpreter_elf))
         # WHEN otel-gil attaches to the same process
         proc = subprocess.run([sys.executable, "-m", "otel_gil", "record", "--pid", str(pid),
                                "--duration", "1"], capture_output=True, text=True, timeout=120)
@@ -322,9 +354,8 @@ def test_another_tracers_uprobe_on_take_gil_is_named() -> None:
         assert "another tracer already has a uprobe" in lines[0]
         assert "ref_ctr_offset mismatch" in lines[0]
     finally:
-        if bpftrace is not None:
-            bpftrace.kill()
-            bpftrace.wait()
+        if other is not None:
+            os.close(other)
         child.send("stop")
         child.close()
 

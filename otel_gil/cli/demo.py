@@ -8,6 +8,7 @@ import argparse
 
 from otel_gil import demo
 from otel_gil.cli.base import Command, require_root
+from otel_gil.cli.record import add_probe_set_option
 from otel_gil.errors import OtelGilError
 
 
@@ -36,6 +37,7 @@ class DemoCommand(Command):
                                  "(e.g. http://demo:8000) and print the request count")
         parser.add_argument("--output", "-o", default="out/demo.json",
                             help="where the machine-readable result goes (default out/demo.json)")
+        add_probe_set_option(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         duration = _duration(args.duration)
@@ -44,4 +46,4 @@ class DemoCommand(Command):
             print(f"Sent {stats.line()} to {args.url}")
             return 0
         require_root()
-        return demo.run(duration, args.output)
+        return demo.run(duration, args.output, probes=args.probes)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from otel_gil import discovery
 from otel_gil.cli.base import Command, pid_arg
+from otel_gil.config import PROBE_SETS
 from otel_gil.errors import GilDisabledError, OtelGilError
 
 
@@ -72,9 +73,10 @@ def _headers() -> str:
 def _bpf_program() -> str:
     from otel_gil.probes import ProbeConfig, Probes  # noqa: PLC0415 - imports bcc
 
-    probes = Probes(ProbeConfig(), lambda _iv: None)
-    probes.close()
-    return "BCC compiled and the kernel loaded the probes (uprobes, ring buffer, tracepoint)"
+    for probe_set in PROBE_SETS:
+        Probes(ProbeConfig(probes=probe_set), lambda _iv: None).close()
+    return ("BCC compiled and the kernel loaded the probes of both sets (uprobes, ring "
+            "buffer, tracepoint)")
 
 
 def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str, Any]:
@@ -91,8 +93,10 @@ def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str
                       "source": f.source} for f in interp.take_gil],
         "drop_gil": [{"name": f.name, "address": hex(f.address), "source": f.source}
                      for f in interp.drop_gil],
-        "release_fidelity": "exact: every release seen at pthread_cond_signal(&gil->cond), "
-                            "whether or not drop_gil is inlined",
+        "release_fidelity": "exact with --probes all: every release seen at a call of "
+                            "pthread_cond_signal(&gil->cond), whether or not drop_gil is inlined; "
+                            "the contended set does not probe releases",
+        "probes": {name: _probe_set(interp, name) for name in PROBE_SETS},
         "unverified": interp.unverified,
     }
 
@@ -101,6 +105,22 @@ def _summary(what: str, interp: discovery.Interpreter, flavour: str) -> str:
     text = (f"{what}: CPython {'.'.join(map(str, interp.version))} ({flavour}), "
             f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}")
     return f"{text}; WARNING: {interp.unverified}" if interp.unverified else text
+
+
+def _probe_set(interp: discovery.Interpreter, probe_set: str) -> Dict[str, Any]:
+    """Where a probe set's uprobes sit in this build, what kind of instruction
+    each is on, and what that costs per hit on this machine's kind of host."""
+    from otel_gil.probes import HIT_COST_NS, planned, transition_cost  # noqa: PLC0415
+
+    try:
+        points = planned(interp, probe_set)
+    except OtelGilError as err:
+        return {"usable": False, "why": str(err.args[0]), "remedy": err.remedy}
+    sites = [{"role": p.role, "function": p.where, "address": hex(p.address) if p.address else None,
+              "insn": p.insn, "handling": p.cost, "cost_ns": HIT_COST_NS[p.cost]} for p in points]
+    return {"usable": True, "sites": sites, **transition_cost(points),
+            "notes": list(interp.sites.notes) if interp.sites is not None else
+            ["the code could not be analysed: the probes of before (entry, ret, libc)"]}
 
 
 class DoctorCommand(Command):
@@ -170,9 +190,30 @@ class DoctorCommand(Command):
                 print(f"       remedy: {c.remedy}")
         if target:
             for key, value in target.items():
+                if key == "probes":
+                    for name, desc in value.items():
+                        _print_probe_set(name, desc)
+                    continue
                 if value != "":
                     print(f"  {key}: {value}")
         print(f"verdict: {verdict}")
+
+
+def _print_probe_set(name: str, desc: Dict[str, Any]) -> None:
+    if not desc["usable"]:
+        print(f"  probes {name}: cannot be placed: {desc['why']}")
+        return
+    cost, most = (desc[k] / 1000 for k in ("per_uncontended_transition_ns",
+                                           "per_uncontended_transition_max_ns"))
+    dearer = f" (~{most:.2f} µs on a path through a single-stepped site)" if most > cost else ""
+    print(f"  probes {name}: ~{cost:.2f} µs per uncontended GIL transition{dearer}, "
+          f"~{desc['per_timed_wait_ns'] / 1000:.2f} µs per timed wait")
+    for site in desc["sites"]:
+        where = f"{site['address']} in {site['function']}" if site["address"] else site["function"]
+        print(f"    {site['role']}: {where}, `{site['insn']}` ({site['handling']}, "
+              f"~{site['cost_ns'] / 1000:.2f} µs per hit)")
+    for note in desc["notes"]:
+        print(f"    note: {note}")
 
 
 def _exe(pid: int) -> str:

@@ -15,7 +15,7 @@ from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
 from otel_gil.cli.views import add_view_options, view_files, write_views
 from otel_gil.discovery import GIL_DISABLED_REMEDY, Target
 from otel_gil.errors import GilDisabledError, OtelGilError
-from otel_gil.probes import ProbeConfig, program_text
+from otel_gil.probes import DEFAULT_PROBE_SET, PROBE_SETS, ProbeConfig, program_text
 from otel_gil.session import Session
 
 
@@ -39,21 +39,32 @@ def add_probe_options(parser: argparse.ArgumentParser, pids: bool = True) -> Non
                         help="waits at least this long are recorded one by one (default 1)")
     parser.add_argument("--hold-threshold-ms", type=positive_float, default=50.0,
                         help="holds at least this long are recorded one by one (default 50)")
+    add_probe_set_option(parser)
     parser.add_argument("--dump-bpf", action="store_true",
                         help="print the BPF program as it would be compiled, and exit")
 
 
+def add_probe_set_option(parser: argparse.ArgumentParser,
+                         default: str = DEFAULT_PROBE_SET) -> None:
+    parser.add_argument("--probes", choices=PROBE_SETS, default=default,
+                        help="contended (default): probe only what runs when a thread must "
+                             "wait, nothing on an uncontended hand-off; waits exact, holds only "
+                             "while another thread waits. all: every acquisition and release "
+                             "too (exact holds, ~1-2 µs per hand-off)")
+
+
 def probe_config(args: argparse.Namespace) -> ProbeConfig:
     return ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
-                       hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+                       hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
+                       probes=args.probes)
 
 
-def announce(target: Target, how: str = "Ctrl-C to stop") -> None:
+def announce(target: Target, how: str = "Ctrl-C to stop", probes: str = DEFAULT_PROBE_SET) -> None:
     interp = target.interpreter
     verb = "watching" if target.gil.enabled is False else "tracing"  # Session said why
     print(f"otel-gil: {verb} pid {target.pid} (CPython {'.'.join(map(str, interp.version))}"
           f"{' free-threaded' if interp.free_threaded else ''}, take_gil via "
-          f"{interp.symbol_source}); {how}", file=sys.stderr, flush=True)
+          f"{interp.symbol_source}; probes: {probes}); {how}", file=sys.stderr, flush=True)
     if interp.unverified:
         print(f"otel-gil: warning: {interp.unverified}", file=sys.stderr, flush=True)
 
@@ -68,7 +79,7 @@ def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], No
     session = Session(probe_config(args))
     try:
         for pid in args.pid:
-            announce(session.add(pid))
+            announce(session.add(pid), probes=session.probe_set)
         follow(session, lambda: stop.requested, args.duration, each_second)
     finally:
         session.close()

@@ -181,7 +181,7 @@ class RunCommand(Command):
                 print(f"otel-gil: pid {child.pid} ({command[0]}) exited before a Python "
                       "interpreter was up in it: nothing traced", file=sys.stderr)
             else:
-                announce(target, "until it exits")
+                announce(target, "until it exits", session.probe_set)
                 follow(session, forwarder.poll)
             while child.poll() is None:  # detached early only if the pid was reused
                 forwarder.poll()

@@ -11,6 +11,7 @@ from typing import Optional
 
 from otel_gil import config
 from otel_gil.cli.base import Command, positive_float, power_of_two, require_root
+from otel_gil.cli.record import add_probe_set_option
 from otel_gil.plan import OWNER_TOKEN
 from otel_gil.probes import ProbeConfig
 
@@ -46,6 +47,7 @@ class SidecarCommand(Command):
                             help=f"event ring buffer size in pages (default "
                                  f"{opts.ringbuf_pages}); events that find it full are "
                                  "counted as lost")
+        add_probe_set_option(parser, opts.probes)
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -54,7 +56,7 @@ class SidecarCommand(Command):
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
                           hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
-                          ringbuf_pages=args.ringbuf_pages)
+                          ringbuf_pages=args.ringbuf_pages, probes=args.probes)
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
         # The socket first: a refusal (an untrusted directory) is one line and

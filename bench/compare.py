@@ -1,0 +1,378 @@
+"""Throughput under otel-gil's two probe sets and the tools people use instead.
+
+    .venv/bin/python bench/compare.py [--python PY] [--rounds R] [--seconds T]
+                                      [--workloads hashlib,cpu4,zlib4,http]
+                                      [--setups none,contended,all,gilknocker,pyspy]
+
+Each workload runs in one child of PY (default: this interpreter) for the
+whole run; every round runs one batch of T seconds per setup, the order
+rotated each round, so that no setup always follows the same one:
+
+  none        nothing attached
+  contended   otel-gil --probes contended, with a session consuming its events
+  all         otel-gil --probes all, likewise
+  gilknocker  gilknocker.KnockKnock polling every 1 ms inside the child
+  pyspy       py-spy record --gil at 100 Hz attached to the child
+
+Workloads (the unit is what the child counts):
+
+  hashlib  one thread, hashlib.sha1 of 2 KiB (each call drops and re-takes the GIL)
+  cpu4     4 CPU-bound Python threads
+  zlib4    4 threads of zlib.compress(4 KiB) plus a little Python each
+  http     a ThreadingHTTPServer (TCP_NODELAY, keep-alive) in the child, loaded
+           by 8 keep-alive client threads in another process, requests/s
+
+Reported: throughput relative to `none` per workload and setup, from the best
+round of each (noise on a shared machine only ever slows a batch down), with
+the median of the per-round ratios beside it, as a Markdown table ready for
+bench/README.md. Only ratios within one run mean anything; run it on a quiet
+machine (the numbers in bench/README.md say how they were taken).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+from typing import Callable, Dict, List, Optional
+
+from otel_gil import discovery
+from otel_gil.probes import ProbeConfig
+from otel_gil.session import Session
+
+CHILD = r"""
+import hashlib, json, os, socket, sys, threading, time, zlib
+
+KIND = sys.argv[1]
+knocker = None
+
+
+def hashlib_batch(seconds):
+    data, n, end = b"x" * 2048, 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(1000):
+            hashlib.sha1(data)
+        n += 1000
+    return n
+
+
+def threads_batch(seconds, work):
+    counts, end = [0] * 4, time.perf_counter() + seconds
+
+    def run(i):
+        n = 0
+        while time.perf_counter() < end:
+            work()
+            n += 1
+        counts[i] = n
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(counts)
+
+
+def cpu():
+    sum(i * i for i in range(200))
+
+
+payload = bytes(range(256)) * 8 + os.urandom(2048)  # 4 KiB, half compressible
+
+
+def zlib_work():
+    zlib.compress(payload, 6)
+    sum(i * i for i in range(50))
+
+
+def serve():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def setup(self):
+            super().setup()
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def do_GET(self):
+            body = json.dumps({"n": sum(i * i for i in range(300))}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+
+
+port = serve() if KIND == "http" else 0
+print(json.dumps({"pid": os.getpid(), "port": port}), flush=True)
+for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "knock":
+        if cmd[1] == "on":
+            from gilknocker import KnockKnock
+            knocker = KnockKnock(polling_interval_micros=1000)
+            knocker.start()
+        elif knocker is not None:
+            knocker.stop()
+            knocker = None
+        print(json.dumps({"ok": True}), flush=True)
+    elif cmd[0] == "run":
+        seconds = float(cmd[1])
+        t0 = time.perf_counter()
+        if KIND == "hashlib":
+            n = hashlib_batch(seconds)
+        elif KIND == "cpu4":
+            n = threads_batch(seconds, cpu)
+        elif KIND == "zlib4":
+            n = threads_batch(seconds, zlib_work)
+        else:
+            n = 0
+        print(json.dumps({"ops": n, "s": time.perf_counter() - t0}), flush=True)
+"""
+
+CLIENT = r"""
+import http.client, json, sys, threading, time
+port = int(sys.argv[1])
+conns = 8
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    seconds = float(line.split()[1])
+    counts, end = [0] * conns, time.perf_counter() + seconds
+
+    def run(i):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        n = 0
+        while time.perf_counter() < end:
+            c.request("GET", "/")
+            c.getresponse().read()
+            n += 1
+        c.close()
+        counts[i] = n
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    print(json.dumps({"ops": sum(counts), "s": time.perf_counter() - t0}), flush=True)
+"""
+
+WORKLOADS = {
+    "hashlib": "one thread, `hashlib.sha1(2 KiB)` loop",
+    "cpu4": "4 CPU-bound Python threads",
+    "zlib4": "4 threads, `zlib.compress(4 KiB)` + Python work",
+    "http": "ThreadingHTTPServer (TCP_NODELAY), 8 keep-alive clients in another process",
+}
+SETUPS = ("none", "contended", "all", "gilknocker", "pyspy")
+LABELS = {"none": "untraced", "contended": "otel-gil --probes contended",
+          "all": "otel-gil --probes all", "gilknocker": "gilknocker (1 ms poll)",
+          "pyspy": "py-spy record --gil (100 Hz)"}
+
+
+class Proc:
+    """A child speaking one JSON line per command."""
+
+    def __init__(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
+        self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      text=True, env=env)
+        self.hello = self.ask(None)
+
+    def ask(self, line: Optional[str]) -> Dict[str, float]:
+        assert self.popen.stdin and self.popen.stdout
+        if line is not None:
+            self.popen.stdin.write(line + "\n")
+            self.popen.stdin.flush()
+        reply = self.popen.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"{self.popen.args[:3]} exited ({self.popen.wait()})")
+        return dict(json.loads(reply))
+
+    def close(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+def gilknocker_path() -> Optional[str]:
+    """Where this interpreter's gilknocker lives (the bench extra), for the child."""
+    try:
+        import gilknocker  # noqa: PLC0415
+    except ImportError:
+        return None
+    return os.path.dirname(os.path.dirname(gilknocker.__file__))
+
+
+class Workload:
+    """One workload's traced child (and its load client), and how to run a batch."""
+
+    def __init__(self, kind: str, python: List[str]) -> None:
+        env = dict(os.environ)
+        path = gilknocker_path()
+        if path:
+            env["PYTHONPATH"] = path
+        self.kind = kind
+        self.child = Proc(python + ["-c", CHILD, kind], env)
+        self.pid = int(self.child.hello["pid"])
+        self.client = Proc([sys.executable, "-c", CLIENT, str(int(self.child.hello["port"]))]) \
+            if kind == "http" else None
+
+    def batch(self, seconds: float) -> float:
+        driver = self.client or self.child
+        reply = driver.ask(f"run {seconds}")
+        return reply["ops"] / reply["s"]
+
+    def close(self) -> None:
+        for p in (self.client, self.child):
+            if p is not None:
+                p.close()
+
+
+def with_session(session: Session, work: Workload, run: Callable[[], float]) -> float:
+    """A batch under otel-gil: probes attached, the session stepping as `record`
+    does (one compiled program per set for the whole run)."""
+    try:
+        session.add(work.pid)
+        done = threading.Event()
+
+        def follow() -> None:
+            while not done.is_set():
+                session.step(50)
+
+        stepper = threading.Thread(target=follow, daemon=True)
+        stepper.start()
+        try:
+            return run()
+        finally:
+            done.set()
+            stepper.join()
+    finally:
+        session.forget(work.pid)
+
+
+def with_pyspy(work: Workload, run: Callable[[], float]) -> float:
+    exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    spy = subprocess.Popen([exe, "record", "--gil", "--rate", "100", "--pid", str(work.pid),
+                            "--output", os.devnull, "--format", "raw"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert spy.stdout is not None
+    if not spy.stdout.readline():  # "py-spy> Sampling process ..." once attached
+        raise RuntimeError(f"py-spy could not attach to pid {work.pid} ({spy.wait()})")
+    try:
+        return run()
+    finally:
+        spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait()
+
+
+def one_batch(setup: str, work: Workload, seconds: float, sessions: Dict[str, Session]) -> float:
+    def run() -> float:
+        return work.batch(seconds)
+
+    if setup in sessions:
+        return with_session(sessions[setup], work, run)
+    if setup == "gilknocker":
+        work.child.ask("knock on")
+        try:
+            return run()
+        finally:
+            work.child.ask("knock off")
+    if setup == "pyspy":
+        return with_pyspy(work, run)
+    return run()
+
+
+def table(results: Dict[str, Dict[str, List[float]]], setups: List[str], python: str) -> str:
+    lines = [f"Throughput relative to untraced, best round (median of per-round ratios); "
+             f"{python}", "",
+             "| workload | " + " | ".join(LABELS[s] for s in setups if s != "none") + " |",
+             "|---" * len(setups) + "|"]
+    for kind, per in results.items():
+        base = per["none"]
+        cells = []
+        for s in setups:
+            if s == "none":
+                continue
+            best = max(per[s]) / max(base)
+            med = statistics.median(x / y for x, y in zip(per[s], base))
+            cells.append(f"{best:.3f} ({med:.3f})")
+        lines.append(f"| {WORKLOADS[kind]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("untraced throughput (best round): " + ", ".join(
+        f"{kind} {max(per['none']):,.0f}/s" for kind, per in results.items()))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter of the workloads (a command: 'chroot DIR /usr/bin/"
+                             "python3.14' works)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per batch")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--json", default=None, help="also write every batch's figures here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("compare.py: run as root (eBPF)", file=sys.stderr)
+        return 2
+    python = args.python.split()
+    setups = ["none"] + [s for s in args.setups.split(",") if s != "none"]
+    sessions = {s: Session(ProbeConfig(probes=s), lambda _iv: None)
+                for s in ("contended", "all") if s in setups}
+    results: Dict[str, Dict[str, List[float]]] = {}
+    try:
+        for kind in args.workloads.split(","):
+            results[kind] = run_workload(kind, python, setups, args, sessions)
+    finally:
+        for session in sessions.values():
+            session.close()
+    print(table(results, setups, args.python))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"python": args.python, "seconds": args.seconds, "results": results}, f,
+                      indent=1)
+    return 0
+
+
+def run_workload(kind: str, python: List[str], setups: List[str], args: argparse.Namespace,
+                 sessions: Dict[str, Session]) -> Dict[str, List[float]]:
+    """R rounds of one batch per setup, the order rotated each round."""
+    work = Workload(kind, python)
+    try:
+        discovery.inspect_process(work.pid)  # fill the caches before timing
+        work.batch(min(1.0, args.seconds))  # warm up
+        per: Dict[str, List[float]] = {s: [] for s in setups}
+        for r in range(args.rounds):
+            for s in setups[r % len(setups):] + setups[:r % len(setups)]:
+                per[s].append(one_batch(s, work, args.seconds, sessions))
+            print(f"{kind} round {r + 1}: " + ", ".join(
+                f"{s} {per[s][-1]:,.0f}/s" for s in setups), file=sys.stderr, flush=True)
+        return per
+    finally:
+        work.close()
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(60)
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Probe sites: how the kernel handles an instruction, and what discovery keeps.
+
+The placement itself is checked on real binaries elsewhere: test_doctor.py
+against objdump, test_record.py and test_probe_sets.py by running the probes
+(an acquisition counted once per take_gil entry, no hit when uncontended).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from otel_gil import discovery
+from otel_gil.disasm import EMULATED, REFUSED, SINGLE_STEPPED, probe_cost
+
+LIBPYTHON_311 = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
+
+
+@pytest.mark.parametrize("code, cost", [
+    ("0f8586010000", EMULATED),  # jne rel32
+    ("7410", EMULATED),  # je rel8
+    ("e8aabbccdd", EMULATED),  # call rel32 (a PLT call)
+    ("e9aabbccdd", EMULATED),  # jmp rel32
+    ("eb10", EMULATED),  # jmp rel8
+    ("f2e8aabbccdd", EMULATED),  # bnd call: f2 is not a refused prefix
+    ("55", EMULATED),  # push rbp
+    ("4157", EMULATED),  # push r15
+    ("4850", SINGLE_STEPPED),  # push rax with REX.W: only 41 is emulated
+    ("66e8aabb", SINGLE_STEPPED),  # callw: branches with 66 are not emulated
+    ("c3", SINGLE_STEPPED),  # ret
+    ("4889c7", SINGLE_STEPPED),  # mov rdi, rax
+    ("ff15aabbccdd", SINGLE_STEPPED),  # call *GOT(%rip): -fno-plt
+    ("f30f1efa", SINGLE_STEPPED),  # endbr64
+    ("3effe0", REFUSED),  # notrack jmp *rax: DS prefix
+    ("f0480fb111", REFUSED),  # lock cmpxchg
+])
+def test_probe_cost_follows_the_kernel(code: str, cost: str) -> None:
+    # GIVEN an instruction's bytes WHEN classified THEN as arch/x86/kernel/uprobes.c
+    # handles it (branch_setup_xol_ops, push_setup_xol_ops, is_prefix_bad)
+    assert probe_cost(bytes.fromhex(code)) == cost
+
+
+def test_sites_survive_the_disk_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not Path(LIBPYTHON_311).exists():
+        pytest.skip(f"{LIBPYTHON_311} is missing")
+    # GIVEN an empty cache directory and a first inspection that fills it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    discovery.clear_memory_cache()
+    first = discovery.inspect_binary(LIBPYTHON_311)
+    assert list(tmp_path.rglob("*.json"))
+    # WHEN the build is inspected again from the disk cache alone
+    discovery.clear_memory_cache()
+    again = discovery.inspect_binary(LIBPYTHON_311)
+    discovery.clear_memory_cache()
+    # THEN the probe sites and the thread-id offsets are the same
+    assert first.sites is not None and first.sites.held and first.sites.waits
+    assert dataclasses.asdict(again) == dataclasses.asdict(first)
+    assert first.gil_layout is not None and first.gil_layout.tstate_native_thread_id == 160
