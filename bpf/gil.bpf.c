@@ -272,19 +272,26 @@ static __always_inline void end_wait(struct target *t, struct thread_stats *th,
     th->wait_start = 0;
 }
 
-/* Fields of the GIL struct (the caller holds gil->mutex). */
-static __always_inline u64 gil_u64(struct target *t, u32 off)
-{
-    u64 v = 0;
-    bpf_probe_read_user(&v, sizeof(v), (void *)(t->gil_addr + off));
-    return v;
-}
+/* What a waiter reads of the GIL struct, holding gil->mutex. */
+struct gil_view {
+    u64 switch_number;
+    u64 last_holder;
+    u32 locked;
+};
 
-static __always_inline u32 gil_u32(struct target *t, u32 off)
+/* Read locked, switch_number and last_holder. bpf_probe_read_user cannot
+ * fault a page in: a read can fail while the page is briefly unmapped (a
+ * migration or compaction entry, reclaim). Then the wake-up is not used,
+ * rather than taken for "the GIL is free" (counted: read_errors). */
+static __always_inline int read_gil(struct target *t, struct gil_view *v)
 {
-    u32 v = 0;
-    bpf_probe_read_user(&v, sizeof(v), (void *)(t->gil_addr + off));
-    return v;
+    if (bpf_probe_read_user(&v->switch_number, 8, (void *)(t->gil_addr + t->off_switch)) ||
+        bpf_probe_read_user(&v->last_holder, 8, (void *)(t->gil_addr + t->off_holder)) ||
+        bpf_probe_read_user(&v->locked, 4, (void *)(t->gil_addr + t->off_locked))) {
+        __sync_fetch_and_add(&t->read_errors, 1);
+        return -1;
+    }
+    return 0;
 }
 
 /* The thread id (in the target's PID namespace) of a PyThreadState, 0 if unknown. */
@@ -338,7 +345,8 @@ static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
     struct holder_stats *hs = holders.lookup(&key);
     if (!hs) {
         struct holder_stats init = {.pid = pid, .ns_tid = holder};
-        holders.insert(&key, &init);
+        if (holders.insert(&key, &init))
+            __sync_fetch_and_add(&t->untracked, 1);
         hs = holders.lookup(&key);
     }
     if (hs) {
@@ -426,9 +434,16 @@ int on_wait(struct pt_regs *ctx)
     struct thread_stats *th = thread_of(tid, pid, t);
     if (!th)
         return 0;
-    u64 sw = gil_u64(t, t->off_switch);
-    saw_switch(t, sw);
-    th->saved_switch = sw;
+    struct gil_view g;
+    if (read_gil(t, &g)) {
+        th->saved_switch = ~0ULL; /* no drop request can be told from this wait */
+        g.switch_number = t->switch_last;
+        g.locked = 0;
+    } else {
+        saw_switch(t, g.switch_number);
+        th->saved_switch = g.switch_number;
+    }
+    u64 sw = g.switch_number;
     th->timed_waits++;
     if (!th->wait_start) {
 #ifdef PROBES_ALL
@@ -443,8 +458,8 @@ int on_wait(struct pt_regs *ctx)
         th->wait_start = now;
     }
 #ifndef PROBES_ALL
-    if (gil_u32(t, t->off_locked))
-        saw_locked(t, pid, now, tstate_tid(t, gil_u64(t, t->off_holder)), sw, 0);
+    if (g.locked)
+        saw_locked(t, pid, now, tstate_tid(t, g.last_holder), sw, 0);
     t->obs_last = now;
 #endif
     return 0;
@@ -465,8 +480,11 @@ int on_wake(struct pt_regs *ctx)
     if (!th)
         return 0;
     u64 timed_out = (u32)PT_REGS_RC(ctx) == ETIMEDOUT_;
-    u64 locked = gil_u32(t, t->off_locked);
-    u64 sw = gil_u64(t, t->off_switch);
+    struct gil_view g;
+    if (read_gil(t, &g))
+        return 0; /* the next wake-up of this wait will tell */
+    u64 locked = g.locked;
+    u64 sw = g.switch_number;
     saw_switch(t, sw);
     t->wakeups++;
     count_drop_request(t, th, timed_out, locked, sw);
@@ -480,7 +498,7 @@ int on_wake(struct pt_regs *ctx)
         th->free_at = now;
     }
 #else
-    u32 holder = tstate_tid(t, gil_u64(t, t->off_holder));
+    u32 holder = tstate_tid(t, g.last_holder);
     if (locked) {
         saw_locked(t, pid, now, holder, sw, !timed_out);
     } else {

@@ -177,6 +177,7 @@ struct target {
     __u64 obs_last;       /* when a waiter last looked */
     struct thread_ctx obs_ctx; /* the holder's context when first seen */
     __u32 torn_reads;     /* another thread's context slot changed while read: not used */
+    __u32 read_errors;    /* reads of the GIL struct that failed: that wake-up not used */
     __u64 wakeups;        /* timed waits that returned */
     __u64 switch_first;   /* switch_number + 1 at the first wait or wake seen, 0 = none */
     __u64 switch_last;    /* switch_number at the last one */

@@ -137,6 +137,7 @@ class Target(ctypes.Structure):
         ("obs_last", ctypes.c_uint64),
         ("obs_ctx", ThreadCtx),
         ("torn_reads", ctypes.c_uint32),
+        ("read_errors", ctypes.c_uint32),
         ("wakeups", ctypes.c_uint64),
         ("switch_first", ctypes.c_uint64),
         ("switch_last", ctypes.c_uint64),

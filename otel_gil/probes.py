@@ -496,12 +496,14 @@ class Probes:
             out[(raw.pid, raw.ns_tid)] = raw
         return out
 
-    def forget_holders(self, pid: int) -> None:
-        for k in [k for k, v in self._holders.items() if v.pid == pid]:
-            try:
-                del self._holders[k]
-            except KeyError:
-                pass
+    def forget_holders(self, pid: int, ns_tids: Optional[List[int]] = None) -> None:
+        """Delete the holder entries of a process (all, or those of ns_tids)."""
+        for k, v in list(self._holders.items()):
+            if v.pid == pid and (ns_tids is None or v.ns_tid in ns_tids):
+                try:
+                    del self._holders[k]
+                except KeyError:
+                    pass
 
     def read_switch_number(self, pid: int) -> Optional[int]:
         """CPython's own count of hand-offs (gil->switch_number), read from the

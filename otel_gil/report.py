@@ -165,7 +165,7 @@ def to_json(session: Session) -> Dict[str, Any]:
                     handoffs=st.handoffs, forced_switches=st.forced_switches,
                     releases=st.releases if everything else None,
                     switch_number={"at_attach": info.switch_start, "last": info.switch_now},
-                    torn_context_reads=st.torn_reads,
+                    torn_context_reads=st.torn_reads, gil_read_errors=st.read_errors,
                     lost_events=st.lost, untracked_threads=st.untracked)
         processes.append(proc)
     cfg = session.probes.config

@@ -254,11 +254,25 @@ class Session:
                 reaped.append(tid)
         self.probes.forget_threads(reaped)
         if contended:
-            for (pid, ns_tid), held in self.probes.holders().items():
-                self._totals(self.probes.host_tid(pid, ns_tid), pid, False).update_holds(held)
+            self._refresh_holders(reread)
         for pid, info in self.targets.items():
             if not info.ended_ns:
                 self._refresh_state(pid, info)
+
+    def _refresh_holders(self, reap: bool) -> None:
+        """Contended set: each holder's time held while another waited. A holder
+        that never waited has no thread entry, so no exit mark: its entry is
+        reaped once its thread is gone from /proc (checked with the names)."""
+        gone: Dict[int, List[int]] = {}
+        for (pid, ns_tid), held in self.probes.holders().items():
+            tid = self.probes.host_tid(pid, ns_tid)
+            totals = self._totals(tid, pid, False)
+            totals.update_holds(held)
+            if reap and not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                totals.exited = True
+                gone.setdefault(pid, []).append(ns_tid)
+        for pid, ns_tids in gone.items():
+            self.probes.forget_holders(pid, ns_tids)
 
     def _totals(self, tid: int, pid: int, rename: bool) -> ThreadTotals:
         totals = self.threads.get(tid)
