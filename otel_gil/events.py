@@ -7,8 +7,8 @@ here against it, so the two cannot drift apart silently.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
-from typing import Tuple
+import struct
+from typing import Dict, NamedTuple, Optional, Tuple
 
 # Constants from bpf/gil.h (checked by the same test).
 GIL_HIST_MIN_SHIFT = 6
@@ -114,8 +114,10 @@ class Target(ctypes.Structure):
 # ------------------------------------------------------------------ decoded forms
 
 
-@dataclass(frozen=True)
-class SpanRef:
+# SpanRef, Hold and Interval are NamedTuples, not frozen dataclasses: a wait event carries
+# up to 16 holds, and a tuple is built in C where a frozen dataclass pays one
+# object.__setattr__ per field (the sidecar decodes hundreds of events a second).
+class SpanRef(NamedTuple):
     """A span context as the probes saw it (OTEP 4947 record)."""
 
     trace_id: int
@@ -127,30 +129,31 @@ class SpanRef:
         return bool(self.trace_flags & 1)
 
 
+def _span_ref(trace_id: bytes, span_id: bytes, valid: int, flags: int) -> Optional[SpanRef]:
+    if not valid:
+        return None
+    tid, sid = int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big")
+    if not tid or not sid:
+        return None
+    return SpanRef(tid, sid, flags)
+
+
 def decode_ctx(raw: ThreadCtx) -> SpanRef | None:
-    if not raw.valid:
-        return None
-    trace_id = int.from_bytes(bytes(raw.trace_id), "big")
-    span_id = int.from_bytes(bytes(raw.span_id), "big")
-    if not trace_id or not span_id:
-        return None
-    return SpanRef(trace_id, span_id, raw.trace_flags)
+    return _span_ref(bytes(raw.trace_id), bytes(raw.span_id), raw.valid, raw.trace_flags)
 
 
-@dataclass(frozen=True)
-class Hold:
+class Hold(NamedTuple):
     tid: int
     start_ns: int
     end_ns: int
-    span: SpanRef | None
+    span: Optional[SpanRef]
 
     @property
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
 
 
-@dataclass(frozen=True)
-class Interval:
+class Interval(NamedTuple):
     """A wait or hold at or above its threshold, as one ring-buffer event."""
 
     kind: str  # "wait" or "hold"
@@ -158,7 +161,7 @@ class Interval:
     tid: int
     start_ns: int
     end_ns: int
-    span: SpanRef | None
+    span: Optional[SpanRef]
     holds: Tuple[Hold, ...] = ()  # waits: holds that overlapped, newest first
     holds_total: int = 0  # waits: acquisitions by others during the wait
     span_changed: bool = False  # holds: the thread entered another span during the hold
@@ -168,20 +171,49 @@ class Interval:
         return self.end_ns - self.start_ns
 
 
+# struct gil_event and struct gil_hold as struct formats, for decode_event:
+# unpacking the bytes at once is several times cheaper than ctypes field access.
+# tests/test_events.py checks them against the ctypes mirrors above.
+EVENT_HEAD = struct.Struct("<IIIIQQQ16s8sBBHB3x")  # up to holds[]
+EVENT_HOLD = struct.Struct("<I4xQQ16s8sBBH4x")
+
+
 def decode_event(data: bytes) -> Interval:
     """Decode one ring-buffer record (bytes of a struct gil_event)."""
-    if len(data) < ctypes.sizeof(GilEvent):
-        raise ValueError(f"short event: {len(data)} bytes, want {ctypes.sizeof(GilEvent)}")
-    ev = GilEvent.from_buffer_copy(data[: ctypes.sizeof(GilEvent)])
-    if ev.kind not in (GIL_EVENT_WAIT, GIL_EVENT_HOLD):
-        raise ValueError(f"unknown event kind {ev.kind}")
-    holds = tuple(
-        Hold(h.tid, h.start_ns, h.end_ns, decode_ctx(h.ctx))
-        for h in ev.holds[: min(ev.nholds, GIL_MAX_HOLDERS)]
-    )
+    size = ctypes.sizeof(GilEvent)
+    if len(data) < size:
+        raise ValueError(f"short event: {len(data)} bytes, want {size}")
+    (kind, pid, tid, nholds, start_ns, end_ns, holds_total, trace_id, span_id, valid, flags,
+     _attrs, span_changed) = EVENT_HEAD.unpack_from(data, 0)
+    if kind not in (GIL_EVENT_WAIT, GIL_EVENT_HOLD):
+        raise ValueError(f"unknown event kind {kind}")
     return Interval(
-        kind="wait" if ev.kind == GIL_EVENT_WAIT else "hold",
-        pid=ev.pid, tid=ev.tid, start_ns=ev.start_ns, end_ns=ev.end_ns,
-        span=decode_ctx(ev.ctx), holds=holds, holds_total=ev.holds_total,
-        span_changed=bool(ev.span_changed),
+        kind="wait" if kind == GIL_EVENT_WAIT else "hold",
+        pid=pid, tid=tid, start_ns=start_ns, end_ns=end_ns,
+        span=_span_ref(trace_id, span_id, valid, flags),
+        holds=_holds(data, min(nholds, GIL_MAX_HOLDERS)), holds_total=holds_total,
+        span_changed=bool(span_changed),
     )
+
+
+# The last holds decoded, by their raw bytes: under contention consecutive wait
+# events carry mostly the same holds (the process's last GIL_HOLD_RING), so most
+# are found here instead of decoded again. Cleared when full.
+_HOLD_CACHE: Dict[bytes, Hold] = {}
+_HOLD_CACHE_MAX = 2048
+
+
+def _holds(data: bytes, n: int) -> Tuple[Hold, ...]:
+    out = []
+    size = EVENT_HOLD.size
+    for offset in range(EVENT_HEAD.size, EVENT_HEAD.size + n * size, size):
+        raw = data[offset:offset + size]
+        hold = _HOLD_CACHE.get(raw)
+        if hold is None:
+            tid, start, end, trace_id, span_id, valid, flags, _attrs = EVENT_HOLD.unpack(raw)
+            hold = Hold(tid, start, end, _span_ref(trace_id, span_id, valid, flags))
+            if len(_HOLD_CACHE) >= _HOLD_CACHE_MAX:
+                _HOLD_CACHE.clear()
+            _HOLD_CACHE[raw] = hold
+        out.append(hold)
+    return tuple(out)
