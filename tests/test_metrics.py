@@ -57,7 +57,7 @@ def traced() -> Any:
                 result = child.read_json(timeout=0.05)
             except TimeoutError:
                 continue
-        session.step(50)
+        session.step(50, refresh=True)  # WHEN the totals are read, once the work is done
         metrics.update()
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         data = memory.get_metrics_data()
