@@ -19,6 +19,7 @@ OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS = "OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS"
 OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
+OTEL_PYTHON_GIL_SPAN_QUEUE_MB = "OTEL_PYTHON_GIL_SPAN_QUEUE_MB"
 
 # What each variable does: docs/configuration.md is generated from this.
 DOCS: Dict[str, str] = {
@@ -41,6 +42,11 @@ DOCS: Dict[str, str] = {
     OTEL_PYTHON_GIL_MAX_THREAD_LABELS:
         "Sidecar: distinct thread names per process used as metric labels; further "
         "threads are reported as `other`.",
+    OTEL_PYTHON_GIL_SPAN_QUEUE_MB:
+        "Sidecar: memory bound of its span export queue (MiB of encoded spans, ~2.4 KB "
+        "per `gil.wait` with 16 holders). When the OTLP endpoint is slow, down or "
+        "black-holed, spans beyond it are dropped and counted (`otel_gil.spans.dropped`, "
+        "reason `queue_full`).",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
@@ -57,6 +63,7 @@ class Options:
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
+    span_queue_mb: float = 8.0
 
     @property
     def socket_configured(self) -> bool:
@@ -72,6 +79,7 @@ ENV: Dict[str, str] = {
     "start_timeout_s": OTEL_PYTHON_GIL_START_TIMEOUT_S,
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,
+    "span_queue_mb": OTEL_PYTHON_GIL_SPAN_QUEUE_MB,
 }
 
 

@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from targets import all_targets, require, spawn
 from test_record import WORKLOAD
 
-from otel_gil import names
+from otel_gil import histograms, names
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ProbeConfig
 from otel_gil.session import Session
@@ -109,15 +109,27 @@ def test_held_seconds_match_the_workloads_cpu_time(traced: Any) -> None:
 
 
 @pytest.mark.ebpf
-def test_long_waits_fill_the_histogram(traced: Any) -> None:
+def test_the_histograms_hold_every_wait_and_hold(traced: Any) -> None:
     session, _, data, _ = traced
     points = _points(data)
-    counted = sum(p.count for p in points[names.WAIT_DURATION.name][1])
-    # THEN every wait at or above the threshold was recorded, in seconds
-    waits = [iv for iv in session.intervals if iv.kind == "wait"]
-    assert counted == len(waits) > 0
-    total = sum(p.sum for p in points[names.WAIT_DURATION.name][1])
-    assert total == pytest.approx(sum(iv.duration_ns for iv in waits) / 1e9, rel=1e-6)
+    threads = list(session.threads.values())
+    # THEN the wait histogram counts every acquisition seen from its start, in seconds
+    waits = points[names.WAIT_DURATION.name][1]
+    assert sum(p.count for p in waits) == sum(t.acquisitions - t.unmatched for t in threads) > 0
+    assert sum(p.sum for p in waits) == pytest.approx(sum(t.wait_ns for t in threads) / 1e9,
+                                                      rel=1e-9)
+    # AND the long ones in it are exactly the waits the probes sent one by one
+    bounds = list(waits[0].explicit_bounds)
+    above = bounds.index(histograms.EDGES_NS[9] / 1e9) + 1  # 2^20 ns, the "1 ms" edge
+    long_waits = [iv for iv in session.intervals if iv.kind == "wait"
+                  and iv.duration_ns >= histograms.EDGES_NS[9]]
+    assert sum(sum(p.bucket_counts[above:]) for p in waits) == len(long_waits) > 0
+    # AND the hold histogram every hold
+    holds = points[names.HOLD_DURATION.name][1]
+    assert sum(p.count for p in holds) == sum(sum(t.hold_hist or []) for t in threads) > 0
+    assert sum(p.sum for p in holds) == pytest.approx(sum(t.hold_ns for t in threads) / 1e9,
+                                                      rel=1e-9)
+    assert bounds == list(histograms.BOUNDARIES_S)
 
 
 @pytest.mark.ebpf
@@ -190,16 +202,16 @@ def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
 def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     from types import SimpleNamespace
 
-    from opentelemetry.trace import SpanContext, TraceFlags
-
-    from otel_gil.events import Interval
+    from otel_gil.events import Interval, SpanRef
 
     # GIVEN metrics for one process, with room for 2 thread names
     memory = InMemoryMetricReader()
-    session = SimpleNamespace(threads={}, targets={}, probes=SimpleNamespace(undecodable=0))
+    # (a probe set without kernel histograms: the recorded waits are the histogram)
+    session = SimpleNamespace(threads={}, targets={}, histogram_kinds=(), skipped_runs=0,
+                              probes=SimpleNamespace(undecodable=0))
     metrics = GilMetrics(session, [memory], max_thread_labels=2)  # type: ignore[arg-type]
     metrics.add_process(100, "svc", 1, lambda tid: f"thread-{tid}")
-    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    span = SpanRef(0xABC, 0xDEF, 1)
     # WHEN waits of 3 different threads are recorded, each with its span
     for tid in (1, 2, 3):
         metrics.record_interval(Interval("wait", 100, tid, 0, 2_000_000, None), span)

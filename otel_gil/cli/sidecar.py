@@ -34,6 +34,10 @@ class SidecarCommand(Command):
                                  f"{opts.prometheus_port}; 0: none)")
         parser.add_argument("--max-thread-labels", type=int, default=opts.max_thread_labels,
                             help="distinct thread names per process in metric labels")
+        parser.add_argument("--span-queue-mb", type=positive_float, default=opts.span_queue_mb,
+                            help="memory bound of the span export queue, MiB (default "
+                                 f"{opts.span_queue_mb:g}); spans beyond it are dropped "
+                                 "and counted")
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -46,7 +50,8 @@ class SidecarCommand(Command):
 
         sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
                           metric_readers=default_readers(args.prometheus_port),
-                          max_thread_labels=args.max_thread_labels)
+                          max_thread_labels=args.max_thread_labels,
+                          span_queue_bytes=int(args.span_queue_mb * (1 << 20)))
         if args.owner_fd is None:
             print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
                   file=sys.stderr, flush=True)
