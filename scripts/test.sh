@@ -5,13 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Test-only OS packages: bpftrace, as "another tracer" whose uprobe otel-gil must name.
-if ! dpkg-query -W -f='${Status}' bpftrace 2>/dev/null | grep -q 'install ok installed'; then
-    echo "test: installing bpftrace" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bpftrace \
-        >/dev/null 2>&1 || { apt-get update -q >/dev/null &&
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends bpftrace \
-        >/dev/null; }
-fi
+# Test-only OS packages: bpftrace, as "another tracer" whose uprobe otel-gil must name;
+# prometheus, the real server that scrapes the demo's sidecar for every dashboard query.
+for pkg in bpftrace prometheus; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        echo "test: installing $pkg" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" \
+            >/dev/null 2>&1 || { apt-get update -q >/dev/null &&
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$pkg" \
+            >/dev/null; }
+    fi
+done
 bash scripts/targets.sh
 exec .venv/bin/python -m pytest -ra "$@"

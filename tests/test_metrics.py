@@ -223,3 +223,79 @@ def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     exemplars = [e for p in points for e in p.exemplars]
     assert exemplars and all((e.trace_id, e.span_id) == (0xABC, 0xDEF) for e in exemplars)
     metrics.shutdown()
+
+
+PROMETHEUS = "/usr/bin/prometheus"  # Debian's prometheus package (scripts/test.sh installs it)
+
+
+def _dashboard_query(expr: str) -> str:
+    """A dashboard expression as Grafana would send it for the demo."""
+    return (expr.replace("$service", "gil-demo").replace("$__rate_interval", "10s")
+            .replace("$__range", "20s"))
+
+
+def _prometheus_get(port: int, path: str, **params: str) -> Any:
+    import json
+    import urllib.parse
+
+    url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())
+
+
+@pytest.mark.ebpf
+def test_a_real_prometheus_answers_every_dashboard_query_for_the_demo(tmp_path: Any) -> None:
+    """Every panel of the shipped dashboard has data: a real Prometheus scrapes
+    the sidecar of `otel-gil demo`, and each of the dashboard's queries is asked."""
+    import math
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_deployment import _dashboard_exprs
+
+    assert os.path.exists(PROMETHEUS), "install Debian's prometheus (scripts/test.sh does)"
+    sidecar_port, web = _free_port(), _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                      "scrape_configs:\n  - job_name: otel-gil\n    static_configs:\n"
+                      f"      - targets: ['127.0.0.1:{sidecar_port}']\n")
+    # GIVEN a real Prometheus scraping, every second, where the demo's sidecar serves
+    with open(tmp_path / "prometheus.log", "w") as log:
+        prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{web}"],
+                                stdout=log, stderr=log)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_PYTHON_GIL_PROMETHEUS_PORT"] = str(sidecar_port)
+    demo = subprocess.Popen([sys.executable, "-m", "otel_gil", "demo", "--duration", "30",
+                             "--output", str(tmp_path / "demo.json")],
+                            cwd=Path(__file__).parent.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert demo.stderr is not None
+        for line in demo.stderr:
+            if "tracing live" in line:
+                break
+        # WHEN the demo has been under load for 15 s (past the contention window,
+        # rate windows over 10 live scrapes), each dashboard query is asked
+        time.sleep(15)
+        answers = {expr: _prometheus_get(web, "/api/v1/query", query=_dashboard_query(expr))
+                   for expr in _dashboard_exprs() if not expr.startswith("label_values(")}
+        services = _prometheus_get(web, "/api/v1/label/service_name/values",
+                                   **{"match[]": "otel_gil_acquisitions_total"})
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        prom.terminate()
+        prom.wait(30)
+    assert demo.returncode == 0, err[-2000:]
+    # THEN every query answers with at least one number
+    for expr, answer in answers.items():
+        assert answer["status"] == "success", (expr, answer)
+        values = [float(r["value"][1]) for r in answer["data"]["result"]]
+        assert any(not math.isnan(v) for v in values), (expr, answer["data"])
+    # AND the service variable offers the demo's service
+    assert "gil-demo" in services["data"]
