@@ -96,10 +96,14 @@ class Transport:
     """Sends one serialized ExportTraceServiceRequest through an SDK exporter.
 
     - OTLP/gRPC (OTLPExporterMixin): its `_translate_data` hook turns the batch
-      it is given into the request; we hand it the parsed request (parsing is C).
+      it is given into the request. Its stub is swapped for one whose Export
+      sends bytes as they are (a gRPC method with no serializer), so the bytes
+      go out unparsed; where the exporter has no `_stub`, the bytes are parsed
+      into the request (in C) and serialized again by gRPC.
     - OTLP/HTTP with the http-transport client (SDK 1.4x): `_client.export(bytes)`.
     - anything else: SDK ReadableSpans decoded from the bytes, to `export()`.
-    The SDK's own retries and deadline apply in the first two."""
+    The SDK's own channel, credentials, headers, retries and deadline apply in
+    the first two; they are the SDK's private hooks, checked at construction."""
 
     def __init__(self, exporter: SpanExporter) -> None:
         self.exporter = exporter
@@ -107,8 +111,15 @@ class Transport:
         self._http = client if callable(getattr(client, "export", None)) and not hasattr(
             exporter, "_translate_data") else None
         self._grpc = hasattr(exporter, "_translate_data") and hasattr(exporter, "_export")
+        self.raw_grpc = False
         if self._grpc:
-            exporter._translate_data = _PreEncoded.request  # type: ignore[attr-defined]
+            self.raw_grpc = hasattr(exporter, "_stub") and hasattr(exporter, "_channel")
+            if self.raw_grpc:
+                exporter._stub = _RawTraceStub  # type: ignore[attr-defined]
+                exporter._client = _RawTraceStub(exporter._channel)  # type: ignore[attr-defined]
+                exporter._translate_data = _PreEncoded.payload_of  # type: ignore[attr-defined]
+            else:
+                exporter._translate_data = _PreEncoded.request  # type: ignore[attr-defined]
 
     def send(self, payload: bytes, count: int) -> bool:
         if self._grpc:
@@ -135,6 +146,22 @@ class _PreEncoded:
     @staticmethod
     def request(data: _PreEncoded) -> Any:
         return trace_service_pb2.ExportTraceServiceRequest.FromString(data.payload)
+
+    @staticmethod
+    def payload_of(data: _PreEncoded) -> bytes:
+        return data.payload
+
+
+class _RawTraceStub:
+    """TraceService/Export (collector/trace/v1/trace_service.proto) taking the
+    request as serialized bytes: with no request serializer, gRPC sends them as is."""
+
+    METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+    def __init__(self, channel: Any) -> None:
+        self.Export = channel.unary_unary(
+            self.METHOD, request_serializer=None,
+            response_deserializer=trace_service_pb2.ExportTraceServiceResponse.FromString)
 
 
 # How the SDK's exporters say they ran out of time: gRPC's DEADLINE_EXCEEDED

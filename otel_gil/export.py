@@ -189,7 +189,7 @@ class SpanExport:
         blame, links = holders_of(iv)
         attrs = {names.WAIT_NS.name: iv.duration_ns,
                  names.HOLDER_TIDS.name: [tid for tid, _ in blame],
-                 names.HOLDER_NAMES.name: [proc.threads(tid).name for tid, _ in blame],
+                 names.HOLDER_NAMES.name: proc.threads.names([tid for tid, _ in blame]),
                  names.HOLDER_HELD_NS.name: [ns for _, ns in blame],
                  names.HOLDERS_TRUNCATED.name: timeline.holds_truncated(iv)}
         return self._emit(proc, name, iv.span, iv, common, attrs,
@@ -247,6 +247,16 @@ class ThreadDirectory:
 
     lookup: Callable[[int, bool], ThreadInfo]  # (host tid, known to be published)
     cache: Dict[int, Tuple[ThreadInfo, int]] = field(default_factory=dict)
+
+    def names(self, host_tids: List[int]) -> List[str]:
+        """Their names; the same as [self(t).name ...], a call less per thread
+        found for good (this runs for every holder of every wait)."""
+        out = []
+        for tid in host_tids:
+            hit = self.cache.get(tid)
+            out.append(hit[0].name if hit is not None and hit[0].ident is not None
+                       else self(tid).name)
+        return out
 
     def __call__(self, host_tid: int, published: bool = False) -> ThreadInfo:
         """published: the thread is known to have a slot (its span came from it),

@@ -61,6 +61,7 @@ class ThreadTotals:
 _TOTALS = ("acquisitions", "wait_ns", "hold_ns", "max_wait_ns", "max_hold_ns", "unmatched")
 _HISTOGRAMS = ("wait_hist", "hold_hist")
 DEFAULT_MAX_INTERVALS = 20_000
+EXIT_CHECK_NS = 250_000_000  # how often step() looks for targets that exited
 
 
 @dataclass
@@ -120,6 +121,7 @@ class Session:
         self._start_times: Dict[int, Optional[str]] = {}
         self._names_read_ns = 0
         self._refreshed_ns = 0
+        self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
 
     def _keep(self, iv: events.Interval) -> None:
@@ -151,12 +153,15 @@ class Session:
         """Deliver events, retire targets that exited, and refresh the totals when
         asked or refresh_interval_s old. Returns whether it refreshed."""
         self.probes.poll(timeout_ms)
-        due = time.monotonic_ns() - self._refreshed_ns >= self.refresh_interval_s * 1e9
+        now = time.monotonic_ns()
+        due = now - self._refreshed_ns >= self.refresh_interval_s * 1e9
         if refresh or due:
             self.refresh()
-        for pid, info in list(self.targets.items()):
-            if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
-                self.detach(pid)
+        if now - self._exits_checked_ns >= EXIT_CHECK_NS:  # a /proc read per target
+            self._exits_checked_ns = now
+            for pid, info in list(self.targets.items()):
+                if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
+                    self.detach(pid)
         return refresh or due
 
     def detach(self, pid: int) -> None:

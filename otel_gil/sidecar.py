@@ -49,6 +49,7 @@ from otel_gil.session import Session
 log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000
 EXPORT_DELAY_NS = 200_000_000
+POLL_MS = 100  # the loop's longest sleep: events wake it sooner
 EXPORT_BUDGET_NS = 20_000_000  # export work per loop turn, so the ring buffer is drained
 MAX_PENDING = 8192  # intervals waiting for export; beyond, dropped and counted
 REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
@@ -110,6 +111,7 @@ class Sidecar:
                                   before_collect=self._before_collect)
         self.losses = LossLog(self._loss_totals, self._loss_detail, time.monotonic_ns())
         self._trimmed_ns = time.monotonic_ns()
+        self._trimmed_targets = 0
         self._tables: Dict[int, ContextTable] = {}
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
@@ -157,7 +159,7 @@ class Sidecar:
                 self._accept_and_read()
                 with self._refresh:
                     wanted = self._refresh_wanted
-                if self.session.step(50, refresh=wanted):
+                if self.session.step(POLL_MS, refresh=wanted):
                     self._after_refresh()
                 self._export_settled()
                 self._retire_exited()
@@ -169,9 +171,12 @@ class Sidecar:
         now = time.monotonic_ns()
         self.clock.refresh_if_older_than(10.0)
         self.losses.maybe_log(now)
-        if now - self._trimmed_ns > TRIM_EVERY_NS:
+        # Inspecting a new target (ELF, DWARF, disassembly) frees tens of MB
+        # glibc would otherwise keep; and once a minute whatever bursts left.
+        targets = len(self.session.targets)
+        if targets != self._trimmed_targets or now - self._trimmed_ns > TRIM_EVERY_NS:
             trim_heap()
-            self._trimmed_ns = now
+            self._trimmed_ns, self._trimmed_targets = now, targets
 
     def _before_collect(self) -> None:
         """A metric reader is about to collect (on its own thread): have the loop

@@ -219,7 +219,7 @@ def test_the_real_otlp_exporter_takes_the_fast_path(
 
     q = delivery.SpanDelivery(
         lambda: OTLPSpanExporter(endpoint=otlp_receiver.endpoint, insecure=True), delay_s=0.01)
-    assert q._transport._grpc
+    assert q._transport._grpc and q._transport.raw_grpc  # the bytes go out unparsed
     try:
         # WHEN spans go through the queue
         for i in range(30):
