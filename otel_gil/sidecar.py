@@ -50,6 +50,7 @@ log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000
 EXPORT_DELAY_NS = 200_000_000
 POLL_MS = 100  # the loop's longest sleep: events wake it sooner
+MIN_TURN_S = 0.02  # and its shortest turn (see serve); the ring buffer holds seconds of events
 EXPORT_BUDGET_NS = 20_000_000  # export work per loop turn, so the ring buffer is drained
 MAX_PENDING = 8192  # intervals waiting for export; beyond, dropped and counted
 REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
@@ -156,6 +157,7 @@ class Sidecar:
             signal.signal(sig, self._handle_signal)
         try:
             while not self._stop:
+                turn = time.monotonic()
                 self._accept_and_read()
                 with self._refresh:
                     wanted = self._refresh_wanted
@@ -164,6 +166,12 @@ class Sidecar:
                 self._export_settled()
                 self._retire_exited()
                 self._housekeeping()
+                # Under load the ring buffer wakes the loop for every event or two;
+                # a turn of at least MIN_TURN_S lets records pile up and be taken
+                # in one poll (the turn's own cost is then shared by dozens).
+                rest = MIN_TURN_S - (time.monotonic() - turn)
+                if rest > 0:
+                    time.sleep(rest)
         finally:
             self.close()
 

@@ -462,10 +462,10 @@ def _balanced(acc: Dict[str, float]) -> bool:
                                                       if k not in ("events", "lost"))
 
 
-def _run_app(sidecar: Sidecar, seconds: float,
-             during: Optional[Any] = None) -> Tuple[Dict[str, Any], subprocess.CompletedProcess]:
+def _run_app(sidecar: Sidecar, seconds: float, during: Optional[Any] = None,
+             threads: int = 8) -> Tuple[Dict[str, Any], subprocess.CompletedProcess]:
     env = dict(os.environ, OTEL_PYTHON_GIL_SOCKET=sidecar.sock, OTEL_PYTHON_GIL_MODE="connect")
-    app = subprocess.Popen([sys.executable, "-c", APP, "8", str(seconds)], env=env,
+    app = subprocess.Popen([sys.executable, "-c", APP, str(threads), str(seconds)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert app.stdout is not None
     started = json.loads(app.stdout.readline())
@@ -504,6 +504,24 @@ def _app_unharmed(result: Dict[str, Any], proc: subprocess.CompletedProcess) -> 
     assert proc.returncode == 0, proc.stderr
     assert result["made"] == result["kept"] > 0  # not one of its own spans lost
     assert proc.stderr == ""  # the sidecar is another process: nothing in the app's log
+
+
+@pytest.mark.ebpf
+def test_default_sizing_delivers_every_span_from_64_threads(sidecar_factory: Any) -> None:
+    # GIVEN a sidecar with its default queue, exporting to a real receiver
+    with OtlpReceiver() as receiver:
+        sidecar = sidecar_factory(receiver.port)
+        # WHEN an app of 64 threads making short spans is traced for 10 s
+        result, proc = _run_app(sidecar, 10, threads=64)
+        _app_unharmed(result, proc)
+        acc = _settled(sidecar)
+        received = [s for s in receiver.spans() if s.name == names.GIL_WAIT.name]
+    # THEN every wait that became an event was exported (or skipped by design)
+    assert _balanced(acc), acc
+    dropped = {r: acc[r] for r in delivery.DROP_REASONS}
+    assert acc["lost"] == 0 and not any(dropped.values()), acc
+    # AND the receiver has each of them, several hundred a second
+    assert len(received) == acc["exported"] >= 10 * 300
 
 
 @pytest.mark.ebpf
@@ -585,3 +603,70 @@ def test_recovery_when_the_endpoint_comes_back(sidecar_factory: Any) -> None:
     # AND what the sidecar counts as exported is exactly what arrived
     assert len(received) == acc["exported"]
     assert {s.resource["service.name"] for s in received} == {SERVICE}
+
+
+# ------------------------------------------------ what grows in record mode
+
+
+@pytest.mark.ebpf
+def test_record_keeps_at_most_max_intervals_and_counts_the_rest() -> None:
+    from targets import all_targets, require, spawn
+    from test_record import WORKLOAD
+
+    from otel_gil import report
+    from otel_gil.probes import ProbeConfig
+    from otel_gil.session import Session
+
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    child = spawn(target, WORKLOAD)
+    try:
+        child.read_json(timeout=60)
+        # GIVEN a session that may keep 5 intervals, on 4 CPU-bound threads
+        session = Session(ProbeConfig(), max_intervals=5)
+        session.add(child.host_pid)
+        child.send("go")
+        result: Dict[str, Any] = {}
+        while not result:
+            session.step(50)
+            try:
+                result = child.read_json(timeout=0.05)
+            except TimeoutError:
+                continue
+        child.send("exit")
+        child.popen.wait(timeout=30)
+        while session.active:
+            session.step(50)
+        session.close()
+    finally:
+        child.close()
+    # THEN it kept 5, counted the others, and the record says so
+    assert len(session.intervals) == 5
+    assert session.intervals_dropped > 0
+    doc = report.to_json(session)
+    assert doc["intervals_dropped"] == session.intervals_dropped
+    assert f"(and {session.intervals_dropped} more not kept" in report.table(doc)
+    # AND the per-thread totals still count every wait
+    waits = sum(sum(t.wait_hist or []) for t in session.threads.values())
+    assert waits > 5 + session.intervals_dropped
+
+
+def test_totals_read_whatever_fields_the_probe_set_keeps() -> None:
+    import ctypes
+
+    from otel_gil.session import ThreadTotals
+
+    class Contended(ctypes.Structure):  # a probe set keeping waits only
+        _fields_ = [("pid", ctypes.c_uint32), ("exited", ctypes.c_uint32),
+                    ("wait_ns", ctypes.c_uint64),
+                    ("wait_hist", ctypes.c_uint32 * events.GIL_HIST_BUCKETS)]
+
+    raw = Contended(pid=1, exited=0, wait_ns=7)
+    raw.wait_hist[3] = 2
+    # GIVEN a kernel struct without hold totals WHEN the totals are copied
+    totals = ThreadTotals(tid=5, pid=1)
+    totals.update(raw)  # type: ignore[arg-type]
+    # THEN what is there is read, and what is not is zero or None
+    assert (totals.wait_ns, totals.hold_ns, totals.acquisitions) == (7, 0, 0)
+    assert totals.wait_hist is not None and totals.wait_hist[3] == 2
+    assert totals.hold_hist is None

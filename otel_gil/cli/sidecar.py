@@ -11,6 +11,8 @@ from otel_gil import config
 from otel_gil.cli.base import Command, positive_float, require_root
 from otel_gil.probes import ProbeConfig
 
+SIDECAR_RINGBUF_PAGES = 1024
+
 
 class SidecarCommand(Command):
     name = "sidecar"
@@ -44,8 +46,11 @@ class SidecarCommand(Command):
         from otel_gil.sidecar import Sidecar  # noqa: PLC0415 - imports bcc
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
+        # A 4 MiB ring buffer: ~2 s of events at the 64-thread soak's rate, for a
+        # sidecar that shares a busy machine's CPUs (kernel memory, not RssAnon).
         cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
-                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6))
+                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
+                          ringbuf_pages=SIDECAR_RINGBUF_PAGES)
         from otel_gil.metrics import default_readers  # noqa: PLC0415
 
         sidecar = Sidecar(cfg, listen=args.listen, owner_fd=args.owner_fd,
