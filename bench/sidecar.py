@@ -38,14 +38,17 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import grpc
@@ -261,6 +264,7 @@ class Phase:
     spans: Dict[str, int] = field(default_factory=dict)
     rss: List[Tuple[float, float]] = field(default_factory=list)
     counters: Dict[str, float] = field(default_factory=dict)
+    cold: bool = False  # the interpreter was inspected from scratch (no discovery cache)
     lost: List[float] = field(default_factory=list)  # kernel events lost, every 5 s
 
     @property
@@ -273,13 +277,15 @@ class Phase:
         spans = ", ".join(f"{n} {k}" for k, n in sorted(self.spans.items())) or "no spans"
         lost = [b - a for a, b in zip([0.0, *self.lost], self.lost)]
         return (f"{self.name:8s} {self.seconds:5.0f} s  sidecar CPU {self.cpu_pct:5.1f}% of a "
-                f"core  {spans}; RssAnon MB first {mbs[0]:.1f} min {min(mbs):.1f} max "
-                f"{max(mbs):.1f} last {mbs[-1]:.1f} slope {slope(steady):+.2f} MB/min; "
+                f"core  {spans}; discovery {'cold' if self.cold else 'warm'}; RssAnon MB "
+                f"first {mbs[0]:.1f} min {min(mbs):.1f} max {max(mbs):.1f} last {mbs[-1]:.1f} "
+                f"slope {slope(steady):+.2f} MB/min; "
                 f"kernel events lost per 5 s: {' '.join(f'{x:g}' for x in lost) or '-'}")
 
 
 def run_phase(args: argparse.Namespace, name: str, mode: str, threads: int, seconds: float,
               env: Dict[str, str], counts: Counts, prom_port: int) -> Phase:
+    cold = not any(Path(env["XDG_CACHE_HOME"]).rglob("*.json"))
     app = subprocess.Popen([args.python, "-c", APP, mode, str(threads), str(seconds)],
                            env=env, stdout=subprocess.PIPE, text=True)
     assert app.stdout is not None
@@ -293,7 +299,7 @@ def run_phase(args: argparse.Namespace, name: str, mode: str, threads: int, seco
         settle = 2.0 if mode == "soak" else 6.0
         time.sleep(settle)
         counts.take()
-        phase = Phase(name, seconds - settle)
+        phase = Phase(name, seconds - settle, cold=cold)
         start, cpu0 = time.monotonic(), cpu_s(pid)
         while time.monotonic() - start < phase.seconds:
             time.sleep(1)
@@ -331,7 +337,12 @@ def bench(args: argparse.Namespace) -> int:
     target = {"receiver": port, "down": closed_port(),
               "blackhole": hole.port if hole else 0}[args.endpoint]
     prom_port = free_port()
-    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{target}",
+    # A private discovery cache (otel_gil/discovery.py keeps one per interpreter
+    # build under XDG_CACHE_HOME): the first phase inspects the interpreter from
+    # scratch ("cold"), the others find it there ("warm"), as a second run would.
+    cache = tempfile.mkdtemp(prefix="otel-gil-bench-cache-")
+    env = dict(os.environ, XDG_CACHE_HOME=cache,
+               OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{target}",
                OTEL_EXPORTER_OTLP_INSECURE="true", OTEL_PYTHON_GIL_MODE="spawn",
                OTEL_PYTHON_GIL_PROMETHEUS_PORT=str(prom_port), OTEL_SERVICE_NAME="soak")
     phases: List[Phase] = []
@@ -351,6 +362,7 @@ def bench(args: argparse.Namespace) -> int:
         server.stop(None)
         if hole:
             hole.close()
+        shutil.rmtree(cache, ignore_errors=True)
     soak = phases[-1]
     print("soak counters: " + (", ".join(f"{k} {v:g}" for k, v in sorted(soak.counters.items()))
                                or "none scraped"))

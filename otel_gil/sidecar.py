@@ -55,7 +55,7 @@ EXPORT_BUDGET_NS = 20_000_000  # export work per loop turn, so the ring buffer i
 MAX_PENDING = 8192  # intervals waiting for export; beyond, dropped and counted
 REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
 COLLECT_WAIT_S = 1.0  # how long a metrics collection waits for fresh totals
-TRIM_EVERY_NS = 60_000_000_000
+TRIM_EVERY_NS = 10_000_000_000  # malloc_trim costs ~0.1 ms once the heap is trimmed
 M_ARENA_MAX = -8  # glibc malloc.h
 
 
@@ -180,7 +180,7 @@ class Sidecar:
         self.clock.refresh_if_older_than(10.0)
         self.losses.maybe_log(now)
         # Inspecting a new target (ELF, DWARF, disassembly) frees tens of MB
-        # glibc would otherwise keep; and once a minute whatever bursts left.
+        # glibc would otherwise keep; and every 10 s whatever bursts left.
         targets = len(self.session.targets)
         if targets != self._trimmed_targets or now - self._trimmed_ns > TRIM_EVERY_NS:
             trim_heap()
