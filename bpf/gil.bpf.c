@@ -57,7 +57,7 @@
 #define MAX_TARGETS 256
 #endif
 #ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 256 /* 1 MiB */
+#define RINGBUF_PAGES 1024 /* 4 MiB */
 #endif
 #ifdef EMPTY_PROBES
 #define FLOOR_ONLY() return 0

@@ -21,6 +21,7 @@ OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
 OTEL_PYTHON_GIL_RINGBUF_PAGES = "OTEL_PYTHON_GIL_RINGBUF_PAGES"
 OTEL_PYTHON_GIL_PROBES = "OTEL_PYTHON_GIL_PROBES"
+OTEL_PYTHON_GIL_SPAN_QUEUE_MB = "OTEL_PYTHON_GIL_SPAN_QUEUE_MB"
 
 # What each variable does: docs/configuration.md is generated from this.
 DOCS: Dict[str, str] = {
@@ -52,6 +53,11 @@ DOCS: Dict[str, str] = {
         "waits, their holders, hand-offs and forced switches are exact, hold times only "
         "while another thread waits. `all`: every acquisition and release as well (exact "
         "holds; about 1-2 µs per GIL hand-off, bench/README.md).",
+    OTEL_PYTHON_GIL_SPAN_QUEUE_MB:
+        "Sidecar: memory bound of its span export queue (MiB of encoded spans, ~2.4 KB "
+        "per `gil.wait` with 16 holders). When the OTLP endpoint is slow, down or "
+        "black-holed, spans beyond it are dropped and counted (`otel_gil.spans.dropped`, "
+        "reason `queue_full`).",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
@@ -69,8 +75,9 @@ class Options:
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
-    ringbuf_pages: int = 256  # 1 MiB; ProbeConfig's default
+    ringbuf_pages: int = 1024  # 4 MiB; ProbeConfig's default
     probes: str = "contended"
+    span_queue_mb: float = 8.0
 
     @property
     def socket_configured(self) -> bool:
@@ -88,6 +95,7 @@ ENV: Dict[str, str] = {
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,
     "ringbuf_pages": OTEL_PYTHON_GIL_RINGBUF_PAGES,
     "probes": OTEL_PYTHON_GIL_PROBES,
+    "span_queue_mb": OTEL_PYTHON_GIL_SPAN_QUEUE_MB,
 }
 
 

@@ -15,6 +15,11 @@ GIL events.
 
 The app's resource is published separately, as an OTEP 4719 process context
 (otel_gil/process_context.py), which reuses this module's memory helpers.
+
+The header (64 bytes): magic[8], version, slots, slot_size, header_size (u32
+each), then two u64 counters the app keeps there for the sidecar to report
+(read_counters): threads that found no slot (unplaced) and exceptions swallowed
+on the hot path (errors). Older tables have zeros there.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ __all__ = [
     "install",
     "publish_current",
     "publish_entered",
+    "read_counters",
     "read_slots",
     "read_thread_names",
     "span_ended",
@@ -71,6 +77,8 @@ MAPPING_NAME = b"otel-gil-ctx"
 # Little-endian and packed, like the kernel side on x86-64 and arm64 (OTEP 4947
 # says host-endian; both are little-endian). Only attrs_data_size is multi-byte.
 _HEADER = struct.Struct("<8sIIII")
+_COUNTERS = struct.Struct("<QQ")  # unplaced, errors: right after _HEADER, within HEADER_SIZE
+_COUNTERS_OFFSET = _HEADER.size
 _SLOT_HEAD = struct.Struct("<IIQ16s8sBBH")  # struct ctx_slot_head: 16 + 28 bytes
 _TID = struct.Struct("<I")
 _TID_EXITED = struct.Struct("<II")  # tid, then the slot's reserved word: 1 = thread exited
@@ -164,8 +172,26 @@ class ContextTable:
         self._owners: list[int] = [0] * slots  # claim number of each slot's lease
         self._claims = 0
         self._lock = threading.Lock()
-        self.unplaced = 0  # threads that found all their PROBES slots taken
-        self.errors = 0  # exceptions swallowed on the hot path
+
+    # Kept in the header, where the sidecar reads them (read_counters). Writes
+    # are one 8-byte pack_into under the GIL: a reader sees the old or the new value.
+    @property
+    def unplaced(self) -> int:
+        """Threads that found all their PROBES slots taken."""
+        return int(_COUNTERS.unpack_from(self._mm, _COUNTERS_OFFSET)[0])
+
+    @unplaced.setter
+    def unplaced(self, value: int) -> None:
+        struct.pack_into("<Q", self._mm, _COUNTERS_OFFSET, value)
+
+    @property
+    def errors(self) -> int:
+        """Exceptions swallowed on the hot path."""
+        return int(_COUNTERS.unpack_from(self._mm, _COUNTERS_OFFSET)[1])
+
+    @errors.setter
+    def errors(self, value: int) -> None:
+        struct.pack_into("<Q", self._mm, _COUNTERS_OFFSET + 8, value)
 
     def slot_offset(self, index: int) -> int:
         return HEADER_SIZE + index * SLOT_SIZE
@@ -224,6 +250,7 @@ class ContextTable:
         self._lock = threading.Lock()
         self._owners = [0] * self.slots
         self._mm[HEADER_SIZE:] = bytes(self.size - HEADER_SIZE)
+        self.unplaced = self.errors = 0  # the parent's, not ours
 
     def raw(self) -> bytes:
         return bytes(self._mm)
@@ -606,6 +633,17 @@ def read_slots(pid: int, table_address: int, max_slots: int = 1 << 16) -> list[S
         raise InvalidTable("no otel-gil context table at that address",
                           "pass the address printed by otel_gil.context.install()")
     return parse_slots(read_memory(pid, table_address, HEADER_SIZE + slots * SLOT_SIZE))
+
+
+def read_counters(pid: int, table_address: int) -> tuple[int, int]:
+    """The app's (unplaced, errors) counters from its table's header. Untrusted
+    numbers: they only ever feed that app's own metrics."""
+    header = read_memory(pid, table_address, HEADER_SIZE)
+    if _HEADER.unpack_from(header, 0)[0] != MAGIC:
+        raise TargetError("no otel-gil context table at that address",
+                          "pass the address printed by otel_gil.context.install()")
+    unplaced, errors = _COUNTERS.unpack_from(header, _COUNTERS_OFFSET)
+    return int(unplaced), int(errors)
 
 
 def read_thread_names(pid: int, table_address: int,

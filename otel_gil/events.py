@@ -7,8 +7,7 @@ here against it, so the two cannot drift apart silently.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 # Constants from bpf/gil.h (checked by the same test).
 GIL_HIST_MIN_SHIFT = 6
@@ -157,8 +156,10 @@ class HolderStats(ctypes.Structure):
 # ------------------------------------------------------------------ decoded forms
 
 
-@dataclass(frozen=True)
-class SpanRef:
+# SpanRef, Hold and Interval are NamedTuples, not frozen dataclasses: a wait event carries
+# up to 16 holds, and a tuple is built in C where a frozen dataclass pays one
+# object.__setattr__ per field (the sidecar decodes hundreds of events a second).
+class SpanRef(NamedTuple):
     """A span context as the probes saw it (OTEP 4947 record)."""
 
     trace_id: int
@@ -170,18 +171,20 @@ class SpanRef:
         return bool(self.trace_flags & 1)
 
 
+def _span_ref(trace_id: bytes, span_id: bytes, valid: int, flags: int) -> Optional[SpanRef]:
+    if not valid:
+        return None
+    tid, sid = int.from_bytes(trace_id, "big"), int.from_bytes(span_id, "big")
+    if not tid or not sid:
+        return None
+    return SpanRef(tid, sid, flags)
+
+
 def decode_ctx(raw: ThreadCtx) -> SpanRef | None:
-    if not raw.valid:
-        return None
-    trace_id = int.from_bytes(bytes(raw.trace_id), "big")
-    span_id = int.from_bytes(bytes(raw.span_id), "big")
-    if not trace_id or not span_id:
-        return None
-    return SpanRef(trace_id, span_id, raw.trace_flags)
+    return _span_ref(bytes(raw.trace_id), bytes(raw.span_id), raw.valid, raw.trace_flags)
 
 
-@dataclass(frozen=True)
-class Hold:
+class Hold(NamedTuple):
     tid: int
     start_ns: int
     end_ns: int
@@ -193,8 +196,7 @@ class Hold:
         return self.end_ns - self.start_ns
 
 
-@dataclass(frozen=True)
-class Interval:
+class Interval(NamedTuple):
     """A wait or hold at or above its threshold, as one ring-buffer event."""
 
     kind: str  # "wait" or "hold"
@@ -202,7 +204,7 @@ class Interval:
     tid: int
     start_ns: int
     end_ns: int
-    span: SpanRef | None
+    span: Optional[SpanRef]
     holds: Tuple[Hold, ...] = ()  # waits: holds that overlapped, newest first
     holds_total: int = 0  # waits: acquisitions by others during the wait
     span_changed: bool = False  # holds: the thread entered another span during the hold
@@ -243,3 +245,5 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None)
         span_changed=bool(ev.span_changed), probe_set=PROBE_SETS[ev.probe_set],
         start_seen=bool(ev.flags & GIL_START_SEEN),
     )
+
+

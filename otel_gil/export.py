@@ -4,31 +4,40 @@ A `gil.wait` span is a child of the span that was active on the waiting thread
 when the wait began (a remote, sampled parent), with the wait's kernel
 timestamps converted to the wall clock, and links to the spans the holders
 were in. Long holds become `gil.hold` spans in the holder's trace. Nothing is
-emitted under an unsampled parent, and waits outside any span are counted,
-not exported (they would arrive as orphans).
+emitted under an unsampled parent, and waits outside any span are not exported
+(they would arrive as orphans): those are counted as skipped, by reason.
 
-Each traced process gets its own TracerProvider carrying the app's resource,
-so the spans land in the app's service in Jaeger or Tempo.
+Each span carries its traced process's resource, so it lands in the app's
+service in Jaeger or Tempo. Spans are encoded here (otel_gil/spanwire.py) and
+handed to otel_gil/delivery.py, which exports them and counts what it cannot.
+The child is sampled exactly when its parent is (parent-based, as the SDK's
+default sampler would decide).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, TraceFlags
+from opentelemetry.sdk.trace.export import SpanExporter
 
-from otel_gil import names, otlp, timeline
+from otel_gil import delivery, names, otlp, spanwire, timeline
 from otel_gil.clock import Clock
 from otel_gil.events import Interval, SpanRef
 
 log = logging.getLogger(__name__)
+LINK_CACHE_MAX = 4096
+SAMPLED = 1  # W3C trace-flags
+
+# Why an interval at or above its threshold did not become a span (by design).
+OUTSIDE_SPAN, UNSAMPLED, ACROSS_SPANS = "outside_span", "unsampled", "across_spans"
+SKIP_REASONS = (OUTSIDE_SPAN, UNSAMPLED, ACROSS_SPANS)
+
+Counts = Dict[Tuple[int, str, str], int]  # (pid, span name, reason) -> intervals
 
 
 @dataclass(frozen=True)
@@ -41,24 +50,12 @@ class ThreadInfo:
 
 @dataclass
 class ProcessExport:
-    """One traced process: its provider, identity, and a thread directory."""
+    """One traced process: its encoded resource, identity, and a thread directory."""
 
     pid: int
     ns_pid: int
-    provider: TracerProvider
-    tracer: Any
+    resource: delivery.Resource
     threads: "ThreadDirectory"
-
-
-@dataclass
-class ExportCounters:
-    waits_exported: int = 0
-    holds_exported: int = 0
-    waits_outside_span: int = 0
-    waits_unsampled: int = 0
-    holds_outside_span: int = 0
-    holds_unsampled: int = 0
-    holds_across_spans: int = 0
 
 
 def default_exporter() -> SpanExporter:
@@ -67,47 +64,59 @@ def default_exporter() -> SpanExporter:
     return exporter
 
 
-def _parent(ref: SpanRef) -> Any:
-    ctx = SpanContext(ref.trace_id, ref.span_id, is_remote=True,
-                      trace_flags=TraceFlags(ref.trace_flags))
-    return trace.set_span_in_context(NonRecordingSpan(ctx))
+HOLDER_LINK = spanwire.LinkEncoder({names.LINK_ROLE.name: "holder"}, names.LINK_HELD_NS.name)
+
+
+def export_name(iv: Interval) -> str:
+    """The span an interval would become."""
+    return names.GIL_WAIT.name if iv.kind == "wait" else names.GIL_HOLD.name
+
+
+def _span_id() -> int:
+    """A random non-zero span id, as the SDK's RandomIdGenerator makes them."""
+    while True:
+        span_id = random.getrandbits(64)
+        if span_id:
+            return span_id
 
 
 class SpanExport:
     def __init__(self, clock: Clock,
-                 exporter_factory: Callable[[], SpanExporter] = default_exporter) -> None:
+                 exporter_factory: Callable[[], SpanExporter] = default_exporter,
+                 spans: Optional[delivery.SpanDelivery] = None) -> None:
         self.clock = clock
-        self.counters = ExportCounters()
-        self._exporter_factory = exporter_factory
+        self.spans = spans if spans is not None else delivery.SpanDelivery(exporter_factory)
+        self.skipped: Counts = {}
         self._processes: Dict[int, ProcessExport] = {}
+        self._links: Dict[Tuple[int, int, int], bytes] = {}
+        self._common_attrs: Dict[int, Tuple[ThreadInfo, int, bytes]] = {}
 
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
                     threads: "ThreadDirectory") -> None:
-        provider = TracerProvider(resource=Resource.create(dict(resource)))
-        provider.add_span_processor(BatchSpanProcessor(self._exporter_factory(),
-                                                       schedule_delay_millis=500))
-        tracer = provider.get_tracer(names.INSTRUMENTATION_SCOPE)
-        self._processes[pid] = ProcessExport(pid, ns_pid, provider, tracer, threads)
+        # Resource.create adds the SDK's defaults and OTEL_RESOURCE_ATTRIBUTES,
+        # as a TracerProvider(resource=...) in the sidecar would.
+        res = Resource.create(dict(resource))
+        encoded = delivery.Resource(pid, spanwire.encode_resource(res.attributes),
+                                    res.schema_url or "")
+        self._processes[pid] = ProcessExport(pid, ns_pid, encoded, threads)
 
     def thread(self, pid: int, tid: int) -> Optional[ThreadInfo]:
         proc = self._processes.get(pid)
         return proc.threads(tid) if proc is not None else None
 
     def remove_process(self, pid: int) -> None:
-        proc = self._processes.pop(pid, None)
-        if proc is not None:
-            proc.provider.shutdown()  # flushes
+        """Forget a process; its spans still queued keep their resource and go out."""
+        self._processes.pop(pid, None)
 
-    def flush(self) -> None:
-        for proc in self._processes.values():
-            proc.provider.force_flush()
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        return self.spans.flush(timeout_s)
 
     def close(self) -> None:
-        for pid in list(self._processes):
-            self.remove_process(pid)
+        self._processes.clear()
+        self.spans.close()
 
-    def on_interval(self, iv: Interval) -> Optional[SpanContext]:
-        """Export one interval; returns the new span's context (None: not exported)."""
+    def on_interval(self, iv: Interval) -> Optional[SpanRef]:
+        """Export one interval; returns the new span's ids (None: not exported)."""
         proc = self._processes.get(iv.pid)
         if proc is None:
             return None
@@ -115,81 +124,117 @@ class SpanExport:
             return self._wait(proc, iv)
         return self._hold(proc, iv)
 
-    def _common(self, proc: ProcessExport, thread: ThreadInfo, iv: Interval) -> Dict[str, Any]:
+    def _skip(self, iv: Interval, name: str, reason: str) -> None:
+        key = (iv.pid, name, reason)
+        self.skipped[key] = self.skipped.get(key, 0) + 1
+
+    def _common(self, proc: ProcessExport, thread: ThreadInfo, iv: Interval) -> bytes:
+        """The attributes every span of a thread shares, encoded once per thread
+        (and clock calibration): they are most of a hold span's attributes."""
+        uncertainty = self.clock.offset_at(iv.start_ns).uncertainty_ns
+        hit = self._common_attrs.get(thread.host_tid)
+        if hit is not None and hit[0] is thread and hit[1] == uncertainty:
+            return hit[2]
+        if len(self._common_attrs) >= LINK_CACHE_MAX:
+            self._common_attrs.clear()
+        encoded = spanwire.encode_attributes(self._common_dict(proc, thread, uncertainty))
+        self._common_attrs[thread.host_tid] = (thread, uncertainty, encoded)
+        return encoded
+
+    def _common_dict(self, proc: ProcessExport, thread: ThreadInfo,
+                     uncertainty: int) -> Dict[str, Any]:
         attrs: Dict[str, Any] = {
             names.THREAD_NAME.name: thread.name,
             names.THREAD_NATIVE_ID.name: thread.ns_tid,
             names.THREAD_HOST_ID.name: thread.host_tid,
             names.PROCESS_PID.name: proc.ns_pid,
             names.PROCESS_HOST_PID.name: proc.pid,
-            names.CLOCK_UNCERTAINTY_NS.name: self.clock.offset_at(iv.start_ns).uncertainty_ns,
+            names.CLOCK_UNCERTAINTY_NS.name: uncertainty,
         }
         if thread.ident is not None:
             attrs[names.THREAD_ID.name] = thread.ident
         return attrs
 
+    def _link(self, trace_id: int, span_id: int, held_ns: int) -> bytes:
+        """A holder link, encoded; cached: a hold inside several concurrent waits
+        is the same link (same span, same held_ns) in each of them."""
+        key = (trace_id, span_id, held_ns)
+        link = self._links.get(key)
+        if link is None:
+            if len(self._links) >= LINK_CACHE_MAX:
+                self._links.clear()
+            link = self._links[key] = HOLDER_LINK.encode(trace_id, span_id, held_ns)
+        return link
+
     def _emit(self, proc: ProcessExport, name: str, parent: SpanRef, iv: Interval,
-              attrs: Dict[str, Any], links: List[Link]) -> SpanContext:
-        span = proc.tracer.start_span(
-            name, context=_parent(parent), kind=trace.SpanKind.INTERNAL,
-            start_time=self.clock.to_realtime(iv.start_ns), attributes=attrs, links=links)
-        span.end(end_time=self.clock.to_realtime(iv.end_ns))
-        return span.get_span_context()  # type: ignore[no-any-return]
+              common: bytes, attrs: Dict[str, Any], links: List[bytes]) -> Optional[SpanRef]:
+        span = spanwire.SpanData(
+            name=name, trace_id=parent.trace_id, span_id=_span_id(),
+            parent_span_id=parent.span_id, start_ns=self.clock.to_realtime(iv.start_ns),
+            end_ns=self.clock.to_realtime(iv.end_ns), attributes=attrs, links=links,
+            encoded_attributes=common)
+        if not self.spans.submit(delivery.Queued(proc.resource, name, span.encode())):
+            return None  # dropped (queue full) and counted: no exemplar for it
+        return SpanRef(span.trace_id, span.span_id, SAMPLED)
 
-    def _wait(self, proc: ProcessExport, iv: Interval) -> Optional[SpanContext]:
+    def _wait(self, proc: ProcessExport, iv: Interval) -> Optional[SpanRef]:
+        name = names.GIL_WAIT.name
         if iv.span is None:
-            self.counters.waits_outside_span += 1
+            self._skip(iv, name, OUTSIDE_SPAN)
             return None
         if not iv.span.sampled:
-            self.counters.waits_unsampled += 1
+            self._skip(iv, name, UNSAMPLED)
             return None
-        attrs = self._common(proc, proc.threads(iv.tid, published=True), iv)
-        attrs[names.WAIT_NS.name] = iv.duration_ns
-        blame = timeline.blame(iv)
-        holders = [(b, proc.threads(b.tid)) for b in blame]
-        attrs[names.HOLDER_TIDS.name] = [b.tid for b, _ in holders]
-        attrs[names.HOLDER_NAMES.name] = [t.name for _, t in holders]
-        attrs[names.HOLDER_HELD_NS.name] = [b.held_ns for b, _ in holders]
-        attrs[names.HOLDERS_TRUNCATED.name] = timeline.holds_truncated(iv)
-        self.counters.waits_exported += 1
-        return self._emit(proc, names.GIL_WAIT.name, iv.span, iv, attrs, _holder_links(iv))
+        common = self._common(proc, proc.threads(iv.tid, published=True), iv)
+        blame, links = holders_of(iv)
+        attrs = {names.WAIT_NS.name: iv.duration_ns,
+                 names.HOLDER_TIDS.name: [tid for tid, _ in blame],
+                 names.HOLDER_NAMES.name: proc.threads.names([tid for tid, _ in blame]),
+                 names.HOLDER_HELD_NS.name: [ns for _, ns in blame],
+                 names.HOLDERS_TRUNCATED.name: timeline.holds_truncated(iv)}
+        return self._emit(proc, name, iv.span, iv, common, attrs,
+                          [self._link(*x) for x in links])
 
-    def _hold(self, proc: ProcessExport, iv: Interval) -> Optional[SpanContext]:
+    def _hold(self, proc: ProcessExport, iv: Interval) -> Optional[SpanRef]:
+        name = names.GIL_HOLD.name
         if iv.span is None:
-            self.counters.holds_outside_span += 1
+            self._skip(iv, name, OUTSIDE_SPAN)
             return None
         if not iv.span.sampled:
-            self.counters.holds_unsampled += 1
+            self._skip(iv, name, UNSAMPLED)
             return None
         if iv.span_changed:
             # It began under another span: no single span contains it, so it
             # is not exported (it stays in the metrics).
-            self.counters.holds_across_spans += 1
+            self._skip(iv, name, ACROSS_SPANS)
             return None
-        attrs = self._common(proc, proc.threads(iv.tid, published=True), iv)
-        attrs[names.HOLD_NS.name] = iv.duration_ns
-        self.counters.holds_exported += 1
-        return self._emit(proc, names.GIL_HOLD.name, iv.span, iv, attrs, [])
+        common = self._common(proc, proc.threads(iv.tid, published=True), iv)
+        return self._emit(proc, name, iv.span, iv, common, {names.HOLD_NS.name: iv.duration_ns},
+                          [])
 
 
-def _holder_links(iv: Interval) -> List[Link]:
-    """One link per distinct sampled span a holder was in, with how long it held."""
-    held: Dict[Tuple[int, int], Tuple[SpanRef, int]] = {}
-    for h in iv.holds:
-        if h.span is None or not h.span.sampled or h.tid == iv.tid:
+def holders_of(iv: Interval) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int]]]:
+    """Who held the GIL during a wait, in one pass over its holds: (tid, held ns)
+    longest first, as timeline.blame(); and one (trace id, span id, held ns) per
+    distinct sampled span a holder was in, longest first (the links). Overlap
+    with the wait, not whole holds; the waiter's own holds do not count.
+    (Written for speed: it runs for every wait, over up to 16 holds.)"""
+    by_tid: Dict[int, int] = {}
+    by_span: Dict[Tuple[int, int], int] = {}
+    me, w_start, w_end = iv.tid, iv.start_ns, iv.end_ns
+    for tid, start, end, span, _seen in iv.holds:
+        if tid == me:
             continue
-        overlap = min(h.end_ns, iv.end_ns) - max(h.start_ns, iv.start_ns)
+        overlap = (end if end < w_end else w_end) - (start if start > w_start else w_start)
         if overlap <= 0:
             continue
-        key = (h.span.trace_id, h.span.span_id)
-        prev = held.get(key)
-        held[key] = (h.span, overlap + (prev[1] if prev else 0))
-    out = []
-    for ref, ns in sorted(held.values(), key=lambda x: -x[1]):
-        ctx = SpanContext(ref.trace_id, ref.span_id, is_remote=True,
-                          trace_flags=TraceFlags(ref.trace_flags))
-        out.append(Link(ctx, {names.LINK_ROLE.name: "holder", names.LINK_HELD_NS.name: ns}))
-    return out
+        by_tid[tid] = by_tid.get(tid, 0) + overlap
+        if span is not None and span.trace_flags & 1:
+            key = (span.trace_id, span.span_id)
+            by_span[key] = by_span.get(key, 0) + overlap
+    blame = sorted(by_tid.items(), key=lambda x: (-x[1], x[0]))
+    links = [(t, s, ns) for (t, s), ns in sorted(by_span.items(), key=lambda x: -x[1])]
+    return blame, links
 
 
 @dataclass
@@ -203,13 +248,24 @@ class ThreadDirectory:
     lookup: Callable[[int, bool], ThreadInfo]  # (host tid, known to be published)
     cache: Dict[int, Tuple[ThreadInfo, int]] = field(default_factory=dict)
 
+    def names(self, host_tids: List[int]) -> List[str]:
+        """Their names; the same as [self(t).name ...], a call less per thread
+        found for good (this runs for every holder of every wait)."""
+        out = []
+        for tid in host_tids:
+            hit = self.cache.get(tid)
+            out.append(hit[0].name if hit is not None and hit[0].ident is not None
+                       else self(tid).name)
+        return out
+
     def __call__(self, host_tid: int, published: bool = False) -> ThreadInfo:
         """published: the thread is known to have a slot (its span came from it),
         so a cached miss is stale: look again now."""
-        now = time.monotonic_ns()
         hit = self.cache.get(host_tid)
-        if hit is not None and (hit[0].ident is not None or
-                                (not published and now - hit[1] < self.RETRY_NS)):
+        if hit is not None and hit[0].ident is not None:  # the hot path: found for good
+            return hit[0]
+        now = time.monotonic_ns()
+        if hit is not None and not published and now - hit[1] < self.RETRY_NS:
             return hit[0]
         info = self.lookup(host_tid, published)
         self.cache[host_tid] = (info, now)

@@ -3,38 +3,58 @@
 Totals (held and waited seconds, acquisitions, hand-offs, forced switches, lost
 events) are kept exactly in the kernel; observable instruments report them, so
 nothing is sampled and the cost does not grow with the GIL's traffic. The
-duration histograms record each wait/hold at or above its threshold (those the
-probes send one by one), with the wait's span as exemplar; every shorter one
-is still in the totals. Names and units: otel_gil/names.py.
+duration histograms are the kernel's own per-thread histograms of every wait
+and hold (otel_gil/histograms.py), added to each collection, with the waits
+that became spans as exemplars. Names and units: otel_gil/names.py.
+
+The span pipeline is reported too: spans exported, dropped (by reason) and
+skipped by design (by reason), and the app-side context table's problems.
 
 Labels: service.name and process.pid of the app, and thread.name, bounded per
 process by OTEL_PYTHON_GIL_MAX_THREAD_LABELS (the rest become "other"). The
 counters stay monotonic when threads exit: each label keeps its own running sum.
+
+Threads: update() and record_interval() run on the sidecar's loop; the
+observations and collections on the metric readers' threads. One lock guards
+what both touch.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import Exemplar as SdkExemplar
+from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    Metric,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
+)
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.trace import NonRecordingSpan, SpanContext, set_span_in_context
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_gil import names, otlp
-from otel_gil.events import Interval
+from otel_gil import delivery, export, histograms, names, otlp
+from otel_gil.events import Interval, SpanRef
 from otel_gil.session import Session
 
 log = logging.getLogger("otel_gil.metrics")
 
-# Histogram boundaries, seconds: 1 ms (the default wait threshold) to 10 s.
-BOUNDARIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
 Labels = Tuple[Tuple[str, Any], ...]
+SpanCounts = Callable[[], Tuple[export.Counts, export.Counts]]  # (delivery, skipped)
+SPAN_NAMES = (names.GIL_WAIT.name, names.GIL_HOLD.name)
+LABELS_TTL_NS = 1_000_000_000
 
 
 @dataclass
@@ -52,32 +72,55 @@ class _Sums:
     acquisitions: int = 0
 
 
+@dataclass
+class _ReaderState:
+    """What one metric reader was last given (exemplar window, delta snapshots)."""
+
+    last_ns: int = 0
+    snapshots: Dict[Tuple[str, Labels], histograms.Snapshot] = field(default_factory=dict)
+
+
 class GilMetrics:
     """Observes a Session; one instance per sidecar."""
 
     def __init__(self, session: Session, readers: List[MetricReader],
-                 max_thread_labels: int = 20, resource: Optional[Resource] = None) -> None:
+                 max_thread_labels: int = 20, resource: Optional[Resource] = None,
+                 spans: Optional[SpanCounts] = None,
+                 before_collect: Optional[Callable[[], None]] = None) -> None:
         self.session = session
         self.max_thread_labels = max_thread_labels
-        self.provider = MeterProvider(metric_readers=readers, resource=resource)
-        meter = self.provider.get_meter(names.INSTRUMENTATION_SCOPE)
+        self.resource = resource if resource is not None else Resource.create()
+        self.provider = MeterProvider(metric_readers=readers, resource=self.resource)
+        self._spans = spans
+        self._before_collect = before_collect
+        self._lock = threading.Lock()
         self._processes: Dict[int, ProcessLabels] = {}
         self._seen: Dict[int, Tuple[int, int, int]] = {}  # tid -> last (held, waited, acq)
         self._sums: Dict[Labels, _Sums] = {}
         self._window: Dict[int, Tuple[int, int, float]] = {}  # pid -> (mono, wait_ns, ratio)
         self._exited: Dict[int, Dict[str, int]] = {}  # pid -> last kernel process counters
-        self.wait_hist = meter.create_histogram(
-            names.WAIT_DURATION.name, unit=names.WAIT_DURATION.unit,
-            description=names.WAIT_DURATION.doc, explicit_bucket_boundaries_advisory=BOUNDARIES)
-        self.hold_hist = meter.create_histogram(
-            names.HOLD_DURATION.name, unit=names.HOLD_DURATION.unit,
-            description=names.HOLD_DURATION.doc, explicit_bucket_boundaries_advisory=BOUNDARIES)
+        self._context: Dict[int, Tuple[int, int]] = {}  # pid -> app's (unplaced, errors)
+        self._label_cache: Dict[int, Tuple[Labels, int, int]] = {}  # tid -> (labels, when, pid)
+        self.histograms = {"wait": histograms.HistogramSet(), "hold": histograms.HistogramSet()}
+        self._readers: Dict[int, _ReaderState] = {}
+        self._start_ns = time.time_ns()
+        self._create_instruments()
+        for reader in readers:
+            self._hook(reader)
+
+    def _create_instruments(self) -> None:
+        meter = self.provider.get_meter(names.INSTRUMENTATION_SCOPE)
         for metric, fn in ((names.HELD_TIME, self._observe_held),
                            (names.WAITED_TIME, self._observe_waited),
                            (names.ACQUISITIONS, self._observe_acquisitions),
                            (names.HANDOFFS, self._process_counter("handoffs")),
                            (names.FORCED_SWITCHES, self._process_counter("forced_switches")),
-                           (names.LOST_EVENTS, self._observe_lost)):
+                           (names.LOST_EVENTS, self._observe_lost),
+                           (names.SPANS_EXPORTED, self._observe_exported),
+                           (names.SPANS_DROPPED, self._observe_dropped),
+                           (names.SPANS_SKIPPED, self._observe_skipped),
+                           (names.CONTEXT_UNPLACED, self._context_counter(0)),
+                           (names.CONTEXT_ERRORS, self._context_counter(1))):
             meter.create_observable_counter(metric.name, callbacks=[fn], unit=metric.unit,
                                             description=metric.doc)
         meter.create_observable_gauge(
@@ -88,7 +131,8 @@ class GilMetrics:
 
     def add_process(self, pid: int, service: str, ns_pid: int,
                     thread_name: Callable[[int], str]) -> None:
-        self._processes[pid] = ProcessLabels(service, ns_pid, thread_name)
+        with self._lock:
+            self._processes[pid] = ProcessLabels(service, ns_pid, thread_name)
 
     def _process_labels(self, pid: int) -> Dict[str, Any]:
         proc = self._processes.get(pid)
@@ -108,33 +152,61 @@ class GilMetrics:
         return names.OTHER_THREADS
 
     def _labels(self, pid: int, tid: int) -> Labels:
+        """A thread's labels, worked out again at most once a second (names are
+        published or changed after a thread starts; this runs once per event)."""
+        now = time.monotonic_ns()
+        hit = self._label_cache.get(tid)
+        if hit is not None and now - hit[1] < LABELS_TTL_NS and hit[2] == pid:
+            return hit[0]
         d = self._process_labels(pid)
         d[names.LABEL_THREAD] = self._thread_label(pid, tid)
-        return tuple(sorted(d.items()))
+        labels = tuple(sorted(d.items()))
+        self._label_cache[tid] = (labels, now, pid)
+        return labels
+
+    def set_context_counters(self, pid: int, unplaced: int, errors: int) -> None:
+        """The app's own counters, read from its context table's header."""
+        with self._lock:
+            self._context[pid] = (unplaced, errors)
 
     # ------------------------------------------------------------ recording
 
-    def record_interval(self, iv: Interval, span: Optional[SpanContext]) -> None:
+    def record_interval(self, iv: Interval, span: Optional[SpanRef]) -> None:
         """A wait/hold at or above its threshold; its span (if exported) is the exemplar."""
-        attrs = dict(self._labels(iv.pid, iv.tid))
-        ctx = set_span_in_context(NonRecordingSpan(span)) if span is not None else None
-        hist = self.wait_hist if iv.kind == "wait" else self.hold_hist
-        hist.record(iv.duration_ns / 1e9, attributes=attrs, context=ctx)
+        labels = self._labels(iv.pid, iv.tid)
+        exemplar = None
+        if span is not None:
+            exemplar = histograms.Exemplar(time.time_ns(), iv.duration_ns, span.trace_id,
+                                           span.span_id)
+        with self._lock:
+            self.histograms[iv.kind].record_event(
+                labels, iv.duration_ns, exemplar,
+                from_kernel=iv.kind in self.session.histogram_kinds)
 
     def update(self) -> None:
-        """Fold the session's per-thread totals into per-label running sums, and
-        the contention window. Call it from the sidecar loop (cheap)."""
-        for tid, t in list(self.session.threads.items()):  # naming may refresh the session
-            last = self._seen.get(tid, (0, 0, 0))
-            now = (t.hold_ns, t.wait_ns, t.acquisitions)
-            if now == last:
-                continue
-            sums = self._sums.setdefault(self._labels(t.pid, tid), _Sums())
-            sums.held_ns += max(0, now[0] - last[0])
-            sums.waited_ns += max(0, now[1] - last[1])
-            sums.acquisitions += max(0, now[2] - last[2])
-            self._seen[tid] = now
-        self._update_contention()
+        """Fold the session's per-thread totals and histograms into per-label
+        running sums, and the contention window. Call it after Session.refresh()."""
+        rows = [(tid, t, self._labels(t.pid, tid)) for tid, t in list(self.session.threads.items())]
+        with self._lock:
+            for tid, t, labels in rows:
+                self._fold_sums(tid, labels, (t.hold_ns, t.wait_ns, t.acquisitions))
+                self.histograms["wait"].fold_thread(tid, labels, t.wait_hist, t.wait_ns,
+                                                    t.max_wait_ns)
+                self.histograms["hold"].fold_thread(tid, labels, t.hold_hist, t.hold_ns,
+                                                    t.max_hold_ns)
+            self._update_contention()
+
+    def _fold_sums(self, tid: int, labels: Labels, now: Tuple[int, int, int]) -> None:
+        last = self._seen.get(tid, (0, 0, 0))
+        if now == last:
+            return
+        if any(n < o for n, o in zip(now, last)):
+            last = (0, 0, 0)  # a new thread reusing the tid
+        sums = self._sums.setdefault(labels, _Sums())
+        sums.held_ns += now[0] - last[0]
+        sums.waited_ns += now[1] - last[1]
+        sums.acquisitions += now[2] - last[2]
+        self._seen[tid] = now
 
     def _update_contention(self, window_s: float = 5.0) -> None:
         mono = time.monotonic_ns()
@@ -151,18 +223,24 @@ class GilMetrics:
     def forget(self, pid: int) -> None:
         """The process is gone: keep its label sums (monotonic), drop thread state."""
         info = self.session.targets.get(pid)
-        if info is not None and info.state is not None:
-            st = info.state
-            self._exited[pid] = {"handoffs": st.handoffs, "forced_switches": st.forced_switches,
-                                 "lost": st.lost}
-        for tid in [t for t, tt in self.session.threads.items() if tt.pid == pid]:
-            self._seen.pop(tid, None)
-        self._window.pop(pid, None)
+        tids = [t for t, tt in self.session.threads.items() if tt.pid == pid]
+        with self._lock:
+            if info is not None and info.state is not None:
+                st = info.state
+                self._exited[pid] = {"handoffs": st.handoffs,
+                                     "forced_switches": st.forced_switches, "lost": st.lost}
+            for tid in tids:
+                self._seen.pop(tid, None)
+                self._label_cache.pop(tid, None)
+            for hset in self.histograms.values():
+                hset.forget_threads(tids)
+            self._window.pop(pid, None)
 
     # ------------------------------------------------------------ observing
 
     def _observe_sums(self, pick: Callable[[_Sums], float]) -> Iterable[Observation]:
-        return [Observation(pick(s), dict(labels)) for labels, s in self._sums.items()]
+        with self._lock:
+            return [Observation(pick(s), dict(labels)) for labels, s in self._sums.items()]
 
     def _observe_held(self, _options: CallbackOptions) -> Iterable[Observation]:
         return self._observe_sums(lambda s: s.held_ns / 1e9)
@@ -175,31 +253,182 @@ class GilMetrics:
 
     def _process_values(self, key: str) -> Dict[int, int]:
         out = {pid: vals[key] for pid, vals in self._exited.items()}
-        for pid, info in self.session.targets.items():
+        for pid, info in list(self.session.targets.items()):
             if info.state is not None:
                 out[pid] = int(getattr(info.state, key))
         return out
 
     def _process_counter(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(v, self._process_labels(pid))
-                    for pid, v in self._process_values(key).items()]
+            with self._lock:
+                return [Observation(v, self._process_labels(pid))
+                        for pid, v in self._process_values(key).items()]
         return observe
 
     def _observe_lost(self, _options: CallbackOptions) -> Iterable[Observation]:
-        values = self._process_values("lost")
-        total = [Observation(v, self._process_labels(pid)) for pid, v in values.items()]
-        if self.session.probes.undecodable:
-            total.append(Observation(self.session.probes.undecodable,
-                                     {names.LABEL_SERVICE: "otel-gil-sidecar"}))
+        with self._lock:
+            values = self._process_values("lost")
+            total = [Observation(v, self._process_labels(pid)) for pid, v in values.items()]
+        own = self._sidecar_lost()
+        if own:
+            total.append(Observation(own, {names.LABEL_SERVICE: "otel-gil-sidecar"}))
         return total
 
+    def _sidecar_lost(self) -> int:
+        """Losses not tied to one process: undecodable records, skipped probe runs."""
+        return int(self.session.probes.undecodable + self.session.skipped_runs)
+
+    def lost_events_total(self) -> int:
+        """Everything otel_gil.lost_events counts, summed."""
+        with self._lock:
+            kernel = sum(self._process_values("lost").values())
+        return kernel + self._sidecar_lost()
+
+    def context_totals(self) -> Tuple[int, int]:
+        """(unplaced threads, context errors) summed over the apps."""
+        with self._lock:
+            return (sum(u for u, _ in self._context.values()),
+                    sum(e for _, e in self._context.values()))
+
+    def _span_observations(self, outcomes: Sequence[str], skipped: bool) -> List[Observation]:
+        """One series per process, span name and outcome, zeros included: a
+        dashboard can then tell "nothing dropped" from "no data"."""
+        counts: export.Counts = {}
+        if self._spans is not None:
+            counts = self._spans()[1 if skipped else 0]
+        with self._lock:
+            pids = list(self._processes)
+            out = []
+            for pid in pids:
+                for span in SPAN_NAMES:
+                    for outcome in outcomes:
+                        attrs = self._process_labels(pid)
+                        attrs[names.LABEL_SPAN] = span
+                        if outcome != delivery.EXPORTED:
+                            attrs[names.LABEL_REASON] = outcome
+                        out.append(Observation(counts.get((pid, span, outcome), 0), attrs))
+        return out
+
+    def _observe_exported(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return self._span_observations((delivery.EXPORTED,), skipped=False)
+
+    def _observe_dropped(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return self._span_observations(delivery.DROP_REASONS, skipped=False)
+
+    def _observe_skipped(self, _options: CallbackOptions) -> Iterable[Observation]:
+        return self._span_observations(export.SKIP_REASONS, skipped=True)
+
+    def _context_counter(self, index: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                return [Observation(self._context.get(pid, (0, 0))[index],
+                                    self._process_labels(pid)) for pid in self._processes]
+        return observe
+
     def _observe_contention(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(ratio, self._process_labels(pid))
-                for pid, (_, _, ratio) in self._window.items()]
+        with self._lock:
+            return [Observation(ratio, self._process_labels(pid))
+                    for pid, (_, _, ratio) in self._window.items()]
+
+    # ------------------------------------------------------------ histograms
+
+    def _hook(self, reader: MetricReader) -> None:
+        """Add the duration histograms to every collection of this reader. The
+        SDK (1.20 to 1.45) has no MetricProducer for pre-aggregated data, so the
+        collection callback the MeterProvider installed is wrapped."""
+        original = getattr(reader, "_collect", None)
+        if original is None:
+            log.warning("otel-gil: metric reader %s not registered: no duration histograms",
+                        type(reader).__name__)
+            return
+
+        def collect(r: MetricReader, timeout_millis: float = 10_000) -> Any:
+            if self._before_collect is not None:
+                self._before_collect()
+            data = original(r, timeout_millis=timeout_millis)
+            try:
+                return self._add_histograms(r, data)
+            except Exception:  # noqa: BLE001 - never lose the other metrics
+                log.exception("otel-gil: building the duration histograms failed")
+                return data
+
+        reader._set_collect_callback(collect)
+
+    def _add_histograms(self, reader: MetricReader, data: Optional[MetricsData]) -> Any:
+        temporality = _histogram_temporality(reader)
+        now = time.time_ns()
+        with self._lock:
+            state = self._readers.setdefault(id(reader), _ReaderState(self._start_ns))
+            built = [self._histogram(metric, kind, state, temporality, now)
+                     for metric, kind in ((names.WAIT_DURATION, "wait"),
+                                          (names.HOLD_DURATION, "hold"))]
+            state.last_ns = now
+        metrics = [m for m in built if m is not None]
+        if not metrics:
+            return data
+        return _with_metrics(data, metrics, self.resource)
+
+    def _histogram(self, metric: names.Metric, kind: str, state: _ReaderState,
+                   temporality: AggregationTemporality, now: int) -> Optional[Metric]:
+        points = []
+        for labels, series in self.histograms[kind].series.items():
+            if not series.count and not series.exemplars:
+                continue
+            exemplars = [SdkExemplar({}, ex.value_ns / 1e9, ex.time_unix_nano, ex.span_id,
+                                     ex.trace_id)
+                         for ex in series.exemplars.values() if ex.time_unix_nano > state.last_ns]
+            start, mx = self._start_ns, (series.max_ns / 1e9 if series.max_ns else None)
+            counts, total = list(series.counts), series.sum_ns
+            if temporality == AggregationTemporality.DELTA:
+                last = state.snapshots.get((kind, labels))
+                counts, total = histograms.delta(series, last)
+                start, mx = (last.time_unix_nano if last else self._start_ns), None
+                state.snapshots[(kind, labels)] = histograms.Snapshot(
+                    tuple(series.counts), series.sum_ns, now)
+            # min is unknown (the kernel keeps buckets, not the smallest value):
+            # None leaves it unset in OTLP; Prometheus has no min.
+            points.append(HistogramDataPoint(
+                attributes=dict(labels), start_time_unix_nano=start, time_unix_nano=now,
+                count=sum(counts), sum=total / 1e9, bucket_counts=counts,
+                explicit_bounds=histograms.BOUNDARIES_S, min=None,  # type: ignore[arg-type]
+                max=mx, exemplars=exemplars))  # type: ignore[arg-type]
+        if not points:
+            return None
+        return Metric(name=metric.name, description=metric.doc, unit=metric.unit,
+                      data=HistogramData(data_points=points, aggregation_temporality=temporality))
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+
+
+def _histogram_temporality(reader: MetricReader) -> AggregationTemporality:
+    prefs = getattr(reader, "_instrument_class_temporality", {})
+    for cls, temporality in prefs.items():
+        if isinstance(cls, type) and issubclass(cls, SdkHistogram):
+            return AggregationTemporality(temporality)
+    return AggregationTemporality.CUMULATIVE
+
+
+def _with_metrics(data: Optional[MetricsData], metrics: List[Metric],
+                  resource: Resource) -> MetricsData:
+    """data with metrics added to otel_gil's scope (created if absent)."""
+    rms = list(data.resource_metrics) if data is not None else []
+    if not rms:
+        rms = [ResourceMetrics(resource=resource, scope_metrics=[], schema_url="")]
+    first = rms[0]
+    scopes = list(first.scope_metrics)
+    at = next((i for i, s in enumerate(scopes) if s.scope.name == names.INSTRUMENTATION_SCOPE),
+              None)
+    if at is None:
+        scopes.append(ScopeMetrics(scope=InstrumentationScope(names.INSTRUMENTATION_SCOPE),
+                                   metrics=metrics, schema_url=""))
+    else:
+        scopes[at] = ScopeMetrics(scope=scopes[at].scope,
+                                  metrics=list(scopes[at].metrics) + metrics,
+                                  schema_url=scopes[at].schema_url)
+    rms[0] = ResourceMetrics(resource=first.resource, scope_metrics=scopes,
+                             schema_url=first.schema_url)
+    return MetricsData(resource_metrics=rms)
 
 
 def default_readers(prometheus_port: int, export_interval_ms: int = 5000) -> List[MetricReader]:

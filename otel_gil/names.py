@@ -108,7 +108,8 @@ class Metric:
         suffix, ``_total`` on counters), as users will type it in PromQL."""
         base = self.name.replace(".", "_")
         suffix = {"s": "_seconds", "{acquisition}": "", "{handoff}": "", "{switch}": "",
-                  "{event}": "", "1": "_ratio"}.get(self.unit, "")
+                  "{event}": "", "{span}": "", "{thread}": "",
+                  "{error}": "", "1": "_ratio"}.get(self.unit, "")
         if suffix and not base.endswith(suffix):
             base += suffix
         if self.instrument == "counter":
@@ -118,10 +119,15 @@ class Metric:
 
 WAIT_DURATION = Metric(
     "otel_gil.wait.duration", "histogram", "s",
-    "Duration of each GIL wait (take_gil entry to return).")
+    "Duration of every GIL wait (take_gil entry to return), from the kernel's per-thread "
+    "histograms: every acquisition, not only the waits above the span threshold. Bucket "
+    "boundaries are kernel bucket edges within 8% of a 1-2-5 series from 1 µs to 10 s "
+    "(1 ms is 0.001048576); exemplars point at `gil.wait` spans.")
 HOLD_DURATION = Metric(
     "otel_gil.hold.duration", "histogram", "s",
-    "Duration of each GIL hold (acquisition to release).")
+    "Duration of every GIL hold (acquisition to release), from the kernel's per-thread "
+    "histograms, same buckets; exemplars point at `gil.hold` spans. Where the probe set "
+    "keeps no per-transition hold histogram, only the holds above the span threshold.")
 HELD_TIME = Metric(
     "otel_gil.held", "counter", "s", "Total time threads held the GIL.")
 WAITED_TIME = Metric(
@@ -140,6 +146,30 @@ LOST_EVENTS = Metric(
     "otel_gil.lost_events", "counter", "{event}",
     "Events the kernel could not deliver (ring buffer full), probe runs it skipped "
     "(recursion_misses), and records user space could not decode.")
+SPANS_EXPORTED = Metric(
+    "otel_gil.spans.exported", "counter", "{span}",
+    "`gil.wait`/`gil.hold` spans the OTLP exporter delivered.")
+SPANS_DROPPED = Metric(
+    "otel_gil.spans.dropped", "counter", "{span}",
+    "`gil.wait`/`gil.hold` spans the sidecar decided to emit and could not deliver, by "
+    "`reason`: `queue_full` (the export queue was at its memory bound), `export_failed` "
+    "(the exporter gave up: endpoint down, refused, an error status), `timeout` (the "
+    "exporter gave up waiting for an answer, DEADLINE_EXCEEDED or timed out: a "
+    "black-holed endpoint), `shutdown` (still queued when the sidecar exited and its "
+    "last flush ran out of time).")
+SPANS_SKIPPED = Metric(
+    "otel_gil.spans.skipped", "counter", "{span}",
+    "Waits/holds above the threshold not turned into spans, by design, by `reason`: "
+    "`outside_span` (no span active on the thread: it would be an orphan), `unsampled` "
+    "(under an unsampled parent), `across_spans` (a hold that began under another span).")
+CONTEXT_UNPLACED = Metric(
+    "otel_gil.context.unplaced_threads", "counter", "{thread}",
+    "App threads that found no free slot in the app's context table: their waits have "
+    "no parent span, so they are skipped as `outside_span`.")
+CONTEXT_ERRORS = Metric(
+    "otel_gil.context.errors", "counter", "{error}",
+    "Exceptions the app's context publishing swallowed (the app carried on; that thread "
+    "published no context until its next switch).")
 CONTENTION_RATIO = Metric(
     "otel_gil.contention.ratio", "gauge", "1",
     "Per process: time threads spent waiting for the GIL over wall time, since the last "
@@ -147,7 +177,8 @@ CONTENTION_RATIO = Metric(
 
 METRICS: Tuple[Metric, ...] = (
     WAIT_DURATION, HOLD_DURATION, HELD_TIME, WAITED_TIME, ACQUISITIONS, HANDOFFS,
-    FORCED_SWITCHES, LOST_EVENTS, CONTENTION_RATIO,
+    FORCED_SWITCHES, LOST_EVENTS, SPANS_EXPORTED, SPANS_DROPPED, SPANS_SKIPPED,
+    CONTEXT_UNPLACED, CONTEXT_ERRORS, CONTENTION_RATIO,
 )
 
 # Metric attribute (label) keys. Thread names are bounded by
@@ -155,7 +186,9 @@ METRICS: Tuple[Metric, ...] = (
 LABEL_SERVICE = "service.name"
 LABEL_PID = "process.pid"
 LABEL_THREAD = "thread.name"
-LABELS: Tuple[str, ...] = (LABEL_SERVICE, LABEL_PID, LABEL_THREAD)
+LABEL_SPAN = "span.name"  # the span pipeline's counters: gil.wait or gil.hold
+LABEL_REASON = "reason"  # why a span was dropped or skipped
+LABELS: Tuple[str, ...] = (LABEL_SERVICE, LABEL_PID, LABEL_THREAD, LABEL_SPAN, LABEL_REASON)
 OTHER_THREADS = "other"
 
 INSTRUMENTATION_SCOPE = "otel_gil"
@@ -213,7 +246,10 @@ def markdown() -> str:
     out += [f"| `{m.name}` | `{m.prometheus}` | {m.instrument} | `{m.unit}` | {m.doc} |"
             for m in METRICS]
     out += ["", "Metric labels: " + ", ".join(f"`{label}`" for label in LABELS)
-            + f". Thread names beyond the cardinality bound are reported as `{OTHER_THREADS}`.", ""]
+            + f". Thread names beyond the cardinality bound are reported as `{OTHER_THREADS}`. "
+            f"`{LABEL_SERVICE}` and `{LABEL_PID}` are on every metric, `{LABEL_THREAD}` on "
+            f"the per-thread ones (durations, held, waited, acquisitions), `{LABEL_SPAN}` and "
+            f"`{LABEL_REASON}` on the span pipeline's counters.", ""]
     out += ["## In the timeline view", "",
             f"Slices are named `{GIL_WAIT.name}` and `{GIL_HOLD.name}`, like the spans "
             "(`otel-gil record --timeline`, docs/views.md).", "",

@@ -150,7 +150,8 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
 class OtlpReceiver:
     """An OTLP/gRPC server on 127.0.0.1; use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
+        """port 0: a free one."""
         self.trace_requests: List[Any] = []
         self.metric_requests: List[Any] = []
         self._changed = threading.Condition()
@@ -160,7 +161,7 @@ class OtlpReceiver:
             _TraceService(self), self._server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _MetricsService(self), self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         if not self.port:
             raise EnvironmentProblem("could not bind an OTLP receiver on 127.0.0.1",
                                      "check that the loopback interface is up")

@@ -178,9 +178,12 @@ def to_json(session: Session) -> Dict[str, Any]:
         "thresholds": {"wait_ns": cfg.wait_threshold_ns, "hold_ns": cfg.hold_threshold_ns},
         "processes": processes,
         "threads": [_thread(t, duration) for t in threads],
-        "wait_histogram": _histogram(timeline.merge(t.wait_hist for t in threads)),
-        "hold_histogram": _histogram(timeline.merge(t.hold_hist for t in threads)),
+        "wait_histogram": _histogram(timeline.merge(t.wait_hist for t in threads
+                                                    if t.wait_hist is not None)),
+        "hold_histogram": _histogram(timeline.merge(t.hold_hist for t in threads
+                                                    if t.hold_hist is not None)),
         "intervals": [_interval(iv) for iv in session.intervals],
+        "intervals_dropped": session.intervals_dropped,
         "lost_events": session.lost_events(),
         "skipped_probe_runs": session.skipped_runs,
     }
@@ -225,8 +228,10 @@ def table(doc: Dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in
                        enumerate(zip(r, widths))) for r in rows]
     waits = sum(1 for iv in doc["intervals"] if iv["kind"] == "wait")
+    beyond = doc.get("intervals_dropped", 0)
+    kept = f" (and {beyond} more not kept: --max-intervals)" if beyond else ""
     lines.append(f"{len(doc['threads'])} threads over {doc['duration_ns'] / 1e9:.2f} s; "
-                 f"{waits} waits >= {_ms(doc['thresholds']['wait_ns'])} ms; "
+                 f"{waits} waits >= {_ms(doc['thresholds']['wait_ns'])} ms{kept}; "
                  f"lost events: {doc['lost_events']}")
     handoffs = sum(p["handoffs"] for p in doc["processes"])
     forced = sum(p["forced_switches"] for p in doc["processes"])

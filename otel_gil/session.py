@@ -16,6 +16,13 @@ What each number means depends on the probe set (ProbeConfig.probes):
 - contended: acquisitions are the waits that ended, and a thread's hold time
   is the time it held the GIL while another thread waited (reconstructed from
   the waiters' wake-ups: ``holds_scope``).
+
+The kernel's entries are copied (one batched map read) only when something
+needs them: every refresh_interval_s (exited threads must be reaped before the
+map fills), when step(refresh=True) asks (the sidecar, before a metrics
+collection), at detach and close; a thread first seen in an event is looked up
+on its own (thread()). Without an on_interval callback the session keeps the
+first max_intervals intervals and counts the rest in intervals_dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 from otel_gil import discovery, events, timeline
@@ -54,23 +61,22 @@ class ThreadTotals:
     take_ns: int = 0  # all set: from finding the GIL free to holding it
     holds: int = 0  # contended set: holds seen while another thread waited
     exited: bool = False
-    wait_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
-    hold_hist: List[int] = field(default_factory=lambda: [0] * events.GIL_HIST_BUCKETS)
+    # None: the probe set keeps no such histogram (see Session.histogram_kinds)
+    wait_hist: Optional[List[int]] = None
+    hold_hist: Optional[List[int]] = None
 
     def update(self, raw: events.ThreadStats, contended: bool = False) -> None:
-        self.acquisitions = raw.acquisitions
-        self.wait_ns = raw.wait_ns
-        self.max_wait_ns = raw.max_wait_ns
-        self.unmatched = raw.unmatched
-        self.waits = raw.waits
-        self.timed_waits = raw.timed_waits
-        self.take_ns = raw.take_ns
+        """Copy what the kernel's struct has; a probe set may keep fewer fields.
+        With the contended set, hold times come from update_holds instead."""
+        for name in _TOTALS:
+            if not (contended and name in _HOLD_TOTALS):
+                setattr(self, name, int(getattr(raw, name, 0)))
         self.exited = bool(raw.exited)
-        self.wait_hist = list(raw.wait_hist)
-        if not contended:  # the contended set's holds come from update_holds
-            self.hold_ns = raw.hold_ns
-            self.max_hold_ns = raw.max_hold_ns
-            self.hold_hist = list(raw.hold_hist)
+        for name in _HISTOGRAMS:
+            if contended and name == "hold_hist":
+                continue
+            hist = getattr(raw, name, None)
+            setattr(self, name, None if hist is None else list(hist))
 
     def update_holds(self, raw: events.HolderStats) -> None:
         """Contended set: the time this thread held the GIL while another waited."""
@@ -80,7 +86,15 @@ class ThreadTotals:
 
     @property
     def p99_wait_ns(self) -> int:
-        return timeline.percentile(self.wait_hist, 0.99)
+        return timeline.percentile(self.wait_hist or [], 0.99)
+
+
+_TOTALS = ("acquisitions", "wait_ns", "hold_ns", "max_wait_ns", "max_hold_ns", "unmatched",
+           "waits", "timed_waits", "take_ns")
+_HOLD_TOTALS = ("hold_ns", "max_hold_ns")  # the contended set's come from its holder map
+_HISTOGRAMS = ("wait_hist", "hold_hist")
+DEFAULT_MAX_INTERVALS = 20_000
+EXIT_CHECK_NS = 250_000_000  # how often step() looks for targets that exited
 
 
 @dataclass
@@ -105,20 +119,26 @@ class TargetInfo:
 GIL_WATCH_INTERVAL_NS = 50_000_000
 
 
+def _thread_name(pid: int, tid: int) -> str:
+    """The OS thread name, from /proc while the thread lives ("?" after)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm", errors="replace") as f:
+            return printable(f.read().strip()) or "?"  # the target names its threads: untrusted
+    except OSError:
+        return "?"
+
+
 def _thread_identity(pid: int, tid: int) -> Tuple[str, int]:
     """(OS thread name, tid in the target's namespace), from /proc while the thread lives."""
-    base = f"/proc/{pid}/task/{tid}"
-    name, ns_tid = "?", tid
+    ns_tid = tid
     try:
-        with open(f"{base}/comm", errors="replace") as f:
-            name = printable(f.read().strip())  # the target names its threads: untrusted
-        with open(f"{base}/status") as f:
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
             for line in f:
                 if line.startswith("NSpid:"):
                     ns_tid = int(line.split()[-1])
     except OSError:
         pass
-    return name, ns_tid
+    return _thread_name(pid, tid), ns_tid
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -134,15 +154,35 @@ def _start_time(pid: int) -> Optional[str]:
 
 class Session:
     def __init__(self, config: ProbeConfig,
-                 on_interval: Optional[Callable[[events.Interval], None]] = None) -> None:
+                 on_interval: Optional[Callable[[events.Interval], None]] = None,
+                 max_intervals: int = DEFAULT_MAX_INTERVALS,
+                 refresh_interval_s: float = 1.0) -> None:
         self.intervals: List[events.Interval] = []
-        self._on_interval = on_interval or self.intervals.append
+        self.max_intervals = max_intervals
+        self.intervals_dropped = 0  # beyond max_intervals (no on_interval callback)
+        self.refresh_interval_s = refresh_interval_s
+        self._on_interval = on_interval or self._keep
         self.probes = Probes(config, self._on_interval)
         self.targets: Dict[int, TargetInfo] = {}
         self.threads: Dict[int, ThreadTotals] = {}
         self._start_times: Dict[int, Optional[str]] = {}
         self._names_read_ns = 0
+        self._refreshed_ns = 0
+        self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
+
+    def _keep(self, iv: events.Interval) -> None:
+        if len(self.intervals) < self.max_intervals:
+            self.intervals.append(iv)
+        else:
+            self.intervals_dropped += 1
+
+    @property
+    def histogram_kinds(self) -> Tuple[str, ...]:
+        """The kinds ("wait", "hold") whose every interval the kernel counts in a
+        per-thread histogram (fields of struct thread_stats)."""
+        fields = {f[0] for f in events.ThreadStats._fields_}
+        return tuple(k for k in ("wait", "hold") if f"{k}_hist" in fields)
 
     def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
         """Inspect and attach to a running Python process. Raises TargetError
@@ -219,14 +259,21 @@ class Session:
     def alive(self, pid: int) -> bool:
         return pid in self.targets and not self.targets[pid].ended_ns
 
-    def step(self, timeout_ms: int = 100) -> None:
-        """Deliver events, refresh totals, and retire targets that exited."""
+    def step(self, timeout_ms: int = 100, refresh: bool = False) -> bool:
+        """Deliver events, retire targets that exited, and refresh the totals when
+        asked or refresh_interval_s old. Returns whether it refreshed."""
         self.probes.poll(timeout_ms)
-        self.refresh()
+        now = time.monotonic_ns()
+        due = now - self._refreshed_ns >= self.refresh_interval_s * 1e9
+        if refresh or due:
+            self.refresh()
         self._watch_gil()
-        for pid, info in list(self.targets.items()):
-            if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
-                self.detach(pid)
+        if now - self._exits_checked_ns >= EXIT_CHECK_NS:  # a /proc read per target
+            self._exits_checked_ns = now
+            for pid, info in list(self.targets.items()):
+                if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
+                    self.detach(pid)
+        return refresh or due
 
     def detach(self, pid: int) -> None:
         """Stop tracing a target: last events and totals, then remove its probes."""
@@ -240,15 +287,21 @@ class Session:
 
     def refresh(self) -> None:
         """Copy the kernel's per-thread entries; reap those of exited threads.
-        Thread names are re-read once a second: apps name threads after start."""
+        Thread names are re-read at most once a second: apps name threads after start."""
         reaped: List[int] = []
         now = time.monotonic_ns()
+        self._refreshed_ns = now
         reread = now - self._names_read_ns > 1_000_000_000
         if reread:
             self._names_read_ns = now
         contended = self.probe_set == "contended"
         for tid, raw in self.probes.threads().items():
-            totals = self._totals(tid, raw.pid, reread and not raw.exited)
+            totals = self.threads.get(tid)
+            if totals is None:
+                totals = self._first_sighting(tid, raw)
+            elif not raw.exited and (reread or totals.name == "?"):
+                name = _thread_name(raw.pid, tid)
+                totals.name = name if name != "?" else totals.name
             totals.update(raw, contended)
             if raw.exited:
                 reaped.append(tid)
@@ -294,6 +347,24 @@ class Session:
         if self.probe_set == "contended" and info.state is not None and \
                 info.switch_start is not None and info.switch_now is not None:
             info.state.handoffs = max(0, info.switch_now - info.switch_start)
+
+    def _first_sighting(self, tid: int, raw: events.ThreadStats) -> ThreadTotals:
+        """A new thread: who it is, read from /proc while it still lives."""
+        totals = ThreadTotals(tid=tid, pid=raw.pid)
+        totals.name, totals.ns_tid = _thread_identity(raw.pid, tid)
+        self.threads[tid] = totals
+        return totals
+
+    def thread(self, tid: int) -> Optional[ThreadTotals]:
+        """A thread's totals; one seen for the first time (in an event, before the
+        next refresh) is read from the kernel on its own."""
+        totals = self.threads.get(tid)
+        if totals is None:
+            raw = self.probes.thread(tid)
+            if raw is not None:
+                totals = self._first_sighting(tid, raw)
+                totals.update(raw, self.probe_set == "contended")
+        return totals
 
     @property
     def active(self) -> bool:

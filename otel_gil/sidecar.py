@@ -9,10 +9,22 @@ Two ways to run it, one loop:
   otel_gil.plan). It exits when the owner's end of FD has closed, which the
   kernel does when the app exits, SIGKILL included, and no process registered
   through it is still traced (a daemon's double fork, a re-exec'd master).
+
+The kernel's per-thread totals are read when a metrics collection asks for
+them (a reader's thread waits for the loop to refresh, see _before_collect),
+or every REFRESH_S (exited threads are reaped then). Spans go through one
+bounded queue (otel_gil/delivery.py); every loss is a metric and, at most once
+a minute, one log line (otel_gil/losses.py).
+
+Memory: libbcc compiles the BPF program with clang/LLVM in this process and
+frees ~30 MB afterwards that glibc keeps (trim_heap returns it), and every
+thread that allocates gets its own malloc arena (limit_arenas caps them).
+bench/README.md has the breakdown.
 """
 
 from __future__ import annotations
 
+import ctypes
 import grp
 import hmac
 import logging
@@ -21,6 +33,7 @@ import selectors
 import signal
 import socket
 import stat
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,10 +42,11 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from otel_gil import context, discovery, protocol, trust
+from otel_gil import context, delivery, discovery, protocol, trust
 from otel_gil.clock import Clock
 from otel_gil.errors import EnvironmentProblem, OtelGilError
-from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo
+from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo, default_exporter, export_name
+from otel_gil.losses import LossLog, Totals
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ContextTable, ProbeConfig
 from otel_gil.session import Session, exited
@@ -51,6 +65,38 @@ MAX_CLIENTS = 512
 # connects just after its parents exit).
 REGISTER_GRACE_S = 5.0
 ORPHAN_GRACE_S = 1.0
+POLL_MS = 100  # the loop's longest sleep: events wake it sooner
+MIN_TURN_S = 0.02  # and its shortest turn (see serve); the ring buffer holds seconds of events
+EXPORT_BUDGET_NS = 20_000_000  # export work per loop turn, so the ring buffer is drained
+MAX_PENDING = 8192  # intervals waiting for export; beyond, dropped and counted
+REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
+COLLECT_WAIT_S = 1.0  # how long a metrics collection waits for fresh totals
+TRIM_EVERY_NS = 10_000_000_000  # malloc_trim costs ~0.1 ms once the heap is trimmed
+M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - no C library to ask
+        return None
+
+
+def limit_arenas(count: int = 2) -> None:
+    """Cap glibc's malloc arenas: each thread that allocates (gRPC's, the
+    exporters', Prometheus's) otherwise gets its own, which stays resident."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_ARENA_MAX, count)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the kernel (glibc's malloc_trim; a no-op
+    elsewhere). BCC's compile frees most of what LLVM allocated, but glibc keeps
+    it mapped until asked."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @dataclass
@@ -66,11 +112,25 @@ class Sidecar:
     def __init__(self, config: ProbeConfig, listener: Optional[socket.socket] = None,
                  owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
                  metric_readers: Optional[List[MetricReader]] = None,
-                 max_thread_labels: int = 20, owner_token: Optional[str] = None) -> None:
+                 max_thread_labels: int = 20, owner_token: Optional[str] = None,
+                 span_queue_bytes: int = delivery.QUEUE_BYTES) -> None:
+        limit_arenas()
         self.clock = Clock()
-        self.export = export if export is not None else SpanExport(self.clock)
-        self.session = Session(config, self._on_interval)
-        self.metrics = GilMetrics(self.session, metric_readers or [], max_thread_labels)
+        self.export = export if export is not None else SpanExport(
+            self.clock, spans=delivery.SpanDelivery(default_exporter, queue_bytes=span_queue_bytes))
+        self.session = Session(config, self._on_interval, refresh_interval_s=REFRESH_S)
+        trim_heap()
+        self._loop_thread = threading.current_thread()
+        self._refresh = threading.Condition()
+        self._refresh_wanted = False
+        self._refresh_gen = 0
+        self.metrics = GilMetrics(self.session, metric_readers or [], max_thread_labels,
+                                  spans=lambda: (self.export.spans.counts(), self.export.skipped),
+                                  before_collect=self._before_collect)
+        self.losses = LossLog(self._loss_totals, self._loss_detail, time.monotonic_ns())
+        self._trimmed_ns = time.monotonic_ns()
+        self._trimmed_targets = 0
+        self._tables: Dict[int, ContextTable] = {}
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
         self._pending: Deque[Tuple[int, Any]] = deque()  # (arrival, interval), to export
@@ -95,15 +155,22 @@ class Sidecar:
             self._add_client(Client(owner, protocol.LineReader(), owner=True))
 
     def _on_interval(self, iv: Any) -> None:
+        if len(self._pending) >= MAX_PENDING:  # the loop has fallen far behind
+            self.export.spans.count_drop(iv.pid, export_name(iv), delivery.QUEUE_FULL)
+            return
         self._pending.append((time.monotonic_ns(), iv))
 
     def _export_settled(self, everything: bool = False) -> None:
         """Export intervals once EXPORT_DELAY_NS old. A thread publishes its name
         at its first span, which can come just after it first held the GIL: the
         delay lets a holder's name reach the table before the wait naming it is
-        exported."""
-        horizon = time.monotonic_ns() - EXPORT_DELAY_NS
+        exported. At most EXPORT_BUDGET_NS of it per turn of the loop: a backlog
+        (the sidecar was starved of CPU) must not keep it from the ring buffer."""
+        now = time.monotonic_ns()
+        horizon, deadline = now - EXPORT_DELAY_NS, now + EXPORT_BUDGET_NS
         while self._pending and (everything or self._pending[0][0] <= horizon):
+            if not everything and time.monotonic_ns() > deadline:
+                return
             _, iv = self._pending.popleft()
             try:
                 span = self.export.on_interval(iv)
@@ -118,15 +185,64 @@ class Sidecar:
             signal.signal(sig, self._handle_signal)
         try:
             while not self._stop:
+                turn = time.monotonic()
                 self._accept_and_read()
-                self.session.step(50)
+                with self._refresh:
+                    wanted = self._refresh_wanted
+                if self.session.step(POLL_MS, refresh=wanted):
+                    self._after_refresh()
                 self._export_settled()
-                self._update_metrics()
                 self._retire_exited()
-                self.clock.refresh_if_older_than(10.0)
+                self._housekeeping()
                 self._stop = self._stop or self._orphaned()
+                # Under load the ring buffer wakes the loop for every event or two;
+                # a turn of at least MIN_TURN_S lets records pile up and be taken
+                # in one poll (the turn's own cost is then shared by dozens).
+                rest = MIN_TURN_S - (time.monotonic() - turn)
+                if rest > 0 and not self._stop:
+                    time.sleep(rest)
         finally:
             self.close()
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic_ns()
+        self.clock.refresh_if_older_than(10.0)
+        self.losses.maybe_log(now)
+        # Inspecting a new target (ELF, DWARF, disassembly) frees tens of MB
+        # glibc would otherwise keep; and every 10 s whatever bursts left.
+        targets = len(self.session.targets)
+        if targets != self._trimmed_targets or now - self._trimmed_ns > TRIM_EVERY_NS:
+            trim_heap()
+            self._trimmed_ns, self._trimmed_targets = now, targets
+
+    def _before_collect(self) -> None:
+        """A metric reader is about to collect (on its own thread): have the loop
+        read the kernel's totals now, and wait for that, briefly."""
+        if threading.current_thread() is self._loop_thread:
+            return  # the final collection at shutdown: the loop has just refreshed
+        with self._refresh:
+            gen = self._refresh_gen
+            self._refresh_wanted = True
+            self._refresh.wait_for(lambda: self._refresh_gen != gen or self._stop,
+                                   timeout=COLLECT_WAIT_S)
+
+    def _after_refresh(self) -> None:
+        self._read_context_counters()
+        self._update_metrics()
+        with self._refresh:
+            self._refresh_wanted = False
+            self._refresh_gen += 1
+            self._refresh.notify_all()
+
+    def _read_context_counters(self) -> None:
+        for pid, table in list(self._tables.items()):
+            if not self.session.alive(pid):
+                continue
+            try:
+                unplaced, errors = context.read_counters(pid, table.address)
+            except (OSError, ValueError, OtelGilError):
+                continue  # gone, or not a table: its slots are refused elsewhere
+            self.metrics.set_context_counters(pid, unplaced, errors)
 
     def _update_metrics(self) -> None:
         try:
@@ -135,6 +251,24 @@ class Sidecar:
             if not self._metrics_failed:
                 log.exception("otel-gil: updating metrics failed (reported once)")
             self._metrics_failed = True
+
+    def _loss_totals(self) -> Totals:
+        totals: Totals = {}
+        for (_, _, outcome), n in self.export.spans.counts().items():
+            if outcome != delivery.EXPORTED:
+                key = f"spans dropped ({outcome})"
+                totals[key] = totals.get(key, 0) + n
+        totals["kernel events lost"] = self.metrics.lost_events_total()
+        unplaced, errors = self.metrics.context_totals()
+        totals["app threads without a context slot"] = unplaced
+        totals["app context errors"] = errors
+        return totals
+
+    def _loss_detail(self, new: Totals) -> Optional[str]:
+        last = self.export.spans.exporter_log.last
+        if last and any(k.startswith("spans dropped") for k in new):
+            return f"last exporter error: {last}"
+        return None
 
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._stop = True
@@ -226,6 +360,8 @@ class Sidecar:
             log.warning("otel-gil: cannot trace pid %s: %s", pid, why)
             return {"ok": False, "error": why}
         client.pid = pid
+        if table is not None:
+            self._tables[pid] = table
         resource = reg.resource
         directory = ThreadDirectory(
             lambda tid, published: self._thread_info(pid, tid, table, published))
@@ -244,10 +380,7 @@ class Sidecar:
         its OS name. Threads publish their name at their first span, so a thread
         not found is looked up again (ThreadDirectory.RETRY_NS). published: the
         thread is known to be in the table (its span came from there)."""
-        totals = self.session.threads.get(tid)
-        if totals is None:  # newer than the session's last copy of the thread map
-            self.session.refresh()
-            totals = self.session.threads.get(tid)
+        totals = self.session.thread(tid)  # read on its own if new since the last refresh
         ns_tid = totals.ns_tid if totals else tid
         name = totals.name if totals else "?"
         ident = None
@@ -323,8 +456,10 @@ class Sidecar:
             self.session.forget(pid)
             self._names.pop(pid, None)
             self._bad_tables.discard(pid)
+            self._tables.pop(pid, None)
 
     def close(self) -> None:
+        self._read_context_counters()
         if self._exited_unregistered:
             n = self._exited_unregistered
             log.info("otel-gil: %d registered process%s exited before %s could be traced",
@@ -333,6 +468,7 @@ class Sidecar:
         self._export_settled(everything=True)
         self._update_metrics()
         self.export.close()
+        self.losses.final(time.monotonic_ns())
         self.metrics.shutdown()
         for c in list(self._clients.values()):
             c.sock.close()

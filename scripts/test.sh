@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # Test-only OS packages: bpftrace, as "another tracer" whose uprobe otel-gil must
-# name; musl-tools, to build the musl-linked program otel-gil must refuse.
-TEST_PACKAGES=(bpftrace musl-tools)
+# name; musl-tools, to build the musl-linked program otel-gil must refuse;
+# prometheus, the real server that scrapes the demo's sidecar for every dashboard query.
+TEST_PACKAGES=(bpftrace musl-tools prometheus)
 missing=()
 for p in "${TEST_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

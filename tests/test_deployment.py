@@ -57,8 +57,14 @@ def scraped() -> Iterator[dict[str, tuple[str, set[str]]]]:
     meter = provider.get_meter(names.INSTRUMENTATION_SCOPE)
     labels: dict[str, str | int] = {names.LABEL_SERVICE: "gil-demo", names.LABEL_PID: 7,
                                     names.LABEL_THREAD: "worker-1"}
+    # The span pipeline's counters carry the span name and the reason instead of a thread.
+    pipeline: dict[str, str | int] = {names.LABEL_SERVICE: "gil-demo", names.LABEL_PID: 7,
+                                      names.LABEL_SPAN: "gil.wait"}
     for metric in names.METRICS:
-        if metric.instrument == "histogram":
+        if metric in (names.SPANS_EXPORTED, names.SPANS_DROPPED, names.SPANS_SKIPPED):
+            extra = {} if metric is names.SPANS_EXPORTED else {names.LABEL_REASON: "x"}
+            meter.create_counter(metric.name, unit=metric.unit).add(3, {**pipeline, **extra})
+        elif metric.instrument == "histogram":
             meter.create_histogram(metric.name, unit=metric.unit).record(0.002, labels)
         elif metric.instrument == "counter":
             meter.create_counter(metric.name, unit=metric.unit).add(3, labels)

@@ -124,3 +124,17 @@ def test_invalid_context_decodes_to_none() -> None:
 def test_header_is_package_data() -> None:
     assert (Path(str(bpf_dir())) / "gil.h").is_file()
     assert (Path(str(bpf_dir())) / "gil.bpf.c").is_file()
+
+
+def test_a_holds_context_decodes_from_its_own_place() -> None:
+    # GIVEN a wait event with one hold whose context is valid, the waiter's not
+    ev = events.GilEvent()
+    ev.kind, ev.nholds = events.GIL_EVENT_WAIT, 1
+    ev.holds[0].tid, ev.holds[0].start_ns, ev.holds[0].end_ns = 7, 1, 2
+    ctypes.memmove(ev.holds[0].ctx.trace_id, (0x1234).to_bytes(16, "big"), 16)
+    ctypes.memmove(ev.holds[0].ctx.span_id, (0x5678).to_bytes(8, "big"), 8)
+    ev.holds[0].ctx.valid, ev.holds[0].ctx.trace_flags = 1, 1
+    # WHEN it is decoded THEN the hold carries its span and the wait none
+    iv = events.decode_event(bytes(ev))
+    assert iv.holds == (events.Hold(7, 1, 2, events.SpanRef(0x1234, 0x5678, 1)),)
+    assert iv.span is None

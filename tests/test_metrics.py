@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from targets import all_targets, require, spawn
 from test_record import WORKLOAD
 
-from otel_gil import names
+from otel_gil import histograms, names
 from otel_gil.metrics import GilMetrics
 from otel_gil.probes import ProbeConfig
 from otel_gil.session import Session
@@ -58,7 +58,7 @@ def traced() -> Any:
                 result = child.read_json(timeout=0.05)
             except TimeoutError:
                 continue
-        session.step(50)
+        session.step(50, refresh=True)  # WHEN the totals are read, once the work is done
         metrics.update()
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         data = memory.get_metrics_data()
@@ -119,15 +119,27 @@ def test_held_seconds_match_the_workloads_cpu_time(traced: Any) -> None:
 
 
 @pytest.mark.ebpf
-def test_long_waits_fill_the_histogram(traced: Any) -> None:
+def test_the_histograms_hold_every_wait_and_hold(traced: Any) -> None:
     session, _, data, _ = traced
     points = _points(data)
-    counted = sum(p.count for p in points[names.WAIT_DURATION.name][1])
-    # THEN every wait at or above the threshold was recorded, in seconds
-    waits = [iv for iv in session.intervals if iv.kind == "wait"]
-    assert counted == len(waits) > 0
-    total = sum(p.sum for p in points[names.WAIT_DURATION.name][1])
-    assert total == pytest.approx(sum(iv.duration_ns for iv in waits) / 1e9, rel=1e-6)
+    threads = list(session.threads.values())
+    # THEN the wait histogram counts every acquisition seen from its start, in seconds
+    waits = points[names.WAIT_DURATION.name][1]
+    assert sum(p.count for p in waits) == sum(t.acquisitions - t.unmatched for t in threads) > 0
+    assert sum(p.sum for p in waits) == pytest.approx(sum(t.wait_ns for t in threads) / 1e9,
+                                                      rel=1e-9)
+    # AND the long ones in it are exactly the waits the probes sent one by one
+    bounds = list(waits[0].explicit_bounds)
+    above = bounds.index(histograms.EDGES_NS[9] / 1e9) + 1  # 2^20 ns, the "1 ms" edge
+    long_waits = [iv for iv in session.intervals if iv.kind == "wait"
+                  and iv.duration_ns >= histograms.EDGES_NS[9]]
+    assert sum(sum(p.bucket_counts[above:]) for p in waits) == len(long_waits) > 0
+    # AND the hold histogram every hold
+    holds = points[names.HOLD_DURATION.name][1]
+    assert sum(p.count for p in holds) == sum(sum(t.hold_hist or []) for t in threads) > 0
+    assert sum(p.sum for p in holds) == pytest.approx(sum(t.hold_ns for t in threads) / 1e9,
+                                                      rel=1e-9)
+    assert bounds == list(histograms.BOUNDARIES_S)
 
 
 @pytest.mark.ebpf
@@ -199,16 +211,16 @@ def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
 def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     from types import SimpleNamespace
 
-    from opentelemetry.trace import SpanContext, TraceFlags
-
-    from otel_gil.events import Interval
+    from otel_gil.events import Interval, SpanRef
 
     # GIVEN metrics for one process, with room for 2 thread names
     memory = InMemoryMetricReader()
-    session = SimpleNamespace(threads={}, targets={}, probes=SimpleNamespace(undecodable=0))
+    # (a probe set without kernel histograms: the recorded waits are the histogram)
+    session = SimpleNamespace(threads={}, targets={}, histogram_kinds=(), skipped_runs=0,
+                              probes=SimpleNamespace(undecodable=0))
     metrics = GilMetrics(session, [memory], max_thread_labels=2)  # type: ignore[arg-type]
     metrics.add_process(100, "svc", 1, lambda tid: f"thread-{tid}")
-    span = SpanContext(0xABC, 0xDEF, is_remote=False, trace_flags=TraceFlags(1))
+    span = SpanRef(0xABC, 0xDEF, 1)
     # WHEN waits of 3 different threads are recorded, each with its span
     for tid in (1, 2, 3):
         metrics.record_interval(Interval("wait", 100, tid, 0, 2_000_000, None), span)
@@ -220,3 +232,79 @@ def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     exemplars = [e for p in points for e in p.exemplars]
     assert exemplars and all((e.trace_id, e.span_id) == (0xABC, 0xDEF) for e in exemplars)
     metrics.shutdown()
+
+
+PROMETHEUS = "/usr/bin/prometheus"  # Debian's prometheus package (scripts/test.sh installs it)
+
+
+def _dashboard_query(expr: str) -> str:
+    """A dashboard expression as Grafana would send it for the demo."""
+    return (expr.replace("$service", "gil-demo").replace("$__rate_interval", "10s")
+            .replace("$__range", "20s"))
+
+
+def _prometheus_get(port: int, path: str, **params: str) -> Any:
+    import json
+    import urllib.parse
+
+    url = f"http://127.0.0.1:{port}{path}?{urllib.parse.urlencode(params)}"
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())
+
+
+@pytest.mark.ebpf
+def test_a_real_prometheus_answers_every_dashboard_query_for_the_demo(tmp_path: Any) -> None:
+    """Every panel of the shipped dashboard has data: a real Prometheus scrapes
+    the sidecar of `otel-gil demo`, and each of the dashboard's queries is asked."""
+    import math
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_deployment import _dashboard_exprs
+
+    assert os.path.exists(PROMETHEUS), "install Debian's prometheus (scripts/test.sh does)"
+    sidecar_port, web = _free_port(), _free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+                      "scrape_configs:\n  - job_name: otel-gil\n    static_configs:\n"
+                      f"      - targets: ['127.0.0.1:{sidecar_port}']\n")
+    # GIVEN a real Prometheus scraping, every second, where the demo's sidecar serves
+    with open(tmp_path / "prometheus.log", "w") as log:
+        prom = subprocess.Popen([PROMETHEUS, f"--config.file={config}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{web}"],
+                                stdout=log, stderr=log)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_PYTHON_GIL_PROMETHEUS_PORT"] = str(sidecar_port)
+    demo = subprocess.Popen([sys.executable, "-m", "otel_gil", "demo", "--duration", "30",
+                             "--output", str(tmp_path / "demo.json")],
+                            cwd=Path(__file__).parent.parent, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert demo.stderr is not None
+        for line in demo.stderr:
+            if "tracing live" in line:
+                break
+        # WHEN the demo has been under load for 15 s (past the contention window,
+        # rate windows over 10 live scrapes), each dashboard query is asked
+        time.sleep(15)
+        answers = {expr: _prometheus_get(web, "/api/v1/query", query=_dashboard_query(expr))
+                   for expr in _dashboard_exprs() if not expr.startswith("label_values(")}
+        services = _prometheus_get(web, "/api/v1/label/service_name/values",
+                                   **{"match[]": "otel_gil_acquisitions_total"})
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        prom.terminate()
+        prom.wait(30)
+    assert demo.returncode == 0, err[-2000:]
+    # THEN every query answers with at least one number
+    for expr, answer in answers.items():
+        assert answer["status"] == "success", (expr, answer)
+        values = [float(r["value"][1]) for r in answer["data"]["result"]]
+        assert any(not math.isnan(v) for v in values), (expr, answer["data"])
+    # AND the service variable offers the demo's service
+    assert "gil-demo" in services["data"]

@@ -47,6 +47,17 @@ def power_of_two(text: str) -> int:
     return value
 
 
+def count_arg(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
 def pid_arg(text: str) -> int:
     try:
         value = int(text)

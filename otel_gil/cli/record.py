@@ -11,12 +11,12 @@ from types import FrameType
 from typing import Callable, Dict, Optional
 
 from otel_gil import report, views
-from otel_gil.cli.base import Command, pid_arg, positive_float, require_root
+from otel_gil.cli.base import Command, count_arg, pid_arg, positive_float, require_root
 from otel_gil.cli.views import add_view_options, view_files, write_views
 from otel_gil.discovery import GIL_DISABLED_REMEDY, Target
 from otel_gil.errors import GilDisabledError, OtelGilError
 from otel_gil.probes import DEFAULT_PROBE_SET, PROBE_SETS, ProbeConfig, program_text
-from otel_gil.session import Session
+from otel_gil.session import DEFAULT_MAX_INTERVALS, Session
 
 
 class _Stop:
@@ -76,7 +76,8 @@ def trace(args: argparse.Namespace, each_second: Optional[Callable[[Session], No
         raise OtelGilError("no target", "give at least one --pid PID")
     require_root()
     stop = _Stop()
-    session = Session(probe_config(args))
+    session = Session(probe_config(args),
+                      max_intervals=getattr(args, "max_intervals", DEFAULT_MAX_INTERVALS))
     try:
         for pid in args.pid:
             announce(session.add(pid), probes=session.probe_set)
@@ -132,6 +133,10 @@ class RecordCommand(Command):
         parser.add_argument("--output", "-o", default=None,
                             help="write the full record as JSON here (docs/record-json.md)")
         add_view_options(parser)
+        parser.add_argument("--max-intervals", type=count_arg, default=DEFAULT_MAX_INTERVALS,
+                            help="keep at most this many waits/holds one by one (default "
+                                 f"{DEFAULT_MAX_INTERVALS}); the rest are counted, and still "
+                                 "in the totals")
 
     def run(self, args: argparse.Namespace) -> int:
         if args.dump_bpf:

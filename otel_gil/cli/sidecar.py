@@ -48,6 +48,10 @@ class SidecarCommand(Command):
                                  f"{opts.ringbuf_pages}); events that find it full are "
                                  "counted as lost")
         add_probe_set_option(parser, opts.probes)
+        parser.add_argument("--span-queue-mb", type=positive_float, default=opts.span_queue_mb,
+                            help="memory bound of the span export queue, MiB (default "
+                                 f"{opts.span_queue_mb:g}); spans beyond it are dropped "
+                                 "and counted")
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
@@ -69,7 +73,8 @@ class SidecarCommand(Command):
         sidecar = Sidecar(cfg, listener=listener, owner_fd=args.owner_fd,
                           metric_readers=default_readers(args.prometheus_port),
                           max_thread_labels=args.max_thread_labels,
-                          owner_token=os.environ.pop(OWNER_TOKEN, None))
+                          owner_token=os.environ.pop(OWNER_TOKEN, None),
+                          span_queue_bytes=int(args.span_queue_mb * (1 << 20)))
         if args.owner_fd is None:
             print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
                   file=sys.stderr, flush=True)
