@@ -170,6 +170,10 @@ class Session:
         self._refreshed_ns = 0
         self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
+        # The kinds ("wait", "hold") whose every interval the kernel counts in a
+        # per-thread histogram (fields of struct thread_stats).
+        fields = {f[0] for f in events.ThreadStats._fields_}
+        self.histogram_kinds = tuple(k for k in ("wait", "hold") if f"{k}_hist" in fields)
 
     def _keep(self, iv: events.Interval) -> None:
         if len(self.intervals) < self.max_intervals:
@@ -177,12 +181,6 @@ class Session:
         else:
             self.intervals_dropped += 1
 
-    @property
-    def histogram_kinds(self) -> Tuple[str, ...]:
-        """The kinds ("wait", "hold") whose every interval the kernel counts in a
-        per-thread histogram (fields of struct thread_stats)."""
-        fields = {f[0] for f in events.ThreadStats._fields_}
-        return tuple(k for k in ("wait", "hold") if f"{k}_hist" in fields)
 
     def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
         """Inspect and attach to a running Python process. Raises TargetError

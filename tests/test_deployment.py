@@ -104,7 +104,14 @@ REAL_SERIES = {
     "otel_gil.forced_switches": "otel_gil_forced_switches_total",
     "otel_gil.lost_events": "otel_gil_lost_events_total",
     "otel_gil.contention.ratio": "otel_gil_contention_ratio",
+    "otel_gil.spans.exported": "otel_gil_spans_exported_total",
+    "otel_gil.spans.dropped": "otel_gil_spans_dropped_total",
+    "otel_gil.spans.skipped": "otel_gil_spans_skipped_total",
+    "otel_gil.context.unplaced_threads": "otel_gil_context_unplaced_threads_total",
+    "otel_gil.context.errors": "otel_gil_context_errors_total",
 }
+PIPELINE_SERIES = {"otel_gil_spans_exported_total", "otel_gil_spans_dropped_total",
+                   "otel_gil_spans_skipped_total"}
 
 
 def _series_of(metric: names.Metric, base: str) -> set[str]:
@@ -122,8 +129,9 @@ def test_exporter_serves_exactly_the_expected_series(
     for metric in names.METRICS:
         expected |= _series_of(metric, REAL_SERIES[metric.name])
     assert set(scraped) == expected
-    for _, labels in scraped.values():
-        assert {"service_name", "process_pid", "thread_name"} <= labels
+    for series, (_, labels) in scraped.items():
+        assert {"service_name", "process_pid"} <= labels
+        assert ("span_name" if series in PIPELINE_SERIES else "thread_name") in labels
 
 
 @pytest.mark.parametrize("metric", names.METRICS, ids=lambda m: m.name)
