@@ -129,7 +129,7 @@ def test_header_is_package_data() -> None:
 def test_a_holds_context_decodes_from_its_own_place() -> None:
     # GIVEN a wait event with one hold whose context is valid, the waiter's not
     ev = events.GilEvent()
-    ev.kind, ev.nholds = events.GIL_EVENT_WAIT, 1
+    ev.kind, ev.nholds, ev.probe_set = events.GIL_EVENT_WAIT, 1, events.GIL_SET_ALL
     ev.holds[0].tid, ev.holds[0].start_ns, ev.holds[0].end_ns = 7, 1, 2
     ctypes.memmove(ev.holds[0].ctx.trace_id, (0x1234).to_bytes(16, "big"), 16)
     ctypes.memmove(ev.holds[0].ctx.span_id, (0x5678).to_bytes(8, "big"), 8)
