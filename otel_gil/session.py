@@ -171,9 +171,12 @@ class Session:
         self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
         # The kinds ("wait", "hold") whose every interval the kernel counts in a
-        # per-thread histogram (fields of struct thread_stats).
+        # per-thread histogram (fields of struct thread_stats). The contended set
+        # sees holds only while another thread waits: its hold histogram holds
+        # the long holds sent one by one, not every hold.
         fields = {f[0] for f in events.ThreadStats._fields_}
-        self.histogram_kinds = tuple(k for k in ("wait", "hold") if f"{k}_hist" in fields)
+        kinds = ("wait",) if config.probes == "contended" else ("wait", "hold")
+        self.histogram_kinds = tuple(k for k in kinds if f"{k}_hist" in fields)
 
     def _keep(self, iv: events.Interval) -> None:
         if len(self.intervals) < self.max_intervals:
