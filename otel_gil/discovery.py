@@ -748,7 +748,7 @@ def _walk_to_gil(fd: int, pid: int, layout: GilLayout, runtime: int) -> GilAddre
         raise TargetError(f"pid {pid}: the interpreter is not initialised yet (its GIL, "
                           "inline in _PyRuntime, is all zeros)", remedy=NOT_YET_REMEDY)
     if locked == -1:  # -1 until create_gil() (Python/ceval_gil.c _gil_initialize)
-        raise TargetError(f"pid {pid}: the GIL is not created yet (gil->locked is -1)",
+        raise TargetNotReady(f"pid {pid}: the GIL is not created yet (gil->locked is -1)",
                           remedy=NOT_YET_REMEDY)
     enabled_count = None
     if layout.enabled is not None:

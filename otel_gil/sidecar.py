@@ -38,7 +38,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
@@ -111,7 +111,7 @@ class Client:
 class Sidecar:
     def __init__(self, config: ProbeConfig, listener: Optional[socket.socket] = None,
                  owner_fd: Optional[int] = None, export: Optional[SpanExport] = None,
-                 metric_readers: Optional[List[MetricReader]] = None,
+                 metric_readers: Optional[Callable[[], List[MetricReader]]] = None,
                  max_thread_labels: int = 20, owner_token: Optional[str] = None,
                  span_queue_bytes: int = delivery.QUEUE_BYTES) -> None:
         limit_arenas()
@@ -124,7 +124,11 @@ class Sidecar:
         self._refresh = threading.Condition()
         self._refresh_wanted = False
         self._refresh_gen = 0
-        self.metrics = GilMetrics(self.session, metric_readers or [], max_thread_labels,
+        # The readers only now: a periodic one that starts before its MeterProvider
+        # exists (while BCC compiles, seconds on a busy machine) complains at
+        # every tick that it cannot collect.
+        readers = metric_readers() if metric_readers is not None else []
+        self.metrics = GilMetrics(self.session, readers, max_thread_labels,
                                   spans=lambda: (self.export.spans.counts(), self.export.skipped),
                                   before_collect=self._before_collect)
         self.losses = LossLog(self._loss_totals, self._loss_detail, time.monotonic_ns())

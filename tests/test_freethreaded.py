@@ -142,7 +142,7 @@ def test_gil_enabled_after_attach_is_traced_from_then_on(target: PythonTarget,
         assert doc["exit"] == 3 and doc["verdict"] == "GIL disabled: nothing to measure"
         assert doc["target"]["gil"]["enabled_count"] == 0
         # WHEN a session adds it THEN it is kept, watched, with no probes
-        session = Session(ProbeConfig())
+        session = Session(ProbeConfig(probes="all"))  # all: acquisitions are compared one by one
         try:
             added = session.add(child.host_pid)
             info = session.targets[child.host_pid]

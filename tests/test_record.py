@@ -107,8 +107,10 @@ def test_four_cpu_bound_threads(target: PythonTarget, probes: str) -> None:
         assert acquired == independent
     else:
         # THEN (contended) the acquisitions seen are those that ended a wait:
-        # nearly all of them, the burners being always contended
-        assert 0.8 * independent <= acquired <= independent, (acquired, independent)
+        # most of them, the burners being always contended (fewer on a machine
+        # short of CPUs, where a burner may find the GIL free; the exact count
+        # is the all set's, above)
+        assert 0.5 * independent <= acquired <= independent, (acquired, independent)
     # (a probe run the kernel skipped would show up here: see Probes.skipped_runs)
     assert sum(t.unmatched for t in session.threads.values()) == 0, \
         (session.skipped_runs, [(t.tid, t.acquisitions, t.unmatched)

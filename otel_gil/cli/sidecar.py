@@ -71,7 +71,7 @@ class SidecarCommand(Command):
         else:
             listener = listen(args.listen, args.socket_group) if args.listen else None
         sidecar = Sidecar(cfg, listener=listener, owner_fd=args.owner_fd,
-                          metric_readers=default_readers(args.prometheus_port),
+                          metric_readers=lambda: default_readers(args.prometheus_port),
                           max_thread_labels=args.max_thread_labels,
                           owner_token=os.environ.pop(OWNER_TOKEN, None),
                           span_queue_bytes=int(args.span_queue_mb * (1 << 20)))
