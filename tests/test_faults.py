@@ -371,7 +371,8 @@ def _final(points: List[MetricRecord]) -> Dict[Any, MetricRecord]:
 @pytest.mark.ebpf
 def test_1000_short_lived_threads(apps: List[App]) -> None:
     with OtlpReceiver() as receiver:
-        app = _start(apps, receiver.endpoint, receiver.endpoint)
+        # (the all set: every thread's acquisitions are counted, waited or not)
+        app = _start(apps, receiver.endpoint, receiver.endpoint, OTEL_PYTHON_GIL_PROBES="all")
         pid, sidecar = app.proc.pid, app.find_sidecar()
         # GIVEN a traced app WHEN 1000 threads start, make a span each and end
         app.send("churn 1000")
