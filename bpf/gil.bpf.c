@@ -429,9 +429,15 @@ int on_wait(struct pt_regs *ctx)
     struct target *t = targets.lookup(&pid);
     if (!t)
         return 0;
+    /* pthread_cond_timedwait(&gil->cond, ...): a wait on the GIL we trace,
+     * not on a sub-interpreter's own GIL (3.12+, PEP 684), whose state is
+     * elsewhere and under another mutex. */
+    if (PT_REGS_PARM1(ctx) != t->cond_addr)
+        return 0;
     struct thread_stats *th = thread_of(tid, pid, t);
     if (!th)
         return 0;
+    th->in_timed_wait = 1;
     struct gil_view g;
     if (read_gil(t, &g)) {
         th->saved_switch = ~0ULL; /* no drop request can be told from this wait */
@@ -475,8 +481,9 @@ int on_wake(struct pt_regs *ctx)
     if (!t)
         return 0;
     struct thread_stats *th = threads.lookup(&tid);
-    if (!th)
-        return 0;
+    if (!th || !th->in_timed_wait)
+        return 0; /* not a wait on our GIL (see on_wait) */
+    th->in_timed_wait = 0;
     u64 timed_out = (u32)PT_REGS_RC(ctx) == ETIMEDOUT_;
     struct gil_view g;
     if (read_gil(t, &g))
@@ -673,5 +680,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
      * that wait never ends, so it is not counted. */
     th->exited = 1;
     th->wait_start = 0;
+    th->in_timed_wait = 0;
     return 0;
 }

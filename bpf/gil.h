@@ -104,7 +104,8 @@ struct gil_event {
  * stay 0 with the contended set (its holders: struct holder_stats). */
 struct thread_stats {
     __u32 pid;
-    __u32 exited;
+    __u16 exited;
+    __u16 in_timed_wait;  /* between a timed wait on our GIL's cond and its return */
     __u64 wait_start;     /* 0 when not waiting */
     __u64 hold_start;     /* 0 when not holding (all set) */
     __u64 wait_seq;       /* all: the process's acquisitions, contended: its switch_number,

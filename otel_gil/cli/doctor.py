@@ -111,9 +111,14 @@ def _probe_set(interp: discovery.Interpreter, probe_set: str) -> Dict[str, Any]:
         return {"usable": False, "why": str(err.args[0]), "remedy": err.remedy}
     sites = [{"role": p.role, "function": p.where, "address": hex(p.address) if p.address else None,
               "insn": p.insn, "handling": p.cost, "cost_ns": HIT_COST_NS[p.cost]} for p in points]
-    return {"usable": True, "sites": sites, **transition_cost(points),
-            "notes": list(interp.sites.notes) if interp.sites is not None else
-            ["the code could not be analysed: the probes of before (entry, ret, libc)"]}
+    notes = list(interp.sites.notes) if interp.sites is not None else [
+        "the code could not be analysed: the probes of before (entry, ret, libc)"]
+    layout = interp.gil_layout
+    if probe_set == "contended" and (layout is None or (
+            layout.tstate_native_thread_id is None and layout.tstate_thread_id is None)):
+        notes.append("no thread-id offset in PyThreadState for this build: waits are timed, "
+                     "but the threads holding meanwhile cannot be named (use --probes all)")
+    return {"usable": True, "sites": sites, **transition_cost(points), "notes": notes}
 
 
 class DoctorCommand(Command):
