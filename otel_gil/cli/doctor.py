@@ -175,6 +175,7 @@ class DoctorCommand(Command):
                         "interval_us": target.gil.interval_us, "found_by": target.gil.how},
                    release_probe={"path": _host_path(args.pid, target.cond_signal[0]),
                                   "address": hex(target.cond_signal[1])})
+        out["holders_named_by"] = _holder_naming(target)
         discovery.require_gil(target)
         return f"pid {args.pid}: CPython {out['version']} ({out['flavour']}), " \
                f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}"
@@ -193,6 +194,21 @@ class DoctorCommand(Command):
                     continue
                 print(f"  {key}: {value}")
         print(f"verdict: {verdict}")
+
+
+def _holder_naming(target: discovery.Target) -> str:
+    """How the contended set names the thread holding the GIL, checked on the process."""
+    from otel_gil import events  # noqa: PLC0415
+    from otel_gil.probes import holder_tid_source  # noqa: PLC0415
+
+    how, off, pthread = holder_tid_source(target)
+    if how == events.GIL_TID_NATIVE:
+        return f"PyThreadState native_thread_id at +{off} (checked on this process)"
+    if how == events.GIL_TID_PTHREAD:
+        return (f"PyThreadState thread_id at +{off}, then glibc's struct pthread tid at +{pthread} "
+                "(checked on this process)")
+    return ("unknown: no PyThreadState offset gives a thread id of this process; the "
+            "contended set times waits but cannot name holders (use --probes all)")
 
 
 def _print_probe_set(name: str, desc: Dict[str, Any]) -> None:
