@@ -392,24 +392,44 @@ static __always_inline void open_seen_hold(struct target *t, u32 holder, u64 sta
     read_ctx_of(t, holder, 1, &t->obs_ctx);
 }
 
-/* What a waiter saw (holding gil->mutex): the GIL locked by `holder` at
- * switch number sw. A new holder or switch number since the last look means
- * the hold seen before ended; when unseen, in between, counted as now (the
- * release normally signals, so wakes, a waiter: that look is close to it). */
-static __always_inline void saw_locked(struct target *t, u32 pid, u64 now, u32 holder,
+/* A waiter's look (holding gil->mutex) replaces the hold last seen: closes it
+ * at `now` and opens the next one, in one place so that the program has one
+ * copy of each (they are inlined, with their context reads). */
+struct seen {
+    u32 holder;  /* 0: nothing changes */
+    u32 flags;
+    u64 switch_number;
+};
+
+/* The GIL is locked by `holder` at switch number sw. A new holder or switch
+ * number since the last look means the hold seen before ended; when unseen,
+ * in between, counted as now (the release normally signals, so wakes, a
+ * waiter: that look is close to it). */
+static __always_inline void saw_locked(struct target *t, struct seen *next, u32 holder,
                                        u64 sw, int released)
 {
     if (!holder)
         return;
     if (holder != t->obs_holder || sw != t->obs_switch) {
-        close_seen_hold(t, pid, now);
-        open_seen_hold(t, holder, now, GIL_START_SEEN, sw);
+        next->holder = holder;
+        next->flags = GIL_START_SEEN;
+        next->switch_number = sw;
     } else if (released) {
         /* Woken by a release, yet the same thread holds again: it dropped and
          * re-took the GIL before this waiter got gil->mutex. */
-        close_seen_hold(t, pid, now);
-        open_seen_hold(t, holder, now, 0, sw);
+        next->holder = holder;
+        next->flags = 0;
+        next->switch_number = sw;
     }
+}
+
+static __always_inline void apply_seen(struct target *t, u32 pid, u64 now, struct seen *next)
+{
+    if (next->holder) {
+        close_seen_hold(t, pid, now);
+        open_seen_hold(t, next->holder, now, next->flags, next->switch_number);
+    }
+    t->obs_last = now;
 }
 #endif
 
@@ -431,9 +451,15 @@ int on_wait(struct pt_regs *ctx)
     struct target *t = targets.lookup(&pid);
     if (!t)
         return 0;
+    /* pthread_cond_timedwait(&gil->cond, ...): a wait on the GIL we trace,
+     * not on a sub-interpreter's own GIL (3.12+, PEP 684), whose state is
+     * elsewhere and under another mutex. */
+    if (PT_REGS_PARM1(ctx) != t->cond_addr)
+        return 0;
     struct thread_stats *th = thread_of(tid, pid, t);
     if (!th)
         return 0;
+    th->in_timed_wait = 1;
     struct gil_view g;
     if (read_gil(t, &g)) {
         th->saved_switch = ~0ULL; /* no drop request can be told from this wait */
@@ -458,9 +484,10 @@ int on_wait(struct pt_regs *ctx)
         th->wait_start = now;
     }
 #ifndef PROBES_ALL
+    struct seen next = {};
     if (g.locked)
-        saw_locked(t, pid, now, tstate_tid(t, g.last_holder), sw, 0);
-    t->obs_last = now;
+        saw_locked(t, &next, tstate_tid(t, g.last_holder), sw, 0);
+    apply_seen(t, pid, now, &next);
 #endif
     return 0;
 }
@@ -477,8 +504,9 @@ int on_wake(struct pt_regs *ctx)
     if (!t)
         return 0;
     struct thread_stats *th = threads.lookup(&tid);
-    if (!th)
-        return 0;
+    if (!th || !th->in_timed_wait)
+        return 0; /* not a wait on our GIL (see on_wait) */
+    th->in_timed_wait = 0;
     u64 timed_out = (u32)PT_REGS_RC(ctx) == ETIMEDOUT_;
     struct gil_view g;
     if (read_gil(t, &g))
@@ -499,18 +527,22 @@ int on_wake(struct pt_regs *ctx)
     }
 #else
     u32 holder = tstate_tid(t, g.last_holder);
+    struct seen next = {};
     if (locked) {
-        saw_locked(t, pid, now, holder, sw, !timed_out);
+        saw_locked(t, &next, holder, sw, !timed_out);
     } else {
         /* The hold seen before ended with the release that woke us; ours
          * begins (switch_number moves on if we were not the last holder). */
         u32 me = own_ns_tid(t, tid);
-        close_seen_hold(t, pid, now);
-        open_seen_hold(t, me, now, 0, sw + (holder != me));
+        next.holder = me;
+        next.flags = 0;
+        next.switch_number = sw + (holder != me);
+    }
+    apply_seen(t, pid, now, &next); /* first: the wait's event lists that hold */
+    if (!locked) {
         th->acquisitions++;
         end_wait(t, th, pid, tid, now, sw);
     }
-    t->obs_last = now;
 #endif
     return 0;
 }
@@ -675,5 +707,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
      * that wait never ends, so it is not counted. */
     th->exited = 1;
     th->wait_start = 0;
+    th->in_timed_wait = 0;
     return 0;
 }

@@ -100,11 +100,13 @@ struct gil_event {
  * holds gil->mutex then, and takes the GIL next). An acquisition that
  * found the GIL free is not a wait (and, with the contended set, not seen).
  * Both sets count waits the same way: wait_ns, max_wait_ns, wait_hist, waits.
- * Only the all set sees holds: acquisitions, hold_ns, max_hold_ns, hold_hist
- * stay 0 with the contended set (its holders: struct holder_stats). */
+ * Only the all set sees holds: hold_ns, max_hold_ns, hold_hist, take_ns stay
+ * 0 with the contended set (its holders: struct holder_stats), whose
+ * acquisitions are only those that ended a wait. */
 struct thread_stats {
     __u32 pid;
-    __u32 exited;
+    __u16 exited;
+    __u16 in_timed_wait;  /* between a timed wait on our GIL's cond and its return */
     __u64 wait_start;     /* 0 when not waiting */
     __u64 hold_start;     /* 0 when not holding (all set) */
     __u64 wait_seq;       /* all: the process's acquisitions, contended: its switch_number,

@@ -81,7 +81,8 @@ class GilEvent(ctypes.Structure):
 class ThreadStats(ctypes.Structure):
     _fields_ = [
         ("pid", ctypes.c_uint32),
-        ("exited", ctypes.c_uint32),
+        ("exited", ctypes.c_uint16),
+        ("in_timed_wait", ctypes.c_uint16),
         ("wait_start", ctypes.c_uint64),
         ("hold_start", ctypes.c_uint64),
         ("wait_seq", ctypes.c_uint64),

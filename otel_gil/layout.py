@@ -201,13 +201,20 @@ def _thread_state_ids(q: tuple[int, ...], start: int) -> tuple[int, int] | None:
 
     It follows the interpreter_state table, which gains fields between
     versions (3.14: code_object_generation, tlbc_generation), so it is found
-    by its own head: {size, prev, next, interp, current_frame, thread_id,
-    native_thread_id} with prev/next/interp at 0/8/16 (Include/cpython/pystate.h).
+    by its own head {size, prev, next, interp, current_frame} with prev, next
+    and interp at 0, 8 and 16 (Include/cpython/pystate.h). In 3.13 and 3.14
+    thread_id and native_thread_id follow, 8 bytes apart; a later version may
+    put other fields between, so the pair is taken only if it is the one such
+    pair in the next 10 fields. probes.holder_tid_source checks the result on
+    the live process either way.
     """
     for i in range(start, len(q) - 6):
-        size, prev, nxt, interp, _frame, tid, native = q[i:i + 7]
-        if (prev, nxt, interp) == (0, 8, 16) and 0 < tid < size and native == tid + 8:
-            return tid, native
+        size, prev, nxt, interp = q[i:i + 4]
+        if (prev, nxt, interp) != (0, 8, 16):
+            continue
+        tail = q[i + 5:i + 15]
+        pairs = [(a, b) for a, b in zip(tail, tail[1:]) if 0 < a < size and b == a + 8]
+        return pairs[0] if len(pairs) == 1 else None
     return None
 
 

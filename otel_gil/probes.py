@@ -297,15 +297,77 @@ def target_config(target: Target, ctx_table: Optional[ContextTable]) -> events.T
         cfg.off_locked = layout.locked
         cfg.off_holder = layout.locked - 8
         cfg.off_switch = layout.locked + 8
-        if layout.tstate_native_thread_id is not None:
-            cfg.tid_how, cfg.off_tid = events.GIL_TID_NATIVE, layout.tstate_native_thread_id
-        elif layout.tstate_thread_id is not None:
-            pthread_tid = glibc_tid_offset(target.cond_signal[0])
-            if pthread_tid is not None:
-                cfg.tid_how, cfg.off_tid = events.GIL_TID_PTHREAD, layout.tstate_thread_id
-                cfg.off_pthread_tid = pthread_tid
+        cfg.tid_how, cfg.off_tid, cfg.off_pthread_tid = holder_tid_source(target)
     cfg.holder_tid = 0
     return cfg
+
+
+def holder_tid_source(target: Target) -> Tuple[int, int, int]:
+    """(GIL_TID_*, offset in PyThreadState, glibc's tid offset) to name a holder
+    from gil->last_holder, checked on the live process; (0, 0, 0) if unknown.
+
+    The layout's offset (DWARF, _Py_DebugOffsets, table) is tried first; the
+    check is that the last holder's PyThreadState gives one of the process's
+    thread ids. Where it does not (a build whose layout is not known right),
+    the first 1 KiB of that PyThreadState is searched for a word that does
+    (native_thread_id is the kernel tid, 3.11+). Data read from the process is
+    untrusted: only a tid of the process's own threads is ever accepted.
+    """
+    layout = target.interpreter.gil_layout
+    if layout is None:
+        return 0, 0, 0
+    pthread_tid = glibc_tid_offset(target.cond_signal[0])
+    try:
+        with open(f"/proc/{target.pid}/mem", "rb", buffering=0) as mem:
+            tids = set(ns_tid_map(target.pid))
+            tstate = _peek_u64(mem, target.gil.address + layout.locked - 8)
+            raw = _peek_some(mem, tstate) if tstate else b""
+
+            def native(off: int) -> bool:
+                return off + 8 <= len(raw) and _u64(raw, off) in tids
+
+            def pthread(off: int) -> bool:
+                if pthread_tid is None or off + 8 > len(raw) or not _u64(raw, off):
+                    return False
+                return int.from_bytes(_peek(mem, _u64(raw, off) + pthread_tid, 4),
+                                      "little") in tids
+
+            if layout.tstate_native_thread_id is not None and native(
+                    layout.tstate_native_thread_id):
+                return events.GIL_TID_NATIVE, layout.tstate_native_thread_id, 0
+            if layout.tstate_thread_id is not None and pthread(layout.tstate_thread_id):
+                return events.GIL_TID_PTHREAD, layout.tstate_thread_id, pthread_tid or 0
+            found = [off for off in range(0, len(raw) - 7, 8) if native(off)]
+            if len(found) == 1:
+                return events.GIL_TID_NATIVE, found[0], 0
+    except (OSError, ValueError):
+        pass
+    return 0, 0, 0
+
+
+def _peek(mem: Any, address: int, size: int) -> bytes:
+    mem.seek(address)
+    data = mem.read(size)
+    return bytes(data) if data else b""
+
+
+def _peek_some(mem: Any, address: int) -> bytes:
+    """Up to 1 KiB at address: less where the mapping ends sooner."""
+    for size in (1024, 512, 256):
+        try:
+            return _peek(mem, address, size)
+        except OSError:
+            continue
+    return b""
+
+
+def _peek_u64(mem: Any, address: int) -> int:
+    data = _peek(mem, address, 8)
+    return _u64(data, 0) if len(data) == 8 else 0
+
+
+def _u64(data: bytes, off: int) -> int:
+    return int.from_bytes(data[off:off + 8], "little")
 
 
 def ensure_tracefs() -> None:

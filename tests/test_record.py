@@ -116,19 +116,19 @@ def test_four_cpu_bound_threads(target: PythonTarget, probes: str) -> None:
         (session.skipped_runs, [(t.tid, t.acquisitions, t.unmatched)
                                 for t in session.threads.values()])
     # AND each burner's hold time is its own CPU time within 2%, plus at most
-    # the time it was preempted (assert_hold_matches_cpu). Contended: its time
-    # held while another waited, which for 4 burners is nearly all of it (not
-    # while it ran alone at the start), and each hold ends when the next
-    # holder's wake-up runs: on a machine short of CPUs, later than the
-    # release. So only a looser lower bound there; tests/test_probe_sets.py
-    # compares the two sets on the same run
+    # the time it was preempted (assert_hold_matches_cpu). Contended: only its
+    # time held while another waited, which for 4 burners is most of it but not
+    # while it ran alone (at the start, and after the others' 1.5 s ran out),
+    # and each hold ends when the next holder's wake-up runs: so there only
+    # that every burner is named as a holder for a good part of its CPU time;
+    # tests/test_probe_sets.py compares the two sets on one run
     assert len(cpu) == 4
     for ns_tid, (cpu_ns, runnable) in cpu.items():
         held = by_ns_tid[ns_tid].hold_ns
         if probes == "all":
             assert_hold_matches_cpu(held, cpu_ns, runnable)
         else:
-            assert held >= 0.9 * cpu_ns, (ns_tid, held, cpu_ns)
+            assert held >= 0.5 * cpu_ns, (ns_tid, held, cpu_ns)
     # AND the holds of all threads fit in the traced wall time
     wall = info.ended_ns - info.started_ns
     assert sum(t.hold_ns for t in session.threads.values()) <= wall

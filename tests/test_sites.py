@@ -11,9 +11,11 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from targets import all_targets, require, spawn
 
-from otel_gil import discovery
+from otel_gil import discovery, events
 from otel_gil.disasm import EMULATED, REFUSED, SINGLE_STEPPED, probe_cost
+from otel_gil.probes import holder_tid_source
 
 LIBPYTHON_311 = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
 
@@ -58,3 +60,27 @@ def test_sites_survive_the_disk_cache(tmp_path: Path, monkeypatch: pytest.Monkey
     assert first.sites is not None and first.sites.held and first.sites.waits
     assert dataclasses.asdict(again) == dataclasses.asdict(first)
     assert first.gil_layout is not None and first.gil_layout.tstate_native_thread_id == 160
+
+
+@pytest.mark.ebpf
+@pytest.mark.parametrize("name, how, offset", [
+    ("pyenv-3.8", events.GIL_TID_PTHREAD, 176), ("pyenv-3.11", events.GIL_TID_NATIVE, 160),
+    ("pyenv-3.12", events.GIL_TID_NATIVE, 144)])
+def test_holders_are_named_from_the_live_tstate(name: str, how: int, offset: int) -> None:
+    target = next(t for t in all_targets() if t.name == name)
+    require(target)
+    # GIVEN a running interpreter
+    with spawn(target, "import sys; print('{}', flush=True); sys.stdin.readline()") as child:
+        child.read_json(timeout=60)
+        found = discovery.inspect_process(child.host_pid)
+        # WHEN the holder's tid source is checked on it THEN it is the layout's
+        assert holder_tid_source(found)[:2] == (how, offset)
+        if how == events.GIL_TID_NATIVE:
+            # AND with a wrong offset in the layout (a build it does not know
+            # right), the live PyThreadState is searched and the right one found
+            assert found.interpreter.gil_layout is not None
+            wrong = dataclasses.replace(found.interpreter.gil_layout, tstate_thread_id=None,
+                                        tstate_native_thread_id=offset - 72)
+            off = dataclasses.replace(found, interpreter=dataclasses.replace(
+                found.interpreter, gil_layout=wrong))
+            assert holder_tid_source(off)[:2] == (how, offset)

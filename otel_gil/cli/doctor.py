@@ -118,9 +118,14 @@ def _probe_set(interp: discovery.Interpreter, probe_set: str) -> Dict[str, Any]:
         return {"usable": False, "why": str(err.args[0]), "remedy": err.remedy}
     sites = [{"role": p.role, "function": p.where, "address": hex(p.address) if p.address else None,
               "insn": p.insn, "handling": p.cost, "cost_ns": HIT_COST_NS[p.cost]} for p in points]
-    return {"usable": True, "sites": sites, **transition_cost(points),
-            "notes": list(interp.sites.notes) if interp.sites is not None else
-            ["the code could not be analysed: the probes of before (entry, ret, libc)"]}
+    notes = list(interp.sites.notes) if interp.sites is not None else [
+        "the code could not be analysed: the probes of before (entry, ret, libc)"]
+    layout = interp.gil_layout
+    if probe_set == "contended" and (layout is None or (
+            layout.tstate_native_thread_id is None and layout.tstate_thread_id is None)):
+        notes.append("no thread-id offset in PyThreadState for this build: waits are timed, "
+                     "but the threads holding meanwhile cannot be named (use --probes all)")
+    return {"usable": True, "sites": sites, **transition_cost(points), "notes": notes}
 
 
 class DoctorCommand(Command):
@@ -179,6 +184,7 @@ class DoctorCommand(Command):
                         "interval_us": target.gil.interval_us, "found_by": target.gil.how},
                    release_probe={"path": _host_path(args.pid, target.cond_signal[0]),
                                   "address": hex(target.cond_signal[1])})
+        out["holders_named_by"] = _holder_naming(target)
         discovery.require_gil(target)
         return _summary(f"pid {args.pid}", interp, out["flavour"])
 
@@ -197,6 +203,21 @@ class DoctorCommand(Command):
                 if value != "":
                     print(f"  {key}: {value}")
         print(f"verdict: {verdict}")
+
+
+def _holder_naming(target: discovery.Target) -> str:
+    """How the contended set names the thread holding the GIL, checked on the process."""
+    from otel_gil import events  # noqa: PLC0415
+    from otel_gil.probes import holder_tid_source  # noqa: PLC0415
+
+    how, off, pthread = holder_tid_source(target)
+    if how == events.GIL_TID_NATIVE:
+        return f"PyThreadState native_thread_id at +{off} (checked on this process)"
+    if how == events.GIL_TID_PTHREAD:
+        return (f"PyThreadState thread_id at +{off}, then glibc's struct pthread tid at +{pthread} "
+                "(checked on this process)")
+    return ("unknown: no PyThreadState offset gives a thread id of this process; the "
+            "contended set times waits but cannot name holders (use --probes all)")
 
 
 def _print_probe_set(name: str, desc: Dict[str, Any]) -> None:
