@@ -85,8 +85,11 @@ def assert_hold_matches_cpu(held: int, cpu_ns: int, runnable: int) -> None:
     """A CPU-bound thread holds the GIL whenever it runs, so its hold time is
     its CPU time (within 2%) on a quiet machine. On a busy one, a holder can
     also be preempted while holding (the GIL stays held): that time is in the
-    thread's run-queue wait (schedstat), which bounds the excess from above."""
-    assert held >= 0.98 * cpu_ns, (held, cpu_ns, runnable)
+    thread's run-queue wait (schedstat), which bounds the excess from above.
+    From below: a waiter also burns CPU without the GIL, waking every switch
+    interval to look (its timed waits on gil->cond, and the probes on them),
+    measured at 2-2.5% with the all set's sites on this 2-vCPU guest."""
+    assert held >= 0.95 * cpu_ns, (held, cpu_ns, runnable)
     assert held <= 1.02 * cpu_ns + runnable, (held, cpu_ns, runnable)
 
 
