@@ -179,6 +179,12 @@ class Session:
         self.histogram_kinds = tuple(k for k in kinds if f"{k}_hist" in fields)
 
     def _keep(self, iv: events.Interval) -> None:
+        # Name each thread at its first event, while it still lives: the kernel's
+        # totals are copied only now and then, and a short program's threads are
+        # gone by the next copy (a holder the contended set saw has no entry).
+        for tid in (iv.tid, *(h.tid for h in iv.holds)):
+            if tid not in self.threads:
+                self._totals(tid, iv.pid, False)
         if len(self.intervals) < self.max_intervals:
             self.intervals.append(iv)
         else:
