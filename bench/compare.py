@@ -43,9 +43,9 @@ import sys
 import threading
 from typing import Callable, Dict, List, Optional
 
-from otel_gil import discovery
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import Session
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import Session
+from otel_gil.target import interpreter as discovery
 
 CHILD = r"""
 import hashlib, json, os, socket, sys, threading, time, zlib

@@ -19,7 +19,7 @@ from typing import Callable
 from opentelemetry import context, trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_gil import context as otel_gil_context
+from otel_gil.app import context as otel_gil_context
 
 
 def attach_detach(ctx: context.Context, n: int) -> int:

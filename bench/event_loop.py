@@ -1,5 +1,5 @@
 """Cost of keeping the context slot right across event-loop steps
-(otel_gil/event_loop.py), next to bench/context_switch.py's attach/detach figure.
+(otel_gil/app/event_loop.py), next to bench/context_switch.py's attach/detach figure.
 
 steps: CPU ns per task step of tasks that only ``await asyncio.sleep(0)`` (one
 step each: Handle._run on asyncio, a wrapped call_soon callback on uvloop),
@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
-from otel_gil import context as otel_gil_context
+from otel_gil.app import context as otel_gil_context
 
 TASKS = 10
 
@@ -93,7 +93,7 @@ def serve(kind: str, port: int, mode: str) -> None:
     if mode != "plain":
         otel_gil_context.install()
     if mode == "attach":
-        from otel_gil import event_loop  # noqa: PLC0415
+        from otel_gil.app import event_loop  # noqa: PLC0415
 
         event_loop.uninstall()
 

@@ -34,8 +34,8 @@ import subprocess
 import sys
 from typing import Any, Dict, List
 
-from otel_gil import discovery
-from otel_gil.probes import ProbeConfig, Probes
+from otel_gil.probes.loader import ProbeConfig, Probes
+from otel_gil.target import interpreter as discovery
 
 CHILD = r"""
 import hashlib, sys, time

@@ -88,7 +88,7 @@ pool = [threading.Thread(target=work if mode == "soak" else park, name=f"{mode}-
         for i in range(threads)]
 for t in pool:
     t.start()
-from otel_gil import context
+from otel_gil.app import context
 table = context.current_table()
 print(json.dumps({"live": live, "status": otel_gil.status(),
                   "sidecar": otel_gil._agent.sidecar.pid if live else None,
@@ -112,14 +112,14 @@ import bcc
 steps.append(("import bcc (libbcc, its LLVM and clang)", rss_anon()))
 import opentelemetry.sdk.metrics, opentelemetry.sdk.trace
 import opentelemetry.exporter.prometheus, prometheus_client
-from otel_gil import otlp
+from otel_gil.export import otlp
 steps.append(("import the OpenTelemetry SDK, OTLP/gRPC, Prometheus", rss_anon()))
 exporters = [otlp.exporter("traces"), otlp.exporter("metrics")]
 steps.append(("create the OTLP exporters (gRPC channels)", rss_anon()))
-from otel_gil.probes import ProbeConfig, Probes
+from otel_gil.probes.loader import ProbeConfig, Probes
 probes = Probes(ProbeConfig(), lambda iv: None)
 steps.append(("compile and load the BPF program (clang/LLVM in process)", rss_anon()))
-from otel_gil.sidecar import trim_heap
+from otel_gil.sidecar.server import trim_heap
 trim_heap()
 steps.append(("malloc_trim: what LLVM freed goes back", rss_anon()))
 print(json.dumps(steps))
@@ -337,7 +337,7 @@ def bench(args: argparse.Namespace) -> int:
     target = {"receiver": port, "down": closed_port(),
               "blackhole": hole.port if hole else 0}[args.endpoint]
     prom_port = free_port()
-    # A private discovery cache (otel_gil/discovery.py keeps one per interpreter
+    # A private discovery cache (otel_gil/target/interpreter.py keeps one per interpreter
     # build under XDG_CACHE_HOME): the first phase inspects the interpreter from
     # scratch ("cold"), the others find it there ("warm"), as a second run would.
     cache = tempfile.mkdtemp(prefix="otel-gil-bench-cache-")

@@ -26,10 +26,13 @@ from typing import Any, List, Tuple
 
 from sidecar import APP
 
-from otel_gil import context, delivery, events, export
-from otel_gil.clock import Clock
-from otel_gil.probes import ContextTable, ProbeConfig
-from otel_gil.session import Session
+from otel_gil.abi import events
+from otel_gil.app import context
+from otel_gil.export import delivery
+from otel_gil.probes.loader import ContextTable, ProbeConfig
+from otel_gil.probes.session import Session
+from otel_gil.sidecar import spans as export
+from otel_gil.sidecar.clock import Clock
 
 RECEIVER = r"""
 import sys, time
@@ -79,7 +82,7 @@ def replay(raw: List[bytes], pid: int, names: Any, port: int) -> Tuple[float, in
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from otel_gil.metrics import GilMetrics
+    from otel_gil.sidecar.metrics import GilMetrics
 
     spans = delivery.SpanDelivery(
         lambda: OTLPSpanExporter(endpoint=f"http://127.0.0.1:{port}", insecure=True))

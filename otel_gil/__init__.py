@@ -45,7 +45,10 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
         with _lock:
             if _agent is not None:
                 return
-            from otel_gil import context, process_context  # noqa: PLC0415
+            from otel_gil.app import (
+                context,  # noqa: PLC0415
+                process_context,
+            )
 
             table = context.install()
             context.watch_span_ends(tracer_provider)
@@ -64,8 +67,8 @@ def instrument(tracer_provider: Any = None, meter_provider: Any = None, **option
 
 
 def _start_agent(opts: Any, table: Any, resource: Dict[str, Any], plan: Any = None) -> Any:
-    from otel_gil import protocol  # noqa: PLC0415
-    from otel_gil.agent import Agent  # noqa: PLC0415
+    from otel_gil.app import protocol  # noqa: PLC0415
+    from otel_gil.app.agent import Agent  # noqa: PLC0415
 
     registration = {"op": "register", "version": protocol.VERSION, "pid": os.getpid(),
                     "ctx_table": table.address, "ctx_slots": table.slots, "resource": resource}
@@ -79,7 +82,7 @@ def _export_for_descendants(agent: Any) -> None:
     multiprocessing spawn and forkserver start methods, a re-exec'd server) to
     join it rather than spawn sidecars of their own (otel_gil.plan)."""
     global _exported
-    from otel_gil.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
+    from otel_gil.app.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
 
     if agent.plan.committed_to_spawn and not os.environ.get(PARENT_SOCKET):
         os.environ[PARENT_SOCKET] = agent.plan.private
@@ -112,7 +115,7 @@ def _after_fork_in_child() -> None:
         parent.forget_in_child()
         if plan is None:  # the parent's tracing is off: status() keeps saying why
             return
-        from otel_gil import context  # noqa: PLC0415
+        from otel_gil.app import context  # noqa: PLC0415
 
         _agent = None
         _agent = _start_agent(parent.options, context.current_table(),
@@ -150,14 +153,14 @@ def uninstrument() -> None:
         agent, _agent = _agent, None
     try:
         if _exported:
-            from otel_gil.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
+            from otel_gil.app.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
 
             os.environ.pop(PARENT_SOCKET, None)
             os.environ.pop(PARENT_TOKEN, None)
             _exported = False
         if agent is not None:
             agent.stop()
-        from otel_gil import context  # noqa: PLC0415
+        from otel_gil.app import context  # noqa: PLC0415
 
         context.uninstall()
     except Exception as exc:  # noqa: BLE001

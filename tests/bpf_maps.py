@@ -11,7 +11,7 @@ import ctypes
 import os
 from typing import Dict, Type, TypeVar
 
-from otel_gil import events
+from otel_gil.abi import events
 
 SYS_PIDFD_GETFD = 438  # x86-64, Linux 5.6+
 BPF_MAP_TYPE_HASH = 1  # include/uapi/linux/bpf.h

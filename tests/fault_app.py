@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 
 import otel_gil  # noqa: E402
-from otel_gil import context  # noqa: E402
+from otel_gil.app import context  # noqa: E402
 
 SERVICE = "fault-app"
 SPAN_WORK_S = 0.01  # each span burns this long: long enough to wait for the GIL in it

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import pytest
 
-from otel_gil.receiver import (  # noqa: F401 - re-exported for the tests
+from otel_gil.dev.receiver import (  # noqa: F401 - re-exported for the tests
     Link,
     MetricRecord,
     OtlpReceiver,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from otel_gil.elfsyms import ElfObject
+from otel_gil.target.elf import ElfObject
 
 PERF_EVENT_OPEN = 298  # x86-64 syscall number
 REF_CTR_SHIFT = 32  # PERF_UPROBE_REF_CTR_OFFSET_SHIFT (kernel/events/core.c)

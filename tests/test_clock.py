@@ -11,7 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from otel_gil.clock import (
+from otel_gil.errors import TargetError
+from otel_gil.sidecar.clock import (
     Clock,
     ClockOffset,
     calibrate,
@@ -20,7 +21,6 @@ from otel_gil.clock import (
     target_mono_to_host,
     timens_offset,
 )
-from otel_gil.errors import TargetError
 
 
 def reader(values: list[int]) -> Iterator[int]:

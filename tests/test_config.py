@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from otel_gil import agent, config
-from otel_gil.probes import PROBE_SETS
+from otel_gil import config
+from otel_gil.app import agent
+from otel_gil.probes.loader import PROBE_SETS
 
 
 def test_defaults_environment_and_keywords() -> None:

@@ -19,8 +19,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
 
-from otel_gil import context as oc
-from otel_gil import process_context as pc
+from otel_gil.app import context as oc
+from otel_gil.app import process_context as pc
 
 CHILD = textwrap.dedent('''
     import json, os, sys, threading
@@ -28,8 +28,8 @@ CHILD = textwrap.dedent('''
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-    from otel_gil import context as oc
-    from otel_gil import process_context as pc
+    from otel_gil.app import context as oc
+    from otel_gil.app import process_context as pc
 
     def say(**kw):
         print(json.dumps(kw), flush=True)
@@ -204,7 +204,7 @@ def test_table_mapping_named_when_kernel_allows(child: Child) -> None:
 FORK_CHILD = textwrap.dedent('''
     import json, os, threading
     from opentelemetry.sdk.trace import TracerProvider
-    from otel_gil import context as oc
+    from otel_gil.app import context as oc
     table = oc.install()
     with TracerProvider().get_tracer("t").start_as_current_span("s") as span:
         r, w = os.pipe()

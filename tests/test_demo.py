@@ -18,7 +18,9 @@ from typing import Any, Dict, List
 import pytest
 from otlp_receiver import OtlpReceiver, SpanRecord, otlp_receiver  # noqa: F401 - fixture
 
-from otel_gil import demo, demo_report, names
+from otel_gil import names
+from otel_gil.dev import demo
+from otel_gil.dev import report as demo_report
 
 ROOT = Path(__file__).parent.parent
 APP = ROOT / "examples" / "demo_app.py"

@@ -17,12 +17,18 @@ from typing import Any, Iterator
 
 import pytest
 
-from otel_gil import discovery
-from otel_gil.discovery import Target, inspect_binary, inspect_process, require_gil, x_gil_option
 from otel_gil.errors import (
     GilDisabledError,
     NotPythonError,
     TargetGone,
+)
+from otel_gil.target import interpreter as discovery
+from otel_gil.target.interpreter import (
+    Target,
+    inspect_binary,
+    inspect_process,
+    require_gil,
+    x_gil_option,
 )
 
 PYENV = "/root/.pyenv/versions"

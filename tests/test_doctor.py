@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from targets import PythonTarget, all_targets, require, spawn
 
-from otel_gil.discovery import FALLBACK_SOURCE
+from otel_gil.target.interpreter import FALLBACK_SOURCE
 
 PYENV_311_LIB = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"  # stripped-3.11's origin
 TAKE_GIL_RE = re.compile(r"take_gil(\.(constprop|lto_priv|isra|part)\.\d+)*")

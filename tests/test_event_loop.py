@@ -1,4 +1,4 @@
-"""otel_gil/event_loop.py on real loops and pools, without probes: the app's own
+"""otel_gil/app/event_loop.py on real loops and pools, without probes: the app's own
 context slot (read back from its table) at each point where the running
 contextvars Context changes with no attach/detach. Each scenario runs in a
 fresh interpreter, so that patching and import order are the app's."""
@@ -19,7 +19,8 @@ PRELUDE = '''
 import asyncio, json, sys, threading
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from otel_gil import context, event_loop
+from otel_gil.app import context
+from otel_gil.app import event_loop
 trace.set_tracer_provider(TracerProvider())
 tracer = trace.get_tracer("t")
 
@@ -220,7 +221,7 @@ EAGER = '''
 import asyncio, json, threading
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
-from otel_gil import context
+from otel_gil.app import context
 trace.set_tracer_provider(TracerProvider())
 tracer = trace.get_tracer("t")
 def slot():
@@ -276,7 +277,7 @@ print(json.dumps({"raised": raised}))
 
 
 def test_a_ctypes_context_watcher_would_lose_the_apps_exceptions() -> None:
-    # Why 3.14 uses the patches too (otel_gil/event_loop.py): GIVEN a context
+    # Why 3.14 uses the patches too (otel_gil/app/event_loop.py): GIVEN a context
     # watcher written with ctypes, as a pure-Python package would have to
     target = next(t for t in all_targets() if t.name == "sid-3.14")
     require(target)

@@ -1,4 +1,4 @@
-"""The ctypes mirror in otel_gil/events.py against bpf/gil.h, compiled by gcc."""
+"""The ctypes mirror in otel_gil/abi/events.py against bpf/gil.h, compiled by gcc."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Dict, Type
 
 import pytest
 
-from otel_gil import events
-from otel_gil.probes import bpf_dir
+from otel_gil.abi import events
+from otel_gil.probes.loader import bpf_dir
 
 STRUCTS: Dict[str, Type[ctypes.Structure]] = {
     "thread_ctx": events.ThreadCtx,

@@ -26,10 +26,11 @@ import pytest
 from bpf_maps import SidecarMaps
 from otlp_receiver import MetricRecord, OtlpReceiver
 
-from otel_gil import names, timeline
+from otel_gil import names
 from otel_gil.errors import TargetGone
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import Session
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import Session
+from otel_gil.sidecar import timeline
 
 APP = Path(__file__).parent / "fault_app.py"
 WENT_AWAY = "app: otel-gil: GIL tracing off: the sidecar went away; GIL tracing stopped, " \

@@ -36,9 +36,10 @@ from targets import Child, PythonTarget, all_targets, require, spawn
 from test_record import assert_hold_matches_cpu
 
 import otel_gil
-from otel_gil import discovery, names
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import GIL_WATCH_INTERVAL_NS, Session
+from otel_gil import names
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import GIL_WATCH_INTERVAL_NS, Session
+from otel_gil.target import interpreter as discovery
 
 GILMOD_C = r"""
 #include <Python.h>

@@ -14,10 +14,11 @@ from prometheus_client import start_http_server
 from targets import all_targets, require, spawn
 from test_record import WORKLOAD
 
-from otel_gil import histograms, names
-from otel_gil.metrics import GilMetrics
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import Session
+from otel_gil import names
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import Session
+from otel_gil.sidecar import histograms
+from otel_gil.sidecar.metrics import GilMetrics
 
 
 def _free_port() -> int:
@@ -216,7 +217,7 @@ def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
 def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     from types import SimpleNamespace
 
-    from otel_gil.events import Interval, SpanRef
+    from otel_gil.abi.events import Interval, SpanRef
 
     # GIVEN metrics for one process, with room for 2 thread names
     memory = InMemoryMetricReader()

@@ -37,8 +37,13 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from otlp_receiver import OtlpReceiver, otlp_receiver  # noqa: F401 - fixture
 
-from otel_gil import context, delivery, events, export, histograms, names, spanwire, timeline
-from otel_gil.losses import LossLog
+from otel_gil import names
+from otel_gil.abi import events
+from otel_gil.app import context
+from otel_gil.export import delivery, spanwire
+from otel_gil.sidecar import histograms, timeline
+from otel_gil.sidecar import spans as export
+from otel_gil.sidecar.losses import LossLog
 
 ROOT = Path(__file__).parent.parent
 SERVICE = "pipeline-test"
@@ -613,9 +618,9 @@ def test_record_keeps_at_most_max_intervals_and_counts_the_rest() -> None:
     from targets import all_targets, require, spawn
     from test_record import WORKLOAD
 
-    from otel_gil import report
-    from otel_gil.probes import ProbeConfig
-    from otel_gil.session import Session
+    from otel_gil.cli import report
+    from otel_gil.probes.loader import ProbeConfig
+    from otel_gil.probes.session import Session
 
     target = next(t for t in all_targets() if t.name == "pyenv-3.11")
     require(target)
@@ -654,7 +659,7 @@ def test_record_keeps_at_most_max_intervals_and_counts_the_rest() -> None:
 def test_totals_read_whatever_fields_the_probe_set_keeps() -> None:
     import ctypes
 
-    from otel_gil.session import ThreadTotals
+    from otel_gil.probes.session import ThreadTotals
 
     class Contended(ctypes.Structure):  # a probe set keeping waits only
         _fields_ = [("pid", ctypes.c_uint32), ("exited", ctypes.c_uint32),

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from otel_gil import plan as plans
+from otel_gil.app import plan as plans
+from otel_gil.app.plan import PARENT_SOCKET, Plan
 from otel_gil.config import Options
-from otel_gil.plan import PARENT_SOCKET, Plan
 
 
 @pytest.fixture
@@ -106,8 +106,9 @@ def test_a_forked_child_follows_its_parent_and_never_spawns(
 
 JOIN_LATE = textwrap.dedent('''
     import json, logging, os, socket, sys, threading, time
-    from otel_gil import plan as plans, protocol
-    from otel_gil.agent import Agent
+    from otel_gil.app import plan as plans
+    from otel_gil.app import protocol
+    from otel_gil.app.agent import Agent
     from otel_gil.config import Options
     logging.basicConfig(format="%(message)s")
     address, delay, user, bound = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -188,7 +189,7 @@ def test_a_child_of_a_parent_that_had_bound_gives_up_at_once(tmp_path: Path) -> 
 
 FORK_WAITS = textwrap.dedent('''
     import json, os, sys, threading, time
-    from otel_gil import plan as plans
+    from otel_gil.app import plan as plans
     plans.FORK_WAIT_S = float(sys.argv[1])
     state = {"made": False}
     held = threading.Event()

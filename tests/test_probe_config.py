@@ -10,7 +10,7 @@ from typing import Dict
 import pytest
 
 from otel_gil import config
-from otel_gil.probes import ProbeConfig, bpf_dir
+from otel_gil.probes.loader import ProbeConfig, bpf_dir
 
 
 def _c_defaults() -> Dict[str, str]:

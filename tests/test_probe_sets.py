@@ -19,9 +19,9 @@ import pytest
 from independent_counter import HitCounter
 from targets import PythonTarget, all_targets, require, spawn
 
-from otel_gil.events import Interval
-from otel_gil.probes import ProbeConfig, plan
-from otel_gil.session import Session
+from otel_gil.abi.events import Interval
+from otel_gil.probes.loader import ProbeConfig, plan
+from otel_gil.probes.session import Session
 
 BURNERS = r"""
 import json, os, sys, threading, time

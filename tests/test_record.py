@@ -20,10 +20,10 @@ from independent_counter import TakeGilCounter
 from perf_uprobe import harmless_counter, open_uprobe
 from targets import Child, PythonTarget, all_targets, require, spawn
 
-from otel_gil.discovery import inspect_binary
 from otel_gil.errors import GilDisabledError
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import Session
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import Session
+from otel_gil.target.interpreter import inspect_binary
 
 WORKLOAD = r"""
 import json, os, sys, threading, time

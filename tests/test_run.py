@@ -15,8 +15,8 @@ import pytest
 from targets import all_targets, require
 
 from otel_gil.cli import run
-from otel_gil.probes import ProbeConfig
-from otel_gil.session import Session
+from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.session import Session
 
 REPO = Path(__file__).resolve().parent.parent
 OTEL_GIL = [sys.executable, "-m", "otel_gil"]

@@ -21,7 +21,8 @@ from typing import Any, Dict, Iterator, List
 import pytest
 from otlp_receiver import OtlpReceiver
 
-from otel_gil import context, names, protocol, trust
+from otel_gil import names, trust
+from otel_gil.app import context, protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from targets import all_targets, require, spawn
 
-from otel_gil import discovery, events
-from otel_gil.disasm import EMULATED, REFUSED, SINGLE_STEPPED, probe_cost
-from otel_gil.probes import holder_tid_source
+from otel_gil.abi import events
+from otel_gil.probes.loader import holder_tid_source
+from otel_gil.target import interpreter as discovery
+from otel_gil.target.disasm import EMULATED, REFUSED, SINGLE_STEPPED, probe_cost
 
 LIBPYTHON_311 = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from otel_gil import events, timeline
-from otel_gil.events import Hold, Interval
+from otel_gil.abi import events
+from otel_gil.abi.events import Hold, Interval
+from otel_gil.sidecar import timeline
 
 
 def test_bucket_boundaries_round_trip() -> None:

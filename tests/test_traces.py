@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional
 import pytest
 from otlp_receiver import OtlpReceiver, SpanRecord
 
-from otel_gil import names, protocol
+from otel_gil import names
+from otel_gil.app import protocol
 
 ROOT = Path(__file__).parent.parent
 APP = ROOT / "examples" / "traced_app.py"

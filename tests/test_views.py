@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 
-from otel_gil import names, report, views
+from otel_gil import names, views
+from otel_gil.cli import report
 from otel_gil.views import blame, flame, html, svg, trace
 from otel_gil.views.model import NOT_RECORDED, UNKNOWN_HOLDER, Frame, Share, Slice
 
@@ -402,7 +403,7 @@ def test_a_view_path_that_cannot_be_written_is_refused_before_tracing(flag: str)
 def _gil_span(name: str, span_id: str, parent: str, tid: int, thread: str, start_ms: float,
               end_ms: float, holders: Optional[List[Any]] = None,
               links: Optional[List[Any]] = None) -> Any:
-    from otel_gil.receiver import SpanRecord
+    from otel_gil.dev.receiver import SpanRecord
 
     attrs: Dict[str, Any] = {names.THREAD_NAME.name: thread, names.THREAD_HOST_ID.name: tid,
                              names.PROCESS_HOST_PID.name: PID}
@@ -420,7 +421,7 @@ def _gil_span(name: str, span_id: str, parent: str, tid: int, thread: str, start
 
 
 def test_from_spans_charges_waits_to_the_holders_span_and_thread() -> None:
-    from otel_gil.receiver import SpanRecord
+    from otel_gil.dev.receiver import SpanRecord
 
     # GIVEN a /light request's 10 ms wait: thread 7 held 8 ms of it, 6 ms of those
     # in its GET /cpu span (linked); thread 8 held 2 ms outside any span

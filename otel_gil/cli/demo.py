@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 
-from otel_gil import demo
 from otel_gil.cli.base import Command, require_root
 from otel_gil.cli.record import add_probe_set_option
+from otel_gil.dev import demo
 from otel_gil.errors import OtelGilError
 
 

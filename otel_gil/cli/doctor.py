@@ -11,10 +11,10 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
-from otel_gil import discovery
 from otel_gil.cli.base import Command, pid_arg
 from otel_gil.config import PROBE_SETS
 from otel_gil.errors import GilDisabledError, OtelGilError
+from otel_gil.target import interpreter as discovery
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _headers() -> str:
 
 
 def _bpf_program() -> str:
-    from otel_gil.probes import ProbeConfig, Probes  # noqa: PLC0415 - imports bcc
+    from otel_gil.probes.loader import ProbeConfig, Probes  # noqa: PLC0415 - imports bcc
 
     for probe_set in PROBE_SETS:
         Probes(ProbeConfig(probes=probe_set), lambda _iv: None).close()
@@ -110,7 +110,7 @@ def _summary(what: str, interp: discovery.Interpreter, flavour: str) -> str:
 def _probe_set(interp: discovery.Interpreter, probe_set: str) -> Dict[str, Any]:
     """Where a probe set's uprobes sit in this build, what kind of instruction
     each is on, and what that costs per hit on this machine's kind of host."""
-    from otel_gil.probes import HIT_COST_NS, planned, transition_cost  # noqa: PLC0415
+    from otel_gil.probes.loader import HIT_COST_NS, planned, transition_cost  # noqa: PLC0415
 
     try:
         points = planned(interp, probe_set)
@@ -207,8 +207,8 @@ class DoctorCommand(Command):
 
 def _holder_naming(target: discovery.Target) -> str:
     """How the contended set names the thread holding the GIL, checked on the process."""
-    from otel_gil import events  # noqa: PLC0415
-    from otel_gil.probes import holder_tid_source  # noqa: PLC0415
+    from otel_gil.abi import events  # noqa: PLC0415
+    from otel_gil.probes.loader import holder_tid_source  # noqa: PLC0415
 
     how, off, pthread = holder_tid_source(target)
     if how == events.GIL_TID_NATIVE:

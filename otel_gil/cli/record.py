@@ -10,13 +10,14 @@ import time
 from types import FrameType
 from typing import Callable, Dict, Optional
 
-from otel_gil import report, views
+from otel_gil import views
+from otel_gil.cli import report
 from otel_gil.cli.base import Command, count_arg, pid_arg, positive_float, require_root
 from otel_gil.cli.views import add_view_options, view_files, write_views
-from otel_gil.discovery import GIL_DISABLED_REMEDY, Target
 from otel_gil.errors import GilDisabledError, OtelGilError
-from otel_gil.probes import DEFAULT_PROBE_SET, PROBE_SETS, ProbeConfig, program_text
-from otel_gil.session import DEFAULT_MAX_INTERVALS, Session
+from otel_gil.probes.loader import DEFAULT_PROBE_SET, PROBE_SETS, ProbeConfig, program_text
+from otel_gil.probes.session import DEFAULT_MAX_INTERVALS, Session
+from otel_gil.target.interpreter import GIL_DISABLED_REMEDY, Target
 
 
 class _Stop:

@@ -13,14 +13,14 @@ import time
 from types import FrameType
 from typing import List, Optional
 
-from otel_gil import discovery
 from otel_gil.cli.base import Command, require_root
 from otel_gil.cli.record import add_probe_options, announce, follow, probe_config, write_record
 from otel_gil.cli.views import add_view_options, view_files
-from otel_gil.discovery import Target
 from otel_gil.errors import OtelGilError, TargetError, TargetGone, TargetNotReady
-from otel_gil.probes import program_text
-from otel_gil.session import Session
+from otel_gil.probes.loader import program_text
+from otel_gil.probes.session import Session
+from otel_gil.target import interpreter as discovery
+from otel_gil.target.interpreter import Target
 
 SI_KERNEL = 0x80  # si_code of a signal the kernel raised itself, e.g. the tty's Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM)

@@ -18,7 +18,7 @@ import struct
 import time
 from typing import Any, Iterator, Mapping
 
-from otel_gil.context import buffer_address, name_mapping, read_memory
+from otel_gil.app.context import buffer_address, name_mapping, read_memory
 from otel_gil.errors import TargetError
 
 __all__ = [

@@ -8,8 +8,8 @@ emitted under an unsampled parent, and waits outside any span are not exported
 (they would arrive as orphans): those are counted as skipped, by reason.
 
 Each span carries its traced process's resource, so it lands in the app's
-service in Jaeger or Tempo. Spans are encoded here (otel_gil/spanwire.py) and
-handed to otel_gil/delivery.py, which exports them and counts what it cannot.
+service in Jaeger or Tempo. Spans are encoded here (otel_gil/export/spanwire.py) and
+handed to otel_gil/export/delivery.py, which exports them and counts what it cannot.
 The child is sampled exactly when its parent is (parent-based, as the SDK's
 default sampler would decide).
 """
@@ -25,11 +25,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from otel_gil import delivery, names, otlp, spanwire, timeline
-from otel_gil.clock import Clock
-from otel_gil.events import Interval, SpanRef
+from otel_gil import names
+from otel_gil.abi.events import Interval, SpanRef
+from otel_gil.export import delivery, otlp, spanwire
+from otel_gil.sidecar import timeline
+from otel_gil.sidecar.clock import Clock
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("otel_gil.export")
 LINK_CACHE_MAX = 4096
 SAMPLED = 1  # W3C trace-flags
 

@@ -16,10 +16,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-from otel_gil import plan as plans
-from otel_gil import protocol
+from otel_gil.app import plan as plans
+from otel_gil.app import protocol
+from otel_gil.app.plan import Plan
 from otel_gil.config import Options
-from otel_gil.plan import Plan
 
 log = logging.getLogger("otel_gil")
 
@@ -53,7 +53,7 @@ BOOTSTRAP = (
 
 def package_parent() -> str:
     """The directory this otel_gil package was imported from."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def sidecar_command(options: Options, owner_fd: int, listen_fd: int) -> List[str]:

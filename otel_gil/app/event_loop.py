@@ -3,7 +3,7 @@
 This module runs *inside the traced app* (Python 3.8+, stdlib only). It must be
 cheap and must never raise into the app.
 
-otel_gil/context.py publishes a thread's span at every OpenTelemetry
+otel_gil/app/context.py publishes a thread's span at every OpenTelemetry
 attach/detach. An event loop switches tasks with neither: it runs each step of
 a task, and each callback, inside that task's own contextvars Context
 (Lib/asyncio/events.py, Handle._run: ``self._context.run(self._callback,
@@ -62,8 +62,8 @@ import threading
 from types import ModuleType
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from otel_gil import context
-from otel_gil.context import publish_current, publish_entered
+from otel_gil.app import context
+from otel_gil.app.context import publish_current, publish_entered
 
 __all__ = ["install", "patched", "uninstall"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from otel_gil.events import GIL_HIST_BUCKETS, GIL_HIST_MIN_SHIFT, Interval
+from otel_gil.abi.events import GIL_HIST_BUCKETS, GIL_HIST_MIN_SHIFT, Interval
 
 
 def bucket_of(ns: int) -> int:

@@ -30,7 +30,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import otel_gil
 from otel_gil import views
-from otel_gil.demo_report import render, summarize
+from otel_gil.dev.report import render, summarize
 from otel_gil.errors import OtelGilError
 
 # About one /cpu request per three /light ones; each client starts at a
@@ -304,7 +304,7 @@ def run(duration: float, output: str, slowest: int = 10, probes: str = "contende
               f"and the sidecar's metrics went to {endpoint}.")
         _check(survived, True, last_words)
         return 0
-    from otel_gil.receiver import OtlpReceiver  # noqa: PLC0415 - grpc only when needed
+    from otel_gil.dev.receiver import OtlpReceiver  # noqa: PLC0415 - grpc only when needed
 
     with OtlpReceiver() as receiver:
         say(f"no OTEL_EXPORTER_OTLP_ENDPOINT: collecting on an embedded receiver "

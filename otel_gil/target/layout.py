@@ -22,8 +22,8 @@ import struct
 from dataclasses import dataclass, replace
 from typing import Any, Tuple
 
-from otel_gil.elfsyms import ElfObject
 from otel_gil.errors import TargetError
+from otel_gil.target.elf import ElfObject
 
 Version = Tuple[int, int, int]
 

@@ -1,7 +1,7 @@
 """Delivering the sidecar's spans: a bounded queue, one export thread, and a count
 of every span that did not make it (runs in the sidecar).
 
-The sidecar decides which intervals become spans (otel_gil/export.py); from
+The sidecar decides which intervals become spans (otel_gil/sidecar/spans.py); from
 then on each span is either delivered or counted as dropped, by reason:
 
   queue_full     the queue was at its byte bound when the span arrived
@@ -15,10 +15,10 @@ that much memory; it drains again once the endpoint answers. One queue and one
 exporter serve every traced process: spans carry their process's resource.
 
 The exporter is the SDK's OTLP exporter (grpc or http/protobuf, configured by
-OTEL_EXPORTER_OTLP_*), fed the request bytes of otel_gil/spanwire.py through a
+OTEL_EXPORTER_OTLP_*), fed the request bytes of otel_gil/export/spanwire.py through a
 narrow hook (see Transport); any other SpanExporter gets SDK ReadableSpans
 decoded from the same bytes. Its log lines are captured, not printed: the
-sidecar summarises losses at most once a minute (otel_gil/sidecar.py).
+sidecar summarises losses at most once a minute (otel_gil/sidecar/server.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from otel_gil import spanwire
+from otel_gil.export import spanwire
 
 log = logging.getLogger("otel_gil.delivery")
 

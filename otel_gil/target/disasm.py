@@ -8,8 +8,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from otel_gil.elfsyms import STT_FUNC, ElfObject, Symbol
 from otel_gil.errors import TargetError
+from otel_gil.target.elf import STT_FUNC, ElfObject, Symbol
 
 
 @dataclass(frozen=True)
@@ -536,7 +536,7 @@ def take_gil_sites(obj: ElfObject, fn: Function, colds: list[Symbol], stubs: dic
 
 def probe_sites(obj: ElfObject, takes: list[Function], colds: list[Symbol],
                 names: ElfObject | None = None) -> ProbeSites:
-    """Every probe site of one interpreter build (otel_gil/probes.py attaches them).
+    """Every probe site of one interpreter build (otel_gil/probes/loader.py attaches them).
 
     The release sites are the direct calls of pthread_cond_signal outside
     take_gil: take_gil itself signals gil->switch_cond on every acquisition

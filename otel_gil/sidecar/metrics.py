@@ -4,7 +4,7 @@ Totals (held and waited seconds, acquisitions, hand-offs, forced switches, lost
 events) are kept exactly in the kernel; observable instruments report them, so
 nothing is sampled and the cost does not grow with the GIL's traffic. The
 duration histograms are the kernel's own per-thread histograms of every wait
-and hold (otel_gil/histograms.py), added to each collection, with the waits
+and hold (otel_gil/sidecar/histograms.py), added to each collection, with the waits
 that became spans as exemplars. Names and units: otel_gil/names.py.
 
 The span pipeline is reported too: spans exported, dropped (by reason) and
@@ -45,9 +45,12 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from otel_gil import delivery, export, histograms, names, otlp
-from otel_gil.events import Interval, SpanRef
-from otel_gil.session import Session
+from otel_gil import names
+from otel_gil.abi.events import Interval, SpanRef
+from otel_gil.export import delivery, otlp
+from otel_gil.probes.session import Session
+from otel_gil.sidecar import histograms
+from otel_gil.sidecar import spans as export
 
 log = logging.getLogger("otel_gil.metrics")
 

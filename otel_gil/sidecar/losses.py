@@ -1,7 +1,7 @@
 """The sidecar's loss summary: one log line, at most once a minute, saying what
 was lost since the previous line and since start.
 
-What counts as a loss: a span dropped (by reason, otel_gil/delivery.py), an
+What counts as a loss: a span dropped (by reason, otel_gil/export/delivery.py), an
 event the kernel could not deliver, an app thread that found no context slot,
 an exception the app's context publishing swallowed. Every one of them is also
 a metric; the log line is for whoever reads the sidecar's (or the spawning

@@ -9,12 +9,12 @@ ctx_slot_head``). A thread owns the slot for its native thread id; at every
 OpenTelemetry ``attach``/``detach`` it writes the now-current span context into
 it as an OTEP 4947 thread-context record. Where the thread's contextvars Context
 changes with no attach (an event loop switching tasks, a worker thread running a
-copied context), otel_gil/event_loop.py calls publish_entered()/publish_current().
+copied context), otel_gil/app/event_loop.py calls publish_entered()/publish_current().
 The eBPF probes read the calling thread's slot with ``bpf_probe_read_user`` at
 GIL events.
 
 The app's resource is published separately, as an OTEP 4719 process context
-(otel_gil/process_context.py), which reuses this module's memory helpers.
+(otel_gil/app/process_context.py), which reuses this module's memory helpers.
 
 The header (64 bytes): magic[8], version, slots, slot_size, header_size (u32
 each), then two u64 counters the app keeps there for the sidecar to report
@@ -391,7 +391,7 @@ def _failed() -> None:
 def publish_entered(entered: contextvars.Context) -> None:
     """Publish the span current in ``entered``: a contextvars Context that this
     thread is about to run code in with no OpenTelemetry attach (an event-loop
-    step, a worker thread's copied context; otel_gil/event_loop.py). Never raises."""
+    step, a worker thread's copied context; otel_gil/app/event_loop.py). Never raises."""
     try:
         var = _otel_var
         otel = entered.get(var) if var is not None else None
@@ -502,7 +502,7 @@ def install(slots: int = DEFAULT_SLOTS) -> ContextTable:
         runtime = otel_context._RUNTIME_CONTEXT = PublishingRuntimeContext(runtime)
     _otel_var = runtime.var
     _publish(otel_context.get_current())
-    from otel_gil import event_loop  # noqa: PLC0415 - it imports this module
+    from otel_gil.app import event_loop  # noqa: PLC0415 - it imports this module
 
     event_loop.install()
     return _table
@@ -512,7 +512,7 @@ def uninstall() -> None:
     """Put the original runtime context back and mark every record invalid. The
     table stays mapped (the sidecar may hold its address); install() reuses it.
     If something else wrapped our hook meanwhile, the hook turns pass-through."""
-    from otel_gil import event_loop  # noqa: PLC0415
+    from otel_gil.app import event_loop  # noqa: PLC0415
 
     event_loop.uninstall()
     runtime = otel_context._RUNTIME_CONTEXT
@@ -546,7 +546,7 @@ def _after_fork() -> None:
     _table.reset()
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
-    _cache.clear()  # in place: otel_gil/event_loop.py holds this dict
+    _cache.clear()  # in place: otel_gil/app/event_loop.py holds this dict
     _cached_ids.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())

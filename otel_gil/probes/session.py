@@ -33,13 +33,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
-from otel_gil import discovery, events, timeline
-from otel_gil.discovery import Target
+from otel_gil.abi import events
 from otel_gil.errors import ProbeError, TargetGone
-from otel_gil.probes import ContextTable, ProbeConfig, Probes
+from otel_gil.probes.loader import ContextTable, ProbeConfig, Probes
+from otel_gil.sidecar import timeline
+from otel_gil.target import interpreter as discovery
+from otel_gil.target.interpreter import Target
 from otel_gil.trust import printable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("otel_gil.session")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The result of `otel-gil demo`: summarize() turns the spans and metric points
-the embedded receiver collected (otel_gil/receiver.py) into the JSON document
+the embedded receiver collected (otel_gil/dev/receiver.py) into the JSON document
 (out/demo.json), and render() turns that into the text shown on the terminal.
 """
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from otel_gil import names
 
 if TYPE_CHECKING:  # otel_gil.demo imports this module
-    from otel_gil.demo import LoadStats
+    from otel_gil.dev.demo import LoadStats
 
 __all__ = ["SERVER", "render", "summarize", "summarize_metrics"]
 

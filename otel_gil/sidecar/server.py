@@ -13,8 +13,8 @@ Two ways to run it, one loop:
 The kernel's per-thread totals are read when a metrics collection asks for
 them (a reader's thread waits for the loop to refresh, see _before_collect),
 or every REFRESH_S (exited threads are reaped then). Spans go through one
-bounded queue (otel_gil/delivery.py); every loss is a metric and, at most once
-a minute, one log line (otel_gil/losses.py).
+bounded queue (otel_gil/export/delivery.py); every loss is a metric and, at most once
+a minute, one log line (otel_gil/sidecar/losses.py).
 
 Memory: libbcc compiles the BPF program with clang/LLVM in this process and
 frees ~30 MB afterwards that glibc keeps (trim_heap returns it), and every
@@ -42,14 +42,23 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from otel_gil import context, delivery, discovery, protocol, trust
-from otel_gil.clock import Clock
+from otel_gil import trust
+from otel_gil.app import context, protocol
 from otel_gil.errors import EnvironmentProblem, OtelGilError
-from otel_gil.export import SpanExport, ThreadDirectory, ThreadInfo, default_exporter, export_name
-from otel_gil.losses import LossLog, Totals
-from otel_gil.metrics import GilMetrics
-from otel_gil.probes import ContextTable, ProbeConfig
-from otel_gil.session import Session, exited
+from otel_gil.export import delivery
+from otel_gil.probes.loader import ContextTable, ProbeConfig
+from otel_gil.probes.session import Session, exited
+from otel_gil.sidecar.clock import Clock
+from otel_gil.sidecar.losses import LossLog, Totals
+from otel_gil.sidecar.metrics import GilMetrics
+from otel_gil.sidecar.spans import (
+    SpanExport,
+    ThreadDirectory,
+    ThreadInfo,
+    default_exporter,
+    export_name,
+)
+from otel_gil.target import interpreter as discovery
 
 log = logging.getLogger("otel_gil.sidecar")
 NAMES_TTL_NS = 50_000_000

@@ -19,13 +19,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from otel_gil import events
-from otel_gil.disasm import EMULATED, Site
-from otel_gil.elfsyms import ElfObject
+from otel_gil.abi import events
 from otel_gil.errors import EnvironmentProblem, ProbeError, TargetError
+from otel_gil.target.disasm import EMULATED, Site
+from otel_gil.target.elf import ElfObject
 
 if TYPE_CHECKING:
-    from otel_gil.discovery import Interpreter, Target
+    from otel_gil.target.interpreter import Interpreter, Target
 
 PROBE_SETS = ("contended", "all")
 DEFAULT_PROBE_SET = "contended"
@@ -66,7 +66,7 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class ContextTable:
-    """Where a target publishes its span contexts (otel_gil/context.py)."""
+    """Where a target publishes its span contexts (otel_gil/app/context.py)."""
 
     address: int
     slots: int

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from otel_gil import events, timeline, views
-from otel_gil.disasm import Function
-from otel_gil.discovery import Target
-from otel_gil.probes import Point
-from otel_gil.session import Session, ThreadTotals
+from otel_gil import views
+from otel_gil.abi import events
+from otel_gil.probes.loader import Point
+from otel_gil.probes.session import Session, ThreadTotals
+from otel_gil.sidecar import timeline
+from otel_gil.target.disasm import Function
+from otel_gil.target.interpreter import Target
 
 SCHEMA = "otel-gil/record/v1"
 TOP_HOLDERS = 10

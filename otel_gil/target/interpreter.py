@@ -18,21 +18,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Tuple
 
 from otel_gil import trust
-from otel_gil.disasm import (
-    Function,
-    ProbeSites,
-    Site,
-    analyse_function,
-    first_local_branch,
-    probe_sites,
-)
-from otel_gil.elfsyms import (
-    ElfObject,
-    Symbol,
-    debug_file_candidates,
-    gil_symbols,
-    minidebuginfo,
-)
 from otel_gil.errors import (
     GilDisabledError,
     NotPythonError,
@@ -40,7 +25,22 @@ from otel_gil.errors import (
     TargetGone,
     TargetNotReady,
 )
-from otel_gil.layout import (
+from otel_gil.target.disasm import (
+    Function,
+    ProbeSites,
+    Site,
+    analyse_function,
+    first_local_branch,
+    probe_sites,
+)
+from otel_gil.target.elf import (
+    ElfObject,
+    Symbol,
+    debug_file_candidates,
+    gil_symbols,
+    minidebuginfo,
+)
+from otel_gil.target.layout import (
     SUPPORTED,
     GilLayout,
     debug_offsets_layout,

@@ -1,0 +1,2 @@
+"""Getting spans out of the sidecar: protobuf encoding, a bounded queue with
+counted drops, and the OTLP exporter choice."""
