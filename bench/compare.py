@@ -43,9 +43,9 @@ import sys
 import threading
 from typing import Callable, Dict, List, Optional
 
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
-from otel_gil.target import interpreter as discovery
+from otel_gil.target import process
 
 CHILD = r"""
 import hashlib, json, os, socket, sys, threading, time, zlib
@@ -360,7 +360,7 @@ def run_workload(kind: str, python: List[str], setups: List[str], args: argparse
     """R rounds of one batch per setup, the order rotated each round."""
     work = Workload(kind, python)
     try:
-        discovery.inspect_process(work.pid)  # fill the caches before timing
+        process.inspect_process(work.pid)  # fill the caches before timing
         work.batch(min(1.0, args.seconds))  # warm up
         per: Dict[str, List[float]] = {s: [] for s in setups}
         for r in range(args.rounds):

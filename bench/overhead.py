@@ -34,8 +34,9 @@ import subprocess
 import sys
 from typing import Any, Dict, List
 
-from otel_gil.probes.loader import ProbeConfig, Probes
-from otel_gil.target import interpreter as discovery
+from otel_gil.probes.config import ProbeConfig
+from otel_gil.probes.loader import Probes
+from otel_gil.target import process
 
 CHILD = r"""
 import hashlib, sys, time
@@ -65,7 +66,7 @@ def measure(python: str, probes: Dict[str, Probes], calls: int, rounds: int) -> 
                              stdout=subprocess.PIPE, text=True)
     assert child.stdout
     child.stdout.readline()
-    target = discovery.inspect_process(child.pid)
+    target = process.inspect_process(child.pid)
     order = ["none", *SETUPS]
     times: Dict[str, List[float]] = {name: [] for name in order}
     seen = {"acquisitions": 0, "releases": 0, "contended_runs": 0}

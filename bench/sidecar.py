@@ -116,10 +116,11 @@ from otel_gil.export import otlp
 steps.append(("import the OpenTelemetry SDK, OTLP/gRPC, Prometheus", rss_anon()))
 exporters = [otlp.exporter("traces"), otlp.exporter("metrics")]
 steps.append(("create the OTLP exporters (gRPC channels)", rss_anon()))
-from otel_gil.probes.loader import ProbeConfig, Probes
+from otel_gil.probes.config import ProbeConfig
+from otel_gil.probes.loader import Probes
 probes = Probes(ProbeConfig(), lambda iv: None)
 steps.append(("compile and load the BPF program (clang/LLVM in process)", rss_anon()))
-from otel_gil.sidecar.server import trim_heap
+from otel_gil.sidecar.host import trim_heap
 trim_heap()
 steps.append(("malloc_trim: what LLVM freed goes back", rss_anon()))
 print(json.dumps(steps))

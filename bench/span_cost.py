@@ -27,11 +27,12 @@ from typing import Any, List, Tuple
 from sidecar import APP
 
 from otel_gil.abi import events
-from otel_gil.app import context
+from otel_gil.abi.slots import TableLocation
 from otel_gil.export import delivery
-from otel_gil.probes.loader import ContextTable, ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.sidecar import spans as export
+from otel_gil.sidecar import threads
 from otel_gil.sidecar.clock import Clock
 
 RECEIVER = r"""
@@ -65,11 +66,11 @@ def capture(args: argparse.Namespace) -> Tuple[List[bytes], int, Any]:
         hello = json.loads(app.stdout.readline())
         events.decode_event = keep  # the probes' ring callback decodes through it
         session = Session(ProbeConfig())
-        session.add(app.pid, ContextTable(hello["table"], hello["slots"]))
+        session.add(app.pid, TableLocation(hello["table"], hello["slots"]))
         deadline = time.monotonic() + args.seconds
         while time.monotonic() < deadline:
             session.step(100)
-        names = context.read_thread_names(app.pid, hello["table"])
+        names = threads.read_thread_names(app.pid, hello["table"])
         session.close()
     finally:
         events.decode_event = decode
@@ -89,17 +90,20 @@ def replay(raw: List[bytes], pid: int, names: Any, port: int) -> Tuple[float, in
     exp = export.SpanExport(Clock(), spans=spans)
     by_tid = {tid: ident_name for tid, ident_name in names.items()}
 
-    def who(tid: int, _published: bool) -> export.ThreadInfo:
-        ident, name = by_tid.get(tid, (None, f"thread-{tid}"))
-        return export.ThreadInfo(tid, tid, name, ident)
+    class Captured(threads.ThreadDirectory):
+        """The names captured while the app ran (it is gone by the replay)."""
 
-    directory = export.ThreadDirectory(who)
+        def _lookup(self, tid: int, published: bool) -> threads.ThreadInfo:
+            ident, name = by_tid.get(tid, (None, f"thread-{tid}"))
+            return threads.ThreadInfo(tid, tid, name, ident)
+
+    directory = Captured(pid, None, lambda tid: None)
     exp.add_process(pid, pid, {"service.name": "soak"}, directory)
     session: Any = type("S", (), {"threads": {}, "targets": {}, "histogram_kinds": ("wait", "hold"),
                                   "skipped_runs": 0,
                                   "probes": type("P", (), {"undecodable": 0})()})()
     metrics = GilMetrics(session, [InMemoryMetricReader()])
-    metrics.add_process(pid, "soak", pid, lambda tid: directory(tid).name)
+    metrics.add_process(pid, "soak", pid, directory.name)
     started = time.process_time()
     for data in raw:
         iv = events.decode_event(data)

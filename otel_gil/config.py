@@ -62,7 +62,15 @@ DOCS: Dict[str, str] = {
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
 MODES = ("auto", "connect", "spawn", "off")
-PROBE_SETS = ("contended", "all")  # mirrors otel_gil.probes.PROBE_SETS (no bcc import here)
+PROBE_SETS = ("contended", "all")  # the probe sets of bpf/gil.bpf.c
+DEFAULT_PROBE_SET = "contended"
+# The one home of the probes' defaults: Options, the CLI and ProbeConfig use
+# these; bpf/gil.bpf.c repeats them for compiling it alone (tests/test_probe_config.py).
+DEFAULT_WAIT_THRESHOLD_MS = 1.0
+DEFAULT_HOLD_THRESHOLD_MS = 50.0
+# 4 MiB: ~2 s of events at the 64-thread soak's rate, for a sidecar that
+# shares a busy machine's CPUs (kernel memory, not RssAnon).
+DEFAULT_RINGBUF_PAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,13 @@ class Options:
     mode: str = "auto"
     socket: str = DEFAULT_SOCKET
     sidecar_python: str = ""
-    wait_threshold_ms: float = 1.0
-    hold_threshold_ms: float = 50.0
+    wait_threshold_ms: float = DEFAULT_WAIT_THRESHOLD_MS
+    hold_threshold_ms: float = DEFAULT_HOLD_THRESHOLD_MS
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
-    ringbuf_pages: int = 1024  # 4 MiB; ProbeConfig's default
-    probes: str = "contended"
+    ringbuf_pages: int = DEFAULT_RINGBUF_PAGES
+    probes: str = DEFAULT_PROBE_SET
     span_queue_mb: float = 8.0
 
     @property

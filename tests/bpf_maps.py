@@ -42,7 +42,7 @@ class SidecarMaps:
     def __init__(self, sidecar_pid: int) -> None:
         self.fds: Dict[str, int] = {}
         wanted = {ctypes.sizeof(events.ThreadStats): "threads",
-                  ctypes.sizeof(events.Target): "targets"}
+                  ctypes.sizeof(events.TargetState): "targets"}
         for fd in os.listdir(f"/proc/{sidecar_pid}/fd"):
             try:
                 if os.readlink(f"/proc/{sidecar_pid}/fd/{fd}") != "anon_inode:bpf-map":
@@ -76,8 +76,8 @@ class SidecarMaps:
         return {tid: st for tid, st in self._entries("threads", events.ThreadStats).items()
                 if st.pid == pid}
 
-    def target(self, pid: int) -> events.Target:
-        return self._entries("targets", events.Target)[pid]
+    def target(self, pid: int) -> events.TargetState:
+        return self._entries("targets", events.TargetState)[pid]
 
     def close(self) -> None:
         for fd in self.fds.values():

@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E4
 )
 
 import otel_gil  # noqa: E402
+from otel_gil.abi import slots  # noqa: E402
 from otel_gil.app import context  # noqa: E402
 
 SERVICE = "fault-app"
@@ -132,7 +133,7 @@ def churn(count: int) -> None:
 def table() -> None:
     tab = context.current_table()
     assert tab is not None
-    records = context.parse_slots(tab.raw())
+    records = slots.parse_slots(tab.raw())
     _say(live_slots=sorted(r.tid for r in records if not r.exited),
          live_threads=sorted(t.native_id for t in threading.enumerate()
                              if t.native_id is not None),

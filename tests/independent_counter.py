@@ -9,8 +9,8 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from otel_gil.probes.loader import proc_path
-from otel_gil.target.interpreter import Target
+from otel_gil.target.process import Target
+from otel_gil.target.procfs import under_root as proc_path
 
 PROGRAM = r"""
 BPF_ARRAY(hits, u64, 1);

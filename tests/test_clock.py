@@ -1,25 +1,16 @@
-"""otel_gil.clock: min-bracket calibration, steps, time namespaces."""
+"""otel_gil.sidecar.clock: min-bracket calibration and steps."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import time
 from typing import Iterator
 
 import pytest
 
-from otel_gil.errors import TargetError
 from otel_gil.sidecar.clock import (
     Clock,
     ClockOffset,
     calibrate,
-    host_mono_to_target,
-    parse_timens_offsets,
-    target_mono_to_host,
-    timens_offset,
 )
 
 
@@ -125,48 +116,3 @@ def test_real_clocks_calibrate_within_microseconds() -> None:
     # THEN it lands inside that bracket, widened by the calibration's uncertainty
     assert before - offset.uncertainty_ns <= converted <= after + offset.uncertainty_ns
     print(f"calibration uncertainty {offset.uncertainty_ns} ns")
-
-
-def test_parse_timens_offsets() -> None:
-    # GIVEN the kernel's format (fs/proc/base.c), by name and by clock id
-    text = "monotonic        1000         5\nboottime            7         0\n"
-    # THEN only the monotonic line counts, seconds and nanoseconds combined
-    assert parse_timens_offsets(text) == 1_000_000_000_005
-    assert parse_timens_offsets("1 -3 0\n7 0 0\n") == -3_000_000_000
-    assert parse_timens_offsets("boottime 4 0\n") == 0
-    assert host_mono_to_target(10, 1_000) == 1_010
-    assert target_mono_to_host(1_010, 1_000) == 10
-
-
-def test_timens_offset_of_this_process_and_of_a_missing_one() -> None:
-    # GIVEN this test process, in the host's time namespace
-    # THEN its offset is zero, and a pid that does not exist is an error
-    assert timens_offset(os.getpid()) == 0
-    with pytest.raises(TargetError):
-        timens_offset(2**22 + 12345)
-
-
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0,
-                    reason="needs unshare(1) and root for a time namespace")
-def test_target_in_a_time_namespace_is_detected() -> None:
-    # GIVEN a child in a new time namespace whose CLOCK_MONOTONIC is 1000 s ahead
-    code = ("import os, sys, time; print(os.getpid(), time.monotonic_ns(), flush=True);"
-            " sys.stdin.readline()")
-    child = subprocess.Popen(["unshare", "--time", "--monotonic", "1000", "--fork",
-                              sys.executable, "-c", code],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout is not None and child.stdin is not None
-        before = time.monotonic_ns()
-        pid, child_mono = map(int, child.stdout.readline().split())
-        after = time.monotonic_ns()
-        # WHEN we read its offset
-        offset = timens_offset(pid)
-        # THEN it is exactly the namespace's offset, and shifting the child's own
-        # monotonic reading back puts it between our two host readings
-        assert offset == 1_000_000_000_000
-        assert before <= target_mono_to_host(child_mono, offset) <= after
-        child.stdin.write("\n")
-        child.stdin.flush()
-    finally:
-        child.wait(timeout=10)

@@ -10,7 +10,7 @@ import pytest
 
 from otel_gil import config
 from otel_gil.app import agent
-from otel_gil.probes.loader import PROBE_SETS
+from otel_gil.probes.config import PROBE_SETS
 
 
 def test_defaults_environment_and_keywords() -> None:

@@ -18,9 +18,13 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.resource.v1 import resource_pb2
+from process_context_reader import read_process_context
 
+from otel_gil.abi import process_context as pcodec
+from otel_gil.abi import slots
 from otel_gil.app import context as oc
-from otel_gil.app import process_context as pc
+from otel_gil.app import table as tbl
+from otel_gil.sidecar import threads as sidecar_threads
 
 CHILD = textwrap.dedent('''
     import json, os, sys, threading
@@ -30,6 +34,7 @@ CHILD = textwrap.dedent('''
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
     from otel_gil.app import context as oc
     from otel_gil.app import process_context as pc
+    from otel_gil.sidecar.threads import read_slots
 
     def say(**kw):
         print(json.dumps(kw), flush=True)
@@ -107,11 +112,11 @@ def child(tmp_path: Path) -> Iterator[Child]:
     proc.proc.wait()
 
 
-def by_tid(pid: int, table: int) -> dict[int, oc.SlotRecord]:
-    return {record.tid: record for record in oc.read_slots(pid, table)}
+def by_tid(pid: int, table: int) -> dict[int, slots.SlotRecord]:
+    return {record.tid: record for record in sidecar_threads.read_slots(pid, table)}
 
 
-def assert_holds(record: oc.SlotRecord, ids: dict[str, Any]) -> None:
+def assert_holds(record: slots.SlotRecord, ids: dict[str, Any]) -> None:
     assert record.valid == 1
     assert record.trace_id.hex() == ids["trace_id"]
     assert record.span_id.hex() == ids["span_id"]
@@ -137,7 +142,7 @@ def test_each_thread_slot_follows_its_own_span(child: Child) -> None:
     assert slots[b["tid"]].trace_flags & 1 == 0
     assert slots[a["tid"]].ident == a["ident"] and slots[b["tid"]].ident == b["ident"]
     assert slots[a["tid"]].thread_name == "worker-a"
-    assert oc.read_thread_names(pid, table)[b["tid"]] == (b["ident"], "worker-b")
+    assert sidecar_threads.read_thread_names(pid, table)[b["tid"]] == (b["ident"], "worker-b")
     # the main thread has no span: its slot says so
     assert slots[first["main_tid"]].valid == 0
     assert slots[first["main_tid"]].thread_name == "MainThread"
@@ -173,7 +178,7 @@ def test_process_context_carries_the_resource(child: Child) -> None:
     # GIVEN a child that published its Resource (service.name=ctx-test-app)
     pid = child.read()["pid"]
     # WHEN the sidecar side reads it through /proc/PID/maps and /proc/PID/mem
-    resource = pc.read_process_context(pid)
+    resource = read_process_context(pid)
     # THEN it finds the child's own resource
     assert resource["service.name"] == "ctx-test-app"
     assert resource["telemetry.sdk.language"] == "python"
@@ -194,7 +199,7 @@ def test_table_mapping_named_when_kernel_allows(child: Child) -> None:
     import mmap
 
     scratch = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
-    supported = oc.name_mapping(oc.buffer_address(scratch), mmap.PAGESIZE, b"probe")
+    supported = tbl.name_mapping(tbl.buffer_address(scratch), mmap.PAGESIZE, b"probe")
     assert ("[anon:otel-gil-ctx]" in line) == supported
     assert table % mmap.PAGESIZE == 0
     if supported:  # a named mapping is not merged with its anonymous neighbours
@@ -205,17 +210,18 @@ FORK_CHILD = textwrap.dedent('''
     import json, os, threading
     from opentelemetry.sdk.trace import TracerProvider
     from otel_gil.app import context as oc
+    from otel_gil.sidecar.threads import read_slots
     table = oc.install()
     with TracerProvider().get_tracer("t").start_as_current_span("s") as span:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
-            slots = oc.read_slots(os.getpid(), table.address)
+            slots = read_slots(os.getpid(), table.address)
             os.write(w, json.dumps([[s.tid, s.span_id.hex()] for s in slots]).encode())
             os._exit(0)
         os.waitpid(pid, 0)
         forked = json.loads(os.read(r, 65536))
-        mine = [[s.tid, s.span_id.hex()] for s in oc.read_slots(os.getpid(), table.address)]
+        mine = [[s.tid, s.span_id.hex()] for s in read_slots(os.getpid(), table.address)]
         print(json.dumps({"forked": forked, "forked_pid": pid, "mine": mine,
                           "tid": threading.get_native_id(),
                           "span": f"{span.get_span_context().span_id:016x}"}))
@@ -248,7 +254,7 @@ def test_slot_collisions_count_unplaced_threads() -> None:
     del leases[1]
     again = table.claim(40, 400, "t40")
     assert again is not None and again.index == 1
-    assert {r.tid: r.ident for r in oc.parse_slots(table.raw())} == {
+    assert {r.tid: r.ident for r in slots.parse_slots(table.raw())} == {
         8: 80, 24: 240, 32: 320, 40: 400}
 
 
@@ -260,7 +266,7 @@ def test_long_thread_name_is_truncated_on_a_character_boundary() -> None:
     lease = table.claim(5, 6, name)
     # THEN the stored name is the longest prefix that fits (82 bytes), no broken char
     assert lease is not None
-    (record,) = oc.parse_slots(table.raw())
+    (record,) = slots.parse_slots(table.raw())
     assert record.thread_name == "x" * 81
 
 
@@ -300,9 +306,9 @@ def test_process_context_payload_decodes_with_opentelemetry_proto() -> None:
         "list": ["a", "b"], "ints": [1, -2],
     }
     # WHEN our hand encoder writes them and protobuf itself decodes the bytes
-    message = _process_context_class().FromString(pc.encode_process_context(attributes))
+    message = _process_context_class().FromString(pcodec.encode_process_context(attributes))
     decoded: list[Any] = [(kv.key, _plain(kv.value)) for kv in message.resource.attributes]
     # THEN protobuf sees exactly the same keys, order and values
     assert decoded == list(attributes.items())
     # and our own reader agrees
-    assert pc.decode_process_context(pc.encode_process_context(attributes)) == attributes
+    assert pcodec.decode_process_context(pcodec.encode_process_context(attributes)) == attributes

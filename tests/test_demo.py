@@ -19,7 +19,7 @@ import pytest
 from otlp_receiver import OtlpReceiver, SpanRecord, otlp_receiver  # noqa: F401 - fixture
 
 from otel_gil import names
-from otel_gil.dev import demo
+from otel_gil.dev import load as demo_load
 from otel_gil.dev import report as demo_report
 
 ROOT = Path(__file__).parent.parent
@@ -82,7 +82,7 @@ def test_demo_json_is_complete_and_consistent(demo_run: Any) -> None:
     assert by_name["GET /light"]["count"] == load["by_path"]["/light"]
     assert by_name["GET /healthz"]["count"] == 1
     # AND the mix is one /cpu per three /light (each client cycles cpu, light x3)
-    assert abs(load["by_path"]["/light"] - 3 * load["by_path"]["/cpu"]) <= 3 * demo.CLIENTS
+    assert abs(load["by_path"]["/light"] - 3 * load["by_path"]["/cpu"]) <= 3 * demo_load.CLIENTS
     # AND the GIL figures add up
     assert 0 < req["with_gil_wait"] <= req["total"]
     assert 0 < req["gil_wait_ms"] < req["time_ms"]
@@ -339,7 +339,7 @@ def test_summarize_adds_up_waits_holders_and_their_traces() -> None:
         # the /cpu request's own wait names its thread: that is how c1 maps to T-cpu
         _wait("w3", "c1", cpu_t, "T-cpu", 2.0, [("T-light", 2.0)], []),
     ]
-    stats = demo.LoadStats(by_path={"/cpu": 1, "/light": 2})
+    stats = demo_load.LoadStats(by_path={"/cpu": 1, "/light": 2})
     doc = demo_report.summarize(spans, [], stats, slowest=2)
     # THEN the totals are exact
     assert doc["requests"] == {"total": 3, "with_gil_wait": 2, "time_ms": 67.0,

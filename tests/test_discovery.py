@@ -22,14 +22,9 @@ from otel_gil.errors import (
     NotPythonError,
     TargetGone,
 )
-from otel_gil.target import interpreter as discovery
-from otel_gil.target.interpreter import (
-    Target,
-    inspect_binary,
-    inspect_process,
-    require_gil,
-    x_gil_option,
-)
+from otel_gil.target import elf, interpreter, process, procfs
+from otel_gil.target.interpreter import inspect_binary
+from otel_gil.target.process import Target, inspect_process, require_gil, x_gil_option
 
 PYENV = "/root/.pyenv/versions"
 PYENV_VERSIONS = ["3.8.18", "3.9.18", "3.10.13", "3.11.7", "3.12.1", "3.13.0"]
@@ -53,9 +48,9 @@ def pyenv_exe(version: str) -> str:
 def private_cache(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts with empty caches, in memory and on disk."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    discovery.clear_memory_cache()
+    process.clear_memory_cache()
     yield
-    discovery.clear_memory_cache()
+    process.clear_memory_cache()
 
 
 def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:  # type: ignore[type-arg]
@@ -160,7 +155,7 @@ def test_second_inspect_uses_the_caches(tmp_path: str, monkeypatch: pytest.Monke
         def boom(*_a: object) -> None:
             raise AssertionError("re-analysed a cached interpreter")
 
-        monkeypatch.setattr(discovery, "_inspect", boom)
+        monkeypatch.setattr(interpreter, "_inspect", boom)
         t0 = time.perf_counter()
         again = inspect_process(proc.pid)
         warm = time.perf_counter() - t0
@@ -169,7 +164,7 @@ def test_second_inspect_uses_the_caches(tmp_path: str, monkeypatch: pytest.Monke
         assert warm < cold / 10, (cold, warm)
 
         # AND after the memory cache is gone, the JSON file on disk answers
-        discovery.clear_memory_cache()
+        process.clear_memory_cache()
         assert inspect_process(proc.pid) == first
     finally:
         proc.kill()
@@ -218,10 +213,10 @@ def test_a_process_that_exited_but_is_not_reaped_is_gone(program: list) -> None:
     # GIVEN a child that has exited but is not reaped yet: a zombie, which is what
     # `otel-gil run` inspects when its child exits between two child.poll() calls
     child = subprocess.Popen(program)
-    assert not discovery.exiting(os.getpid())
+    assert not procfs.exiting(os.getpid())
     try:
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # wait, but do not reap
-        assert discovery.exiting(child.pid)
+        assert procfs.exiting(child.pid)
         # WHEN it is inspected THEN TargetGone says so: not the OSError that the
         # first vanished /proc entry (its exe link) raised before
         with pytest.raises(TargetGone, match=rf"^pid {child.pid} exited while it was being "
@@ -232,7 +227,7 @@ def test_a_process_that_exited_but_is_not_reaped_is_gone(program: list) -> None:
     # AND once reaped, it is gone too, with the plain message
     with pytest.raises(TargetGone, match=f"^no process with pid {child.pid}$"):
         inspect_process(child.pid)
-    assert discovery.exiting(child.pid)
+    assert procfs.exiting(child.pid)
 
 
 def test_require_gil_raises_when_disabled() -> None:
@@ -352,7 +347,7 @@ def test_sid_binary_in_its_root(minor: int) -> None:
     root = f"{TARGETS}/sid-3.{minor}"
     exe = f"{root}/usr/bin/python3.{minor}"
     need(exe)
-    with discovery.ElfObject(exe) as obj:
+    with elf.ElfObject(exe) as obj:
         build_id = obj.build_id()
     assert build_id is not None
     # WHEN it is inspected with that tree as its root
@@ -432,7 +427,7 @@ def test_stripped_315_in_its_root() -> None:
     # the -dbg file gives sid's original, and the GIL through _Py_DebugOffsets
     truth = inspect_binary(f"{TARGETS}/sid-3.15/usr/bin/python3.15",
                            root=f"{TARGETS}/sid-3.15", cache=False)
-    assert interp.symbol_source == discovery.FALLBACK_SOURCE
+    assert interp.symbol_source == interpreter.FALLBACK_SOURCE
     assert [(f.address, f.size, f.ret_addresses) for f in interp.take_gil] == [
         (f.address, f.size, f.ret_addresses) for f in truth.take_gil]
     assert interp.gil_layout == truth.gil_layout
@@ -446,7 +441,7 @@ def test_stripped_311_copy() -> None:
     interp = inspect_binary(lib, cache=False)
     # THEN the symbol-free fallback finds pyenv 3.11.7's take_gil
     truth = inspect_binary(f"{PYENV}/3.11.7/lib/libpython3.11.so.1.0", cache=False)
-    assert interp.symbol_source == discovery.FALLBACK_SOURCE
+    assert interp.symbol_source == interpreter.FALLBACK_SOURCE
     assert interp.take_gil[0].address == truth.take_gil[0].address
     assert interp.take_gil[0].ret_addresses == truth.take_gil[0].ret_addresses
 
@@ -469,23 +464,20 @@ def test_thread_ids_of_315_are_read_at_their_index() -> None:
 
 
 class _FakeMem:
-    """A process's memory for probes._tid_offsets: {address: bytes}."""
+    """A process's memory for probes.holders._tid_offsets: {address: bytes}."""
 
     def __init__(self, pages: dict[int, bytes]) -> None:
-        self.pages, self.at = pages, 0
+        self.pages = pages
 
-    def seek(self, at: int) -> None:
-        self.at = at
-
-    def read(self, size: int) -> bytes:
+    def pread(self, at: int, size: int) -> bytes:
         for base, data in self.pages.items():
-            if base <= self.at < base + len(data):
-                return data[self.at - base:self.at - base + size]
+            if base <= at < base + len(data):
+                return data[at - base:at - base + size]
         raise OSError("unmapped")
 
 
 def test_holder_tid_offset_search_uses_several_thread_states() -> None:
-    from otel_gil.probes.loader import _tid_offsets
+    from otel_gil.probes.holders import _tid_offsets
 
     def tstate(nxt: int, tid: int) -> bytes:
         # prev, next, then a flag word of 1 everywhere, the tid at 40

@@ -14,9 +14,10 @@ import subprocess
 
 import pytest
 
+from otel_gil.target.dwarf import dwarf_layout
 from otel_gil.target.elf import ElfObject
 from otel_gil.target.interpreter import inspect_binary
-from otel_gil.target.layout import dwarf_layout, table_layout
+from otel_gil.target.layout import table_layout
 
 PYENV = "/root/.pyenv/versions"
 # version -> names of the take_gil copies that nm lists (cpython-gil.md)

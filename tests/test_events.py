@@ -10,16 +10,16 @@ from typing import Dict, Type
 
 import pytest
 
-from otel_gil.abi import events
-from otel_gil.probes.loader import bpf_dir
+from otel_gil.abi import events, slots
+from otel_gil.probes.config import bpf_dir
 
 STRUCTS: Dict[str, Type[ctypes.Structure]] = {
-    "thread_ctx": events.ThreadCtx,
-    "ctx_slot_head": events.CtxSlotHead,
+    "thread_ctx": slots.ThreadCtx,
+    "ctx_slot_head": slots.CtxSlotHead,
     "gil_hold": events.GilHold,
     "gil_event": events.GilEvent,
     "thread_stats": events.ThreadStats,
-    "target": events.Target,
+    "target": events.TargetState,
     "holder_stats": events.HolderStats,
 }
 CONSTANTS = ["GIL_HIST_MIN_SHIFT", "GIL_HIST_BUCKETS", "GIL_MAX_HOLDERS", "GIL_HOLD_RING",
@@ -59,7 +59,25 @@ def test_struct_matches_header(layout: Dict[str, int], cname: str) -> None:
 
 def test_constants_match_header(layout: Dict[str, int]) -> None:
     for const in CONSTANTS:
-        assert getattr(events, const) == layout[const], const
+        module = slots if const.startswith("GIL_CTX_") else events
+        assert getattr(module, const) == layout[const], const
+
+
+def test_slot_offsets_come_from_the_checked_mirror() -> None:
+    # GIVEN the slot head as gcc laid it out (checked above) WHEN the app's and
+    # the sidecar's struct formats are derived from it THEN they agree with it
+    head = slots.CtxSlotHead
+    assert slots.SLOT_HEAD.size == slots.ATTRS_OFFSET == slots.ctypes.sizeof(head)
+    assert slots.IDS_OFFSET == head.ctx.offset
+    assert slots.VALID_OFFSET == head.ctx.offset + slots.ThreadCtx.valid.offset
+    assert slots.IDS_SIZE == len(slots.ids_record(1, 2, 1)) == \
+        slots.ThreadCtx.attrs_data_size.offset
+    # AND a slot packed with the struct format reads back through the ctypes mirror
+    raw = slots.SLOT_HEAD.pack(7, 1, 99, (5).to_bytes(16, "big"), (6).to_bytes(8, "big"), 1, 1, 3)
+    back = head.from_buffer_copy(raw)
+    assert (back.tid, back.reserved, back.ident, back.ctx.valid, back.ctx.attrs_data_size) == \
+        (7, 1, 99, 1, 3)
+    assert events.decode_ctx(back.ctx) == events.SpanRef(5, 6, 1)
 
 
 def test_decode_wait_event_round_trip() -> None:
@@ -118,7 +136,7 @@ def test_decode_rejects_garbage() -> None:
 
 
 def test_invalid_context_decodes_to_none() -> None:
-    assert events.decode_ctx(events.ThreadCtx()) is None
+    assert events.decode_ctx(slots.ThreadCtx()) is None
 
 
 def test_header_is_package_data() -> None:

@@ -27,10 +27,10 @@ from bpf_maps import SidecarMaps
 from otlp_receiver import MetricRecord, OtlpReceiver
 
 from otel_gil import names
+from otel_gil.abi import buckets
 from otel_gil.errors import TargetGone
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
-from otel_gil.sidecar import timeline
 
 APP = Path(__file__).parent / "fault_app.py"
 WENT_AWAY = "app: otel-gil: GIL tracing off: the sidecar went away; GIL tracing stopped, " \
@@ -416,7 +416,7 @@ def test_1000_short_lived_threads(apps: List[App]) -> None:
 
 # ---------------------------------------------------------------------------- loss
 
-THRESHOLD_NS = 1 << 20  # a histogram bucket's lower bound (timeline.bucket_of), ~1.05 ms
+THRESHOLD_NS = 1 << 20  # a histogram bucket's lower bound (buckets.bucket_of), ~1.05 ms
 
 
 @pytest.mark.ebpf
@@ -440,8 +440,8 @@ def test_tiny_ring_buffer_overflow_is_counted_exactly(apps: List[App]) -> None:
         made = app.finish()["exit"]
         maps = SidecarMaps(sidecar)
         try:
-            first = timeline.bucket_of(THRESHOLD_NS)
-            assert timeline.bucket_bounds(first)[0] == THRESHOLD_NS
+            first = buckets.bucket_of(THRESHOLD_NS)
+            assert buckets.bucket_bounds(first)[0] == THRESHOLD_NS
             produced = sum(sum(st.wait_hist[first:]) for st in maps.threads(pid).values())
             lost = maps.target(pid).lost
         finally:

@@ -37,9 +37,9 @@ from test_record import assert_hold_matches_cpu
 
 import otel_gil
 from otel_gil import names
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import GIL_WATCH_INTERVAL_NS, Session
-from otel_gil.target import interpreter as discovery
+from otel_gil.target import process
 
 GILMOD_C = r"""
 #include <Python.h>
@@ -165,7 +165,7 @@ def test_gil_enabled_after_attach_is_traced_from_then_on(target: PythonTarget,
             assert info.gil_enabled_ns == info.attached_ns
             assert info.attached_ns - imported < 5_000_000_000 + GIL_WATCH_INTERVAL_NS
             assert info.target.gil.enabled is True
-            assert info.target.gil.enabled_count == discovery.GIL_ENABLED_PERMANENTLY
+            assert info.target.gil.enabled_count == process.GIL_ENABLED_PERMANENTLY
             # AND doctor now says tracing would work
             doc = _doctor_pid(child.host_pid)
             assert doc["exit"] == 0 and doc["target"]["gil"]["state"] == "GIL enabled"

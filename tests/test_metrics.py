@@ -15,7 +15,7 @@ from targets import all_targets, require, spawn
 from test_record import WORKLOAD
 
 from otel_gil import names
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.sidecar import histograms
 from otel_gil.sidecar.metrics import GilMetrics

@@ -38,10 +38,10 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from otlp_receiver import OtlpReceiver, otlp_receiver  # noqa: F401 - fixture
 
 from otel_gil import names
-from otel_gil.abi import events
+from otel_gil.abi import buckets, events
 from otel_gil.app import context
 from otel_gil.export import delivery, spanwire
-from otel_gil.sidecar import histograms, timeline
+from otel_gil.sidecar import histograms, threads, timeline
 from otel_gil.sidecar import spans as export
 from otel_gil.sidecar.losses import LossLog
 
@@ -104,7 +104,7 @@ def test_holders_of_agrees_with_timeline_blame() -> None:
              events.Hold(9, 10, 90, sampled), events.Hold(10, 160, 170, None))
     wait = events.Interval("wait", 1, 5, 100, 200, None, holds=holds, holds_total=9)
     # WHEN the holders are worked out in one pass
-    blame, links = export.holders_of(wait)
+    blame, links = timeline.holders_of(wait)
     # THEN they are timeline.blame()'s, and the links the sampled spans they held in
     assert blame == [(b.tid, b.held_ns) for b in timeline.blame(wait)] == \
         [(7, 50 + 20), (8, 30), (10, 10)]
@@ -273,11 +273,11 @@ def test_losses_are_logged_at_most_once_a_minute_and_at_exit(caplog: Any) -> Non
 def test_exported_edges_are_kernel_bucket_edges() -> None:
     # GIVEN every kernel bucket's range WHEN folded onto the exported buckets
     for b in range(events.GIL_HIST_BUCKETS):
-        low, high = timeline.bucket_bounds(b)
+        low, high = buckets.bucket_bounds(b)
         # THEN both ends of it land in the exported bucket the fold says
         assert histograms.FOLD[b] == bisect_right(histograms.EDGES_NS, low) == \
             bisect_right(histograms.EDGES_NS, high - 1), b
-    lows = {timeline.bucket_bounds(b)[0] for b in range(events.GIL_HIST_BUCKETS)}
+    lows = {buckets.bucket_bounds(b)[0] for b in range(events.GIL_HIST_BUCKETS)}
     assert set(histograms.EDGES_NS) <= lows
     assert list(histograms.EDGES_NS) == sorted(histograms.EDGES_NS)
     # AND each is within 8% of its 1-2-5 value
@@ -292,7 +292,7 @@ def test_folding_kernel_histograms_is_exact_and_survives_tid_reuse() -> None:
     durations = [10, 1023, 1024, 5000, 1 << 20, (1 << 20) - 1, 3_000_000_000, 10**12]
     kernel = [0] * events.GIL_HIST_BUCKETS
     for ns in durations:
-        kernel[timeline.bucket_of(ns)] += 1
+        kernel[buckets.bucket_of(ns)] += 1
     # GIVEN a thread's kernel histogram, read twice, the second time unchanged
     hset.fold_thread(1, labels, kernel, sum(durations), max(durations))
     hset.fold_thread(1, labels, kernel, sum(durations), max(durations))
@@ -304,7 +304,7 @@ def test_folding_kernel_histograms_is_exact_and_survives_tid_reuse() -> None:
     assert series.counts == expected and series.sum_ns == sum(durations)
     # WHEN a new thread reuses the tid (its kernel counts start again from zero)
     fresh = [0] * events.GIL_HIST_BUCKETS
-    fresh[timeline.bucket_of(2048)] = 1
+    fresh[buckets.bucket_of(2048)] = 1
     hset.fold_thread(1, labels, fresh, 2048, 2048)
     # THEN its wait is added, nothing is subtracted
     assert series.count == len(durations) + 1
@@ -321,11 +321,11 @@ def test_the_app_keeps_its_counters_in_the_table_header() -> None:
     table.errors += 2
     # WHEN the sidecar reads the header from the process's memory
     # THEN it reads what the app counted
-    assert context.read_counters(os.getpid(), table.address) == (3, 2)
+    assert threads.read_counters(os.getpid(), table.address) == (3, 2)
     assert (table.unplaced, table.errors) == (3, 2)
     # AND a forked child's table starts from zero
     table.reset()
-    assert context.read_counters(os.getpid(), table.address) == (0, 0)
+    assert threads.read_counters(os.getpid(), table.address) == (0, 0)
 
 
 # ==================================================== faults, with real probes
@@ -619,7 +619,7 @@ def test_record_keeps_at_most_max_intervals_and_counts_the_rest() -> None:
     from test_record import WORKLOAD
 
     from otel_gil.cli import report
-    from otel_gil.probes.loader import ProbeConfig
+    from otel_gil.probes.config import ProbeConfig
     from otel_gil.probes.session import Session
 
     target = next(t for t in all_targets() if t.name == "pyenv-3.11")

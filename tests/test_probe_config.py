@@ -10,7 +10,7 @@ from typing import Dict
 import pytest
 
 from otel_gil import config
-from otel_gil.probes.loader import ProbeConfig, bpf_dir
+from otel_gil.probes.config import ProbeConfig, bpf_dir
 
 
 def _c_defaults() -> Dict[str, str]:
@@ -34,8 +34,13 @@ def test_c_fallbacks_are_the_loaders_defaults() -> None:
     assert {name: c[name] for name in loader} == loader
 
 
-def test_options_ring_buffer_default_is_the_probes() -> None:
-    assert config.Options().ringbuf_pages == ProbeConfig().ringbuf_pages
+def test_options_defaults_are_the_probes() -> None:
+    # GIVEN the user-facing defaults WHEN turned into probe settings as the CLI does
+    opts = config.Options()
+    probes = ProbeConfig.from_ms(opts.wait_threshold_ms, opts.hold_threshold_ms,
+                                 ringbuf_pages=opts.ringbuf_pages, probes=opts.probes)
+    # THEN they are the loader's defaults (and so, above, the C program's)
+    assert probes == ProbeConfig()
 
 
 @pytest.mark.parametrize("value", ["0", "3", "12"])

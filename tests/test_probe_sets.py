@@ -20,7 +20,8 @@ from independent_counter import HitCounter
 from targets import PythonTarget, all_targets, require, spawn
 
 from otel_gil.abi.events import Interval
-from otel_gil.probes.loader import ProbeConfig, plan
+from otel_gil.probes.config import ProbeConfig
+from otel_gil.probes.points import plan
 from otel_gil.probes.session import Session
 
 BURNERS = r"""

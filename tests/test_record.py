@@ -21,7 +21,7 @@ from perf_uprobe import harmless_counter, open_uprobe
 from targets import Child, PythonTarget, all_targets, require, spawn
 
 from otel_gil.errors import GilDisabledError
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.target.interpreter import inspect_binary
 

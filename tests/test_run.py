@@ -15,7 +15,7 @@ import pytest
 from targets import all_targets, require
 
 from otel_gil.cli import run
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 
 REPO = Path(__file__).resolve().parent.parent

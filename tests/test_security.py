@@ -22,7 +22,8 @@ import pytest
 from otlp_receiver import OtlpReceiver
 
 from otel_gil import names, trust
-from otel_gil.app import context, protocol
+from otel_gil.abi import slots
+from otel_gil.app import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
@@ -395,8 +396,8 @@ stop.set()
 @pytest.mark.ebpf
 def test_a_hostile_context_table_is_contained(node_sidecar: Any, tmp_path: Path) -> None:
     sock, receiver, proc = node_sidecar
-    header = context._HEADER.pack(context.MAGIC, context.VERSION, 1024, context.SLOT_SIZE,
-                                  context.HEADER_SIZE)
+    header = slots.HEADER.pack(slots.MAGIC, slots.VERSION, 1024, slots.SLOT_SIZE,
+                               slots.HEADER_SIZE)
     # GIVEN nobody registers itself with a table that lies and changes while read
     out = as_nobody([STRANGER_PYTHON, "-c", HOSTILE, header.hex(), str(sock), "1024"])
     assert out.returncode == 0, out.stderr

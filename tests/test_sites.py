@@ -14,8 +14,8 @@ import pytest
 from targets import all_targets, require, spawn
 
 from otel_gil.abi import events
-from otel_gil.probes.loader import holder_tid_source
-from otel_gil.target import interpreter as discovery
+from otel_gil.probes.holders import holder_tid_source
+from otel_gil.target import interpreter, process
 from otel_gil.target.disasm import EMULATED, REFUSED, SINGLE_STEPPED, probe_cost
 
 LIBPYTHON_311 = "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0"
@@ -50,13 +50,13 @@ def test_sites_survive_the_disk_cache(tmp_path: Path, monkeypatch: pytest.Monkey
         pytest.skip(f"{LIBPYTHON_311} is missing")
     # GIVEN an empty cache directory and a first inspection that fills it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    discovery.clear_memory_cache()
-    first = discovery.inspect_binary(LIBPYTHON_311)
+    process.clear_memory_cache()
+    first = interpreter.inspect_binary(LIBPYTHON_311)
     assert list(tmp_path.rglob("*.json"))
     # WHEN the build is inspected again from the disk cache alone
-    discovery.clear_memory_cache()
-    again = discovery.inspect_binary(LIBPYTHON_311)
-    discovery.clear_memory_cache()
+    process.clear_memory_cache()
+    again = interpreter.inspect_binary(LIBPYTHON_311)
+    process.clear_memory_cache()
     # THEN the probe sites and the thread-id offsets are the same
     assert first.sites is not None and first.sites.held and first.sites.waits
     assert dataclasses.asdict(again) == dataclasses.asdict(first)
@@ -73,7 +73,7 @@ def test_holders_are_named_from_the_live_tstate(name: str, how: int, offset: int
     # GIVEN a running interpreter
     with spawn(target, "import sys; print('{}', flush=True); sys.stdin.readline()") as child:
         child.read_json(timeout=60)
-        found = discovery.inspect_process(child.host_pid)
+        found = process.inspect_process(child.host_pid)
         # WHEN the holder's tid source is checked on it THEN it is the layout's
         assert holder_tid_source(found)[:2] == (how, offset)
         if how == events.GIL_TID_NATIVE:

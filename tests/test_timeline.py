@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from otel_gil.abi import events
+from otel_gil.abi import buckets, events
 from otel_gil.abi.events import Hold, Interval
 from otel_gil.sidecar import timeline
 
@@ -11,40 +11,40 @@ def test_bucket_boundaries_round_trip() -> None:
     # GIVEN every bucket's bounds WHEN a value at each bound is bucketed
     # THEN it lands in that bucket, and the value just below lands in the one before.
     for b in range(1, events.GIL_HIST_BUCKETS - 1):
-        low, high = timeline.bucket_bounds(b)
-        assert timeline.bucket_of(low) == b
-        assert timeline.bucket_of(high - 1) == b
-        assert timeline.bucket_of(low - 1) == b - 1
+        low, high = buckets.bucket_bounds(b)
+        assert buckets.bucket_of(low) == b
+        assert buckets.bucket_of(high - 1) == b
+        assert buckets.bucket_of(low - 1) == b - 1
 
 
 def test_bucket_examples() -> None:
-    assert timeline.bucket_of(0) == 0
-    assert timeline.bucket_of(63) == 0
-    assert timeline.bucket_of(64) == 1
+    assert buckets.bucket_of(0) == 0
+    assert buckets.bucket_of(63) == 0
+    assert buckets.bucket_of(64) == 1
     # 5 ms = 5_000_000 ns: 2^22 = 4_194_304; sub-bucket (5e6 >> 20) & 3 = 0b00 -> 4 + 0
-    assert timeline.bucket_of(5_000_000) == 1 + (22 - 6) * 4 + ((5_000_000 >> 20) & 3)
-    assert timeline.bucket_of(1 << 62) == events.GIL_HIST_BUCKETS - 1
+    assert buckets.bucket_of(5_000_000) == 1 + (22 - 6) * 4 + ((5_000_000 >> 20) & 3)
+    assert buckets.bucket_of(1 << 62) == events.GIL_HIST_BUCKETS - 1
 
 
 def test_percentile_interpolates_within_bucket() -> None:
     hist = [0] * events.GIL_HIST_BUCKETS
-    b = timeline.bucket_of(5_000_000)
+    b = buckets.bucket_of(5_000_000)
     hist[b] = 100
-    low, high = timeline.bucket_bounds(b)
-    assert timeline.percentile(hist, 0.5) == low + (high - low) // 2
-    assert timeline.percentile(hist, 1.0) == high
-    assert timeline.percentile([0] * events.GIL_HIST_BUCKETS, 0.99) == 0
+    low, high = buckets.bucket_bounds(b)
+    assert buckets.percentile(hist, 0.5) == low + (high - low) // 2
+    assert buckets.percentile(hist, 1.0) == high
+    assert buckets.percentile([0] * events.GIL_HIST_BUCKETS, 0.99) == 0
 
 
 def test_percentile_p99_of_two_clusters() -> None:
     # GIVEN 990 short waits (~2 µs) and 10 long ones (~5 ms)
     hist = [0] * events.GIL_HIST_BUCKETS
-    hist[timeline.bucket_of(2_000)] = 990
-    hist[timeline.bucket_of(5_000_000)] = 10
+    hist[buckets.bucket_of(2_000)] = 990
+    hist[buckets.bucket_of(5_000_000)] = 10
     # THEN p99 is at the top of the short cluster, p99.5 inside the long one
-    low, high = timeline.bucket_bounds(timeline.bucket_of(2_000))
-    assert timeline.percentile(hist, 0.99) == high
-    assert 4_194_304 <= timeline.percentile(hist, 0.995) < 6_291_456
+    low, high = buckets.bucket_bounds(buckets.bucket_of(2_000))
+    assert buckets.percentile(hist, 0.99) == high
+    assert 4_194_304 <= buckets.percentile(hist, 0.995) < 6_291_456
 
 
 def test_blame_charges_overlap_only_and_merges_threads() -> None:

@@ -1,7 +1,11 @@
-"""The structs of bpf/gil.h, mirrored once with ctypes, and their decoders.
+"""The kernel's structs of bpf/gil.h, mirrored once with ctypes, and their decoders.
 
 tests/test_events.py compiles gil.h with gcc and checks every size and offset
-here against it, so the two cannot drift apart silently.
+here against it, so the two cannot drift apart silently. The context table's
+structs (thread_ctx, ctx_slot_head) are otel_gil/abi/slots.py's.
+
+A GIL event is born in bpf/gil.bpf.c as a struct gil_event in the ring buffer;
+decode_event() turns it into an Interval, what every later stage works on.
 """
 
 from __future__ import annotations
@@ -9,14 +13,13 @@ from __future__ import annotations
 import ctypes
 from typing import Callable, NamedTuple, Optional, Tuple
 
+from otel_gil.abi.slots import ThreadCtx
+
 # Constants from bpf/gil.h (checked by the same test).
 GIL_HIST_MIN_SHIFT = 6
 GIL_HIST_BUCKETS = 128
 GIL_MAX_HOLDERS = 16
 GIL_HOLD_RING = 16
-GIL_CTX_HEADER_SIZE = 64
-GIL_CTX_SLOT_SIZE = 128
-GIL_CTX_PROBES = 4
 GIL_EVENT_WAIT = 1
 GIL_EVENT_HOLD = 2
 GIL_SET_CONTENDED = 1
@@ -26,27 +29,6 @@ GIL_START_SEEN = 2
 GIL_TID_NATIVE = 1
 GIL_TID_PTHREAD = 2
 PROBE_SETS = {GIL_SET_CONTENDED: "contended", GIL_SET_ALL: "all"}
-
-
-class ThreadCtx(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [
-        ("trace_id", ctypes.c_uint8 * 16),
-        ("span_id", ctypes.c_uint8 * 8),
-        ("valid", ctypes.c_uint8),
-        ("trace_flags", ctypes.c_uint8),
-        ("attrs_data_size", ctypes.c_uint16),
-    ]
-
-
-class CtxSlotHead(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [
-        ("tid", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
-        ("ident", ctypes.c_uint64),
-        ("ctx", ThreadCtx),
-    ]
 
 
 class GilHold(ctypes.Structure):
@@ -104,7 +86,11 @@ class ThreadStats(ctypes.Structure):
     ]
 
 
-class Target(ctypes.Structure):
+class TargetState(ctypes.Structure):
+    """struct target: one traced process's configuration and kernel-side state
+    (not otel_gil.target.process.Target, what inspecting the process found)."""
+
+
     _fields_ = [
         ("cond_addr", ctypes.c_uint64),
         ("ctx_table", ctypes.c_uint64),

@@ -55,20 +55,19 @@ import asyncio
 import concurrent.futures.thread as futures_thread
 import contextvars
 import functools
-import importlib.abc
-import importlib.machinery
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from otel_gil.app import context
-from otel_gil.app.context import publish_current, publish_entered
+from otel_gil.abi.slots import INVALID
+from otel_gil.app import import_hooks, publish
+from otel_gil.app.publish import publish_current, publish_entered
 
 __all__ = ["install", "patched", "uninstall"]
 
 _active = False
-# context._otel_var while installed with the contextvars runtime context: the
+# publish._otel_var while installed with the contextvars runtime context: the
 # inlined fast path of Handle._run reads it; None means take the slow path.
 _otel_var: Any = None
 _NO_CONTEXT = contextvars.Context()  # publishing it publishes "no span"
@@ -76,8 +75,8 @@ _NO_CONTEXT = contextvars.Context()  # publishing it publishes "no span"
 _patches: List[Tuple[Any, str, Any]] = []
 # context.py's objects for the inlined publishing below: context.py mutates
 # them in place and never rebinds them.
-_TLS, _CACHE = context._tls, context._cache
-_INVALID, _SPAN_KEY = context._INVALID, context._SPAN_KEY  # type: ignore[attr-defined]
+_TLS, _CACHE = publish._tls, publish._cache
+_INVALID, _SPAN_KEY = INVALID, publish._SPAN_KEY  # type: ignore[attr-defined]
 # .record: the record of the uvloop loop running on this thread (run_forever);
 # without one (a loop already running at instrument()), "no span".
 _loop_records = threading.local()
@@ -92,8 +91,8 @@ def _patch_asyncio() -> None:
     # context.py's publishing, inlined: a Python call costs ~70 ns, and this
     # runs twice per step (bench/event_loop.py). The names are bound once;
     # context.py mutates these objects in place, never rebinds them.
-    tls, cache, remember, claim, failed = (_TLS, _CACHE, context._remember,
-                                           context._claim_current, context._failed)
+    tls, cache, remember, claim, failed = (_TLS, _CACHE, publish._remember,
+                                           publish._claim_current, publish._failed)
     invalid, span_key = _INVALID, _SPAN_KEY
 
     def _run(self: Any) -> None:
@@ -181,20 +180,20 @@ class _Callback:
                 record = _INVALID
             else:
                 hit = _CACHE.get(id(span))
-                record = hit[1] if hit is not None and hit[0] is span else context._remember(span)
+                record = hit[1] if hit is not None and hit[0] is span else publish._remember(span)
             try:
                 _TLS.view[:] = record
             except AttributeError:
-                context._claim_current()[:] = record
+                publish._claim_current()[:] = record
         except Exception:  # noqa: BLE001 - never raise into the app
-            context._failed()
+            publish._failed()
         try:
             return self.callback(*args)
         finally:
             try:
                 _TLS.view[:] = getattr(_loop_records, "record", _INVALID)
             except Exception:  # noqa: BLE001 - never raise into the app
-                context._failed()
+                publish._failed()
 
     def __repr__(self) -> str:
         return repr(self.callback)
@@ -211,7 +210,7 @@ def _record_now() -> bytes:
     """The record publish_current() would write now, without writing it."""
     otel = _otel_var.get(None) if _otel_var is not None else None
     span = None if otel is None else otel.get(_SPAN_KEY)
-    return _INVALID if span is None else context._remember(span)
+    return _INVALID if span is None else publish._remember(span)
 
 
 def _patch_uvloop(uvloop: ModuleType) -> None:
@@ -345,68 +344,14 @@ def _replace(owner: Any, name: str, value: Any) -> None:
 _MISSING = object()
 
 
-class _Loader(importlib.abc.Loader):
-    """Runs a module's own loader, then its patch; then puts the loader back
-    on the module, so nothing else ever sees this one."""
-
-    def __init__(self, loader: Any, patch: Callable[[ModuleType], None]) -> None:
-        self.loader = loader
-        self.patch = patch
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
-        module: Optional[ModuleType] = self.loader.create_module(spec)
-        return module
-
-    def exec_module(self, module: ModuleType) -> None:
-        try:
-            self.loader.exec_module(module)
-        finally:
-            if module.__spec__ is not None:
-                module.__spec__.loader = self.loader
-            module.__loader__ = self.loader
-        _run_patch(self.patch, module)
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Finds the modules of _AFTER_IMPORT through the other finders, and gives
-    their specs a _Loader."""
-
-    def find_spec(self, fullname: str, path: Optional[Sequence[str]],
-                  target: Optional[ModuleType] = None) -> Optional[importlib.machinery.ModuleSpec]:
-        patch = _AFTER_IMPORT.get(fullname)
-        if patch is None or not _active:
-            return None
-        try:
-            for finder in sys.meta_path:
-                find = getattr(finder, "find_spec", None)
-                if finder is self or find is None:
-                    continue
-                spec: Optional[importlib.machinery.ModuleSpec] = find(fullname, path, target)
-                if spec is None:
-                    continue
-                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Loader(spec.loader, patch)
-                return spec
-        except Exception:  # noqa: BLE001 - leave the import to the usual machinery
-            return None
-        return None
-
-
-_finder = _Finder()
-
-
-def _run_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
-    try:
-        patch(module)
-    except Exception:  # noqa: BLE001, S110 - an unknown version: left unpatched
-        pass
+_finder = import_hooks.PatchingFinder(_AFTER_IMPORT, lambda: _active)
 
 
 def install() -> None:
     """Patch asyncio and the executor now, uvloop and anyio now or when imported.
     Idempotent; never raises."""
     global _active, _otel_var
-    _otel_var = context._otel_var
+    _otel_var = publish._otel_var
     if _active:
         return
     _active = True
@@ -417,7 +362,7 @@ def install() -> None:
         for name, patch in _AFTER_IMPORT.items():
             module = sys.modules.get(name)
             if module is not None:
-                _run_patch(patch, module)
+                import_hooks.run_patch(patch, module)
         if _finder not in sys.meta_path:
             sys.meta_path.insert(0, _finder)
     except Exception:  # noqa: BLE001, S110 - the attach/detach hook still works

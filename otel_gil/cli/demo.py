@@ -1,5 +1,5 @@
 """`otel-gil demo`: the demo app under otel-gil, real load, the slow requests'
-GIL waits and their holders (otel_gil.demo; the result: otel_gil.demo_report).
+GIL waits and their holders (otel_gil.dev.demo; the result: otel_gil.dev.report).
 With --url: the load generator only."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 
 from otel_gil.cli.base import Command, require_root
-from otel_gil.cli.record import add_probe_set_option
-from otel_gil.dev import demo
+from otel_gil.cli.common import add_probe_set_option
+from otel_gil.dev import demo, load
 from otel_gil.errors import OtelGilError
 
 
@@ -42,7 +42,7 @@ class DemoCommand(Command):
     def run(self, args: argparse.Namespace) -> int:
         duration = _duration(args.duration)
         if args.url:
-            stats = demo.load(args.url, duration)
+            stats = load.load(args.url, duration)
             print(f"Sent {stats.line()} to {args.url}")
             return 0
         require_root()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 from otel_gil.cli.base import Command, pid_arg
 from otel_gil.config import PROBE_SETS
 from otel_gil.errors import GilDisabledError, OtelGilError
-from otel_gil.target import interpreter as discovery
+from otel_gil.target import interpreter, paths, process, procfs
 
 
 @dataclass
@@ -71,7 +71,8 @@ def _headers() -> str:
 
 
 def _bpf_program() -> str:
-    from otel_gil.probes.loader import ProbeConfig, Probes  # noqa: PLC0415 - imports bcc
+    from otel_gil.probes.config import ProbeConfig  # noqa: PLC0415 - imports bcc
+    from otel_gil.probes.loader import Probes
 
     for probe_set in PROBE_SETS:
         Probes(ProbeConfig(probes=probe_set), lambda _iv: None).close()
@@ -79,7 +80,7 @@ def _bpf_program() -> str:
             "buffer, tracepoint)")
 
 
-def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str, Any]:
+def _describe(interp: interpreter.Interpreter, binary: str, root: str) -> Dict[str, Any]:
     return {
         "binary": binary,
         "object": interp.path,
@@ -101,16 +102,16 @@ def _describe(interp: discovery.Interpreter, binary: str, root: str) -> Dict[str
     }
 
 
-def _summary(what: str, interp: discovery.Interpreter, flavour: str) -> str:
+def _summary(what: str, interp: interpreter.Interpreter, flavour: str) -> str:
     text = (f"{what}: CPython {'.'.join(map(str, interp.version))} ({flavour}), "
             f"{len(interp.take_gil)} take_gil copies via {interp.symbol_source}")
     return f"{text}; WARNING: {interp.unverified}" if interp.unverified else text
 
 
-def _probe_set(interp: discovery.Interpreter, probe_set: str) -> Dict[str, Any]:
+def _probe_set(interp: interpreter.Interpreter, probe_set: str) -> Dict[str, Any]:
     """Where a probe set's uprobes sit in this build, what kind of instruction
     each is on, and what that costs per hit on this machine's kind of host."""
-    from otel_gil.probes.loader import HIT_COST_NS, planned, transition_cost  # noqa: PLC0415
+    from otel_gil.probes.points import HIT_COST_NS, planned, transition_cost  # noqa: PLC0415
 
     try:
         points = planned(interp, probe_set)
@@ -165,27 +166,27 @@ class DoctorCommand(Command):
         # now, e.g. after the -dbg package was installed, and for this very file
         # (a stripped copy shares its build-id, so its cache entry, with the original).
         if args.python:
-            elf, root = discovery.interpreter_object(args.python, os.environ)
-            interp = discovery.inspect_binary(elf, root=root, cache=False)
+            elf, root = paths.interpreter_object(args.python, os.environ)
+            interp = interpreter.inspect_binary(elf, root=root, cache=False)
             out.update(_describe(interp, args.python, root))
             if interp.free_threaded:
                 out["gil"] = "free-threaded build: the GIL is measurable when it runs with " \
                              "PYTHON_GIL=1 or enables it at run time (checked per process " \
                              "with --pid)"
             return _summary(args.python, interp, out["flavour"])
-        target = discovery.inspect_process(args.pid)
-        interp = discovery.inspect_binary(target.object_path, root=target.root, cache=False)
+        target = process.inspect_process(args.pid)
+        interp = interpreter.inspect_binary(target.object_path, root=target.root, cache=False)
         out.update(_describe(interp, _exe(args.pid), os.path.realpath(target.root)))
-        out["object"] = _host_path(args.pid, target.object_path)
+        out["object"] = procfs.outside_root(args.pid, target.object_path)
         out.update(pid=target.pid, nspid=list(target.nspid),
                    gil={"address": hex(target.gil.address), "enabled": target.gil.enabled,
                         "enabled_count": target.gil.enabled_count,
-                        "state": discovery.gil_state(target.gil.enabled_count),
+                        "state": process.gil_state(target.gil.enabled_count),
                         "interval_us": target.gil.interval_us, "found_by": target.gil.how},
-                   release_probe={"path": _host_path(args.pid, target.cond_signal[0]),
+                   release_probe={"path": procfs.outside_root(args.pid, target.cond_signal[0]),
                                   "address": hex(target.cond_signal[1])})
         out["holders_named_by"] = _holder_naming(target)
-        discovery.require_gil(target)
+        process.require_gil(target)
         return _summary(f"pid {args.pid}", interp, out["flavour"])
 
     @staticmethod
@@ -205,10 +206,10 @@ class DoctorCommand(Command):
         print(f"verdict: {verdict}")
 
 
-def _holder_naming(target: discovery.Target) -> str:
+def _holder_naming(target: process.Target) -> str:
     """How the contended set names the thread holding the GIL, checked on the process."""
     from otel_gil.abi import events  # noqa: PLC0415
-    from otel_gil.probes.loader import holder_tid_source  # noqa: PLC0415
+    from otel_gil.probes.holders import holder_tid_source  # noqa: PLC0415
 
     how, off, pthread = holder_tid_source(target)
     if how == events.GIL_TID_NATIVE:
@@ -242,15 +243,6 @@ def _exe(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return "?"  # it exited since: the check above already read what it needed
-
-
-def _host_path(pid: int, path: str) -> str:
-    """path without its /proc/PID/root prefix when that root is ours (a path that
-    still means something once the process is gone)."""
-    prefix = f"/proc/{pid}/root"
-    if path.startswith(prefix + "/") and os.path.realpath(prefix) == "/":
-        return path[len(prefix):]
-    return path
 
 
 def _verdict(failed: List[Check]) -> str:

@@ -7,12 +7,12 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from otel_gil import views
-from otel_gil.abi import events
-from otel_gil.probes.loader import Point
+from otel_gil.abi import buckets, events
+from otel_gil.probes.points import Point
 from otel_gil.probes.session import Session, ThreadTotals
 from otel_gil.sidecar import timeline
 from otel_gil.target.disasm import Function
-from otel_gil.target.interpreter import Target
+from otel_gil.target.process import Target
 
 SCHEMA = "otel-gil/record/v1"
 TOP_HOLDERS = 10
@@ -96,7 +96,7 @@ def _histogram(hist: Sequence[int]) -> List[Dict[str, int]]:
     out = []
     for b, count in enumerate(hist):
         if count:
-            low, high = timeline.bucket_bounds(b)
+            low, high = buckets.bucket_bounds(b)
             out.append({"low_ns": low, "high_ns": high, "count": count})
     return out
 
@@ -158,7 +158,7 @@ def to_json(session: Session) -> Dict[str, Any]:
     probe_set = session.probe_set
     for pid, info in sorted(session.targets.items()):
         proc = describe_target(info.target, probe_set, session.probes.plans.get(pid, ()))
-        st = info.state or events.Target()
+        st = info.state or events.TargetState()
         everything = probe_set == "all"
         proc.update(started_ns=info.started_ns, ended_ns=info.ended_ns,
                     attached_ns=info.attached_ns, gil_enabled_ns=info.gil_enabled_ns,
@@ -180,9 +180,9 @@ def to_json(session: Session) -> Dict[str, Any]:
         "thresholds": {"wait_ns": cfg.wait_threshold_ns, "hold_ns": cfg.hold_threshold_ns},
         "processes": processes,
         "threads": [_thread(t, duration) for t in threads],
-        "wait_histogram": _histogram(timeline.merge(t.wait_hist for t in threads
+        "wait_histogram": _histogram(buckets.merge(t.wait_hist for t in threads
                                                     if t.wait_hist is not None)),
-        "hold_histogram": _histogram(timeline.merge(t.hold_hist for t in threads
+        "hold_histogram": _histogram(buckets.merge(t.hold_hist for t in threads
                                                     if t.hold_hist is not None)),
         "intervals": [_interval(iv) for iv in session.intervals],
         "intervals_dropped": session.intervals_dropped,

@@ -14,13 +14,13 @@ from types import FrameType
 from typing import List, Optional
 
 from otel_gil.cli.base import Command, require_root
-from otel_gil.cli.record import add_probe_options, announce, follow, probe_config, write_record
+from otel_gil.cli.common import add_probe_options, announce, follow, probe_config, write_record
 from otel_gil.cli.views import add_view_options, view_files
 from otel_gil.errors import OtelGilError, TargetError, TargetGone, TargetNotReady
-from otel_gil.probes.loader import program_text
+from otel_gil.probes.config import program_text
 from otel_gil.probes.session import Session
-from otel_gil.target import interpreter as discovery
-from otel_gil.target.interpreter import Target
+from otel_gil.target import interpreter, paths, process
+from otel_gil.target.process import Target
 
 SI_KERNEL = 0x80  # si_code of a signal the kernel raised itself, e.g. the tty's Ctrl-C
 FORWARDED = (signal.SIGINT, signal.SIGTERM)
@@ -103,10 +103,10 @@ def _warm_caches(command: List[str]) -> None:
     discovery). Anything not found here is simply read at attach time."""
     exe = shutil.which(command[0])
     try:
-        discovery.inspect_process(os.getpid())
+        process.inspect_process(os.getpid())
         if exe is not None:
-            elf, root = discovery.interpreter_object(exe, os.environ)
-            discovery.inspect_binary(elf, root=root)
+            elf, root = paths.interpreter_object(exe, os.environ)
+            interpreter.inspect_binary(elf, root=root)
     except OtelGilError:
         pass
 

@@ -12,8 +12,8 @@ from typing import Optional
 from otel_gil import config
 from otel_gil.app.plan import OWNER_TOKEN
 from otel_gil.cli.base import Command, positive_float, power_of_two, require_root
-from otel_gil.cli.record import add_probe_set_option
-from otel_gil.probes.loader import ProbeConfig
+from otel_gil.cli.common import add_probe_set_option
+from otel_gil.probes.config import ProbeConfig
 
 
 class SidecarCommand(Command):
@@ -55,13 +55,13 @@ class SidecarCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
-        from otel_gil.sidecar.server import Sidecar, listen  # noqa: PLC0415 - imports bcc
+        from otel_gil.sidecar.host import listen
+        from otel_gil.sidecar.server import Sidecar  # noqa: PLC0415 - imports bcc
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
-        cfg = ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
-                          hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
-                          ringbuf_pages=args.ringbuf_pages, probes=args.probes)
-        from otel_gil.sidecar.metrics import default_readers  # noqa: PLC0415
+        cfg = ProbeConfig.from_ms(args.wait_threshold_ms, args.hold_threshold_ms,
+                                  ringbuf_pages=args.ringbuf_pages, probes=args.probes)
+        from otel_gil.export.readers import default_readers  # noqa: PLC0415
 
         # The socket first: a refusal (an untrusted directory) is one line and
         # exit 5, before anything else has started. A spawned sidecar's was bound

@@ -3,17 +3,16 @@ requests, and show which requests waited for the GIL, and behind whom.
 
 With no OTLP endpoint configured, an embedded OTLP/gRPC receiver on loopback
 collects the app's spans and its sidecar's (the spawned sidecar inherits the
-app's environment, OTEL_EXPORTER_OTLP_* included), and demo_report.summarize()
+app's environment, OTEL_EXPORTER_OTLP_* included), and report.summarize()
 turns them into the result (out/demo.json) and otel_gil.views into an HTML view
 beside it (out/demo.html: timeline and flame graph of who held the GIL). With
 OTEL_EXPORTER_OTLP_ENDPOINT set, everything goes there.
-`load()` alone is the load generator the compose file's loadgen runs.
+The load generator (also `otel-gil demo --url`, which the compose file's
+loadgen runs) is otel_gil/dev/load.py; the result, otel_gil/dev/report.py.
 """
 
 from __future__ import annotations
 
-import http.client
-import itertools
 import json
 import os
 import selectors
@@ -21,152 +20,18 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Dict, Optional, Sequence, Tuple
-from urllib.parse import SplitResult, urlsplit
 
 import otel_gil
 from otel_gil import views
+from otel_gil.dev.load import LoadStats, load, say
 from otel_gil.dev.report import render, summarize
 from otel_gil.errors import OtelGilError
+from otel_gil.target import procfs
 
-# About one /cpu request per three /light ones; each client starts at a
-# different point of the cycle so that the kinds interleave.
-MIX = ("/cpu", "/light", "/light", "/light")
-CLIENTS = 6
 APP = Path("examples") / "demo_app.py"
-
-
-def say(message: str) -> None:
-    """Progress: one line on stderr."""
-    print(f"demo: {message}", file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------- load generator
-
-
-@dataclass
-class LoadStats:
-    by_path: Dict[str, int] = field(default_factory=dict)
-    errors: int = 0
-    last_error: str = ""
-    elapsed_s: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def ok(self, path: str) -> None:
-        with self._lock:
-            self.by_path[path] = self.by_path.get(path, 0) + 1
-
-    def failed(self, why: str) -> None:
-        with self._lock:
-            self.errors += 1
-            self.last_error = why
-
-    @property
-    def sent(self) -> int:
-        return sum(self.by_path.values())
-
-    def line(self) -> str:
-        paths = ", ".join(f"{n} {p}" for p, n in sorted(self.by_path.items()))
-        last = f" (last: {self.last_error})" if self.errors else ""
-        return f"{self.sent} requests ({paths or 'none yet'}), {self.errors} errors{last}"
-
-    def to_json(self) -> Dict[str, Any]:
-        return {"sent": self.sent, "errors": self.errors, "by_path": dict(self.by_path),
-                "seconds": round(self.elapsed_s, 2)}
-
-
-def parse_url(url: str) -> SplitResult:
-    """The URL split, or OtelGilError for anything but http(s)://host[:port]."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise OtelGilError(f"not an http URL: {url!r}", "give e.g. --url http://127.0.0.1:8000")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise OtelGilError(f"bad port in {url!r}", "give e.g. --url http://127.0.0.1:8000") \
-            from None
-    return parts
-
-
-def _connect(url: SplitResult) -> http.client.HTTPConnection:
-    cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-    return cls(url.hostname or "", url.port, timeout=10)  # parse_url checked the host
-
-
-def _get(conn: http.client.HTTPConnection, path: str) -> int:
-    conn.request("GET", path)
-    response = conn.getresponse()
-    response.read()  # keep-alive: the body must be consumed before the next request
-    return response.status
-
-
-def _client(url: SplitResult, offset: int, stats: LoadStats, stop: threading.Event) -> None:
-    conn = _connect(url)
-    for path in itertools.islice(itertools.cycle(MIX), offset, None):
-        if stop.is_set():
-            break
-        try:
-            status = _get(conn, url.path.rstrip("/") + path)
-            if status == 200:
-                stats.ok(path)
-            else:
-                stats.failed(f"{path}: HTTP {status}")
-        except (OSError, http.client.HTTPException) as exc:
-            stats.failed(f"{path}: {exc or type(exc).__name__}")
-            conn.close()
-            conn = _connect(url)
-            stop.wait(0.2)
-    conn.close()
-
-
-def check_reachable(url: SplitResult) -> None:
-    conn = _connect(url)
-    try:
-        status = _get(conn, url.path.rstrip("/") + "/healthz")
-    except (OSError, http.client.HTTPException) as exc:
-        raise OtelGilError(f"cannot reach {url.geturl()}: {exc}",
-                           "start the demo app there first: python examples/demo_app.py") \
-            from None
-    finally:
-        conn.close()
-    if status != 200:
-        raise OtelGilError(f"{url.geturl()}/healthz answered HTTP {status}",
-                           "point --url at examples/demo_app.py")
-
-
-def load(url: str, duration: float, clients: int = CLIENTS) -> LoadStats:
-    """GET MIX from `clients` keep-alive connections for `duration` seconds (0:
-    until SIGINT/SIGTERM), with a progress line every second."""
-    parts = parse_url(url)
-    check_reachable(parts)
-    stats, stop = LoadStats(), threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    threads = [threading.Thread(target=_client, args=(parts, i, stats, stop),
-                                name=f"load-{i}", daemon=True) for i in range(clients)]
-    start = time.monotonic()
-    try:
-        for t in threads:
-            t.start()
-        elapsed = 0.0
-        while not stop.wait(min(1.0, duration - elapsed) if duration else 1.0):
-            elapsed = time.monotonic() - start
-            total = f"/{duration:g}" if duration else ""
-            say(f"load {elapsed:.0f}{total} s: {stats.line()}")
-            if duration and elapsed >= duration:
-                break
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(15)
-        stats.elapsed_s = time.monotonic() - start
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return stats
 
 
 # ------------------------------------------------------------------- the demo app
@@ -226,7 +91,7 @@ class DemoApp:
                 self.proc.kill()
                 self.proc.wait()
         deadline = time.monotonic() + timeout
-        while self.sidecar and _alive(self.sidecar) and time.monotonic() < deadline:
+        while self.sidecar and not procfs.exited(self.sidecar) and time.monotonic() < deadline:
             time.sleep(0.05)
         last = self.last_error()
         self._stderr.close()
@@ -234,21 +99,9 @@ class DemoApp:
 
 
 def _child_of(pid: int) -> Optional[int]:
-    """The app's one child (the spawned sidecar), from /proc/PID/task/*/children."""
-    try:
-        children = [int(c) for tid in os.listdir(f"/proc/{pid}/task")
-                    for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-    except OSError:
-        return None
+    """The app's one child (the spawned sidecar)."""
+    children = procfs.children(pid)
     return children[0] if len(children) == 1 else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 # --------------------------------------------------------------------- the run
@@ -287,7 +140,7 @@ def run_app_under_load(env: Dict[str, str], duration: float) -> Tuple[LoadStats,
         say(f"tracing live: demo app pid {ready['pid']} on port {ready['port']}, "
             f"sidecar pid {app.sidecar or '?'}")
         stats = load(f"http://127.0.0.1:{ready['port']}", duration)
-        survived = app.sidecar is None or _alive(app.sidecar)
+        survived = app.sidecar is None or not procfs.exited(app.sidecar)
         say("collecting: stopping the app; waiting for its sidecar to flush the GIL spans")
     finally:
         last_words = app.stop()

@@ -6,12 +6,10 @@ the embedded receiver collected (otel_gil/dev/receiver.py) into the JSON documen
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from otel_gil import names
-
-if TYPE_CHECKING:  # otel_gil.demo imports this module
-    from otel_gil.dev.demo import LoadStats
+from otel_gil.dev.load import LoadStats
 
 __all__ = ["SERVER", "render", "summarize", "summarize_metrics"]
 

@@ -11,106 +11,21 @@ import contextlib
 import ctypes
 import errno
 import os
-import struct
 import subprocess
 import sys
-from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from otel_gil.abi import events
-from otel_gil.errors import EnvironmentProblem, ProbeError, TargetError
-from otel_gil.target.disasm import EMULATED, Site
-from otel_gil.target.elf import ElfObject
+from otel_gil.abi.slots import TableLocation
+from otel_gil.errors import EnvironmentProblem, ProbeError
+from otel_gil.probes.config import ProbeConfig, bpf_dir
+from otel_gil.probes.holders import target_config
+from otel_gil.probes.points import PROBE_FUNCTIONS, Point, plan
+from otel_gil.target import procfs
 
 if TYPE_CHECKING:
-    from otel_gil.target.interpreter import Interpreter, Target
-
-PROBE_SETS = ("contended", "all")
-DEFAULT_PROBE_SET = "contended"
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    wait_threshold_ns: int = 1_000_000  # waits at or above this become events
-    hold_threshold_ns: int = 50_000_000  # holds at or above this become events
-    max_threads: int = 8192
-    max_targets: int = 256
-    # 4 MiB: ~2 s of events at the 64-thread soak's rate, for a sidecar that
-    # shares a busy machine's CPUs (kernel memory, not RssAnon).
-    ringbuf_pages: int = 1024
-    empty: bool = False  # probes that return at once: the overhead floor (bench/)
-    probes: str = DEFAULT_PROBE_SET  # "contended" or "all" (bpf/gil.bpf.c)
-
-    def __post_init__(self) -> None:
-        if self.probes not in PROBE_SETS:
-            raise ValueError(f"unknown probe set {self.probes!r}: use one of "
-                             f"{', '.join(PROBE_SETS)}")
-
-    def cflags(self) -> List[str]:
-        flags = ["-DEMPTY_PROBES"] if self.empty else []
-        if self.probes == "all":
-            flags.append("-DPROBES_ALL")
-        pidns = own_pid_namespace()
-        if pidns is not None:
-            flags += [f"-DSIDECAR_PIDNS_DEV={pidns[0]}ULL", f"-DSIDECAR_PIDNS_INO={pidns[1]}ULL"]
-        return flags + [
-            f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
-            f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
-            f"-DMAX_THREADS={self.max_threads}",
-            f"-DMAX_TARGETS={self.max_targets}",
-            f"-DRINGBUF_PAGES={self.ringbuf_pages}",
-        ]
-
-
-@dataclass(frozen=True)
-class ContextTable:
-    """Where a target publishes its span contexts (otel_gil/app/context.py)."""
-
-    address: int
-    slots: int
-
-
-PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial PID namespace's inode (include/linux/proc_ns.h)
-
-
-def own_pid_namespace() -> Optional[Tuple[int, int]]:
-    """(st_dev, st_ino) of our PID namespace when it is not the initial one,
-    e.g. a sidecar container sharing its pod's PID namespace; else None."""
-    st = os.stat("/proc/self/ns/pid")
-    return None if st.st_ino == PROC_PID_INIT_INO else (st.st_dev, st.st_ino)
-
-
-def ns_tid_map(pid: int) -> Dict[int, int]:
-    """tid in the target's own PID namespace -> our tid, for its live threads."""
-    out: Dict[int, int] = {}
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/status") as f:
-                for line in f:
-                    if line.startswith("NSpid:"):
-                        out[int(line.split()[-1])] = int(task)
-                        break
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def bpf_dir() -> Path:
-    return Path(str(resources.files("otel_gil.bpf")))
-
-
-def program_text(config: ProbeConfig) -> str:
-    """The program exactly as compiled: the -D settings, the header, the source.
-    Printed by ``otel-gil record --dump-bpf``."""
-    src = bpf_dir()
-    defines = "".join(f"#define {f[2:].replace('=', ' ', 1)}\n" for f in config.cflags())
-    return defines + (src / "gil.h").read_text() + (src / "gil.bpf.c").read_text()
+    from otel_gil.target.process import Target
 
 
 def _import_bcc() -> Any:
@@ -149,246 +64,6 @@ def _recent_kernel_log() -> str:
 
 
 TRACEFS = Path("/sys/kernel/tracing")
-# The BPF functions of each probe set (bpf/gil.bpf.c).
-PROBE_FUNCTIONS = {"contended": ("on_wait", "on_wake"),
-                   "all": ("on_wait", "on_wake", "on_held", "on_release", "on_take_gil")}
-
-
-@dataclass(frozen=True)
-class Point:
-    """One uprobe of a plan: which program, where, on what instruction."""
-
-    fn_name: str
-    path: str  # as BCC will open it (proc_path); "" before a process is known
-    address: int  # link-time address BCC attaches at; libc's entry: its symbol's
-    role: str  # held, wait, wake, release, entry
-    where: str  # function it sits in
-    insn: str
-    cost: str  # disasm.EMULATED / SINGLE_STEPPED, or "entry" (a function's first instruction)
-
-    @property
-    def in_libc(self) -> bool:
-        return self.where == LIBC_SIGNAL
-
-
-LIBC_SIGNAL = "pthread_cond_signal (libc)"
-# What one probe hit costs, by how the kernel handles the instruction, measured
-# on the 2-vCPU KVM guest of bench/README.md (empty BPF program, per pid; a
-# function entry is a `push`, emulated). The BPF programs add ~0.1-0.3 µs.
-HIT_COST_NS = {EMULATED: 550, "single-stepped": 6800, "entry": 550}
-
-
-def planned(interp: Interpreter, probe_set: str) -> List[Point]:
-    """The uprobes of a probe set in an interpreter build (paths left empty),
-    or ProbeError saying why the set cannot be placed.
-
-    contended: the timed-wait call and wake sites of every take_gil copy.
-    all: those, the held sites (or each ret), the release call sites (or libc's
-    pthread_cond_signal entry), and take_gil's entry where no wait site exists.
-    """
-    sites = interp.sites
-    points: List[Point] = []
-
-    def add(fn_name: str, site: Site) -> None:
-        points.append(Point(fn_name, "", site.address, site.role, site.function, site.insn,
-                            site.cost))
-
-    if sites is not None and sites.waits and len(sites.wakes) == len(sites.waits):
-        for site in sites.waits:
-            add("on_wait", site)
-        for site in sites.wakes:
-            add("on_wake", site)
-    elif probe_set == "contended":
-        why = "; ".join(sites.notes) if sites is not None else "its code could not be analysed"
-        raise ProbeError(
-            f"the contended probes cannot be placed in {interp.path}: no timed wait on the GIL "
-            f"found in take_gil ({why})",
-            "use --probes all (OTEL_PYTHON_GIL_PROBES=all), which probes every transition")
-    else:
-        points += [Point("on_take_gil", "", fn.address, "entry", fn.name, "entry", "entry")
-                   for fn in interp.take_gil]
-    if probe_set == "contended":
-        return points
-    if sites is not None and sites.held:
-        for site in sites.held:
-            add("on_held", site)
-    else:
-        points += [Point("on_held", "", r, "held", fn.name, "ret", "single-stepped")
-                   for fn in interp.take_gil for r in fn.ret_addresses]
-    if sites is not None and sites.releases:
-        for site in sites.releases:
-            add("on_release", site)
-    else:
-        points.append(Point("on_release", "", 0, "release", LIBC_SIGNAL, "entry", "entry"))
-    return points
-
-
-def plan(target: Target, probe_set: str) -> List[Point]:
-    """planned() for a running target: the paths and libc's address filled in."""
-    obj = proc_path(target.pid, target.object_path)
-    libc_path, cond_signal = target.cond_signal
-    libc = proc_path(target.pid, libc_path)
-    return [replace(p, path=libc, address=cond_signal) if p.in_libc else replace(p, path=obj)
-            for p in planned(target.interpreter, probe_set)]
-
-
-def transition_cost(points: List[Point]) -> Dict[str, int]:
-    """ns of probe hits per uncontended GIL transition (one release, one
-    acquisition that finds the GIL free) and per timed wait, by this plan.
-
-    One held site runs per acquisition: which one depends on the path through
-    take_gil, so both the cheapest and the dearest are given (a single-stepped
-    ret kept as a fallback may sit on a path that is rarely taken)."""
-    def costs(role: str) -> List[int]:
-        return [HIT_COST_NS[p.cost] for p in points if p.role == role] or [0]
-
-    # take_gil's own signal of gil->switch_cond, on every acquisition, hits
-    # libc's pthread_cond_signal too when that is the release probe.
-    release = min(costs("release")) * (2 if any(p.in_libc for p in points) else 1)
-    fixed = release + min(costs("entry"))
-    return {"per_uncontended_transition_ns": fixed + min(costs("held")),
-            "per_uncontended_transition_max_ns": fixed + max(costs("held")),
-            "per_timed_wait_ns": min(costs("wait")) + min(costs("wake"))}
-
-
-_PTHREAD_TID: Dict[Tuple[int, int, int], Optional[int]] = {}
-
-
-def glibc_tid_offset(libc_path: str) -> Optional[int]:
-    """Offset of the tid in glibc's struct pthread, from libc's own descriptor
-    for libthread_db (`_thread_db_pthread_tid`: bit size, count, offset; glibc
-    nptl_db/structs.def). None for a libc without it."""
-    try:
-        st = os.stat(libc_path)
-    except OSError:
-        return None
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns)
-    if key not in _PTHREAD_TID:
-        found = None
-        try:
-            with ElfObject(libc_path) as libc:
-                sym = libc.lookup("_thread_db_pthread_tid", (".dynsym",))
-                if sym is not None:
-                    bits, count, offset = struct.unpack("<III", libc.read(sym.value, 12))
-                    found = offset if (bits, count) == (32, 1) and offset < 4096 else None
-        except (OSError, TargetError, struct.error):
-            found = None
-        _PTHREAD_TID[key] = found
-    return _PTHREAD_TID[key]
-
-
-def target_config(target: Target, ctx_table: Optional[ContextTable]) -> events.Target:
-    """What the probes need to know about a target (struct target's configuration)."""
-    cfg = events.Target()
-    cfg.cond_addr = target.gil.cond_address
-    cfg.interval_ns = target.gil.interval_us * 1000
-    if ctx_table is not None:
-        cfg.ctx_table = ctx_table.address
-        cfg.ctx_slots = ctx_table.slots
-    if len(target.nspid) > 1:
-        cfg.ns_translate = 1
-        cfg.ns_dev, cfg.ns_ino = target.pidns
-    layout = target.interpreter.gil_layout
-    cfg.gil_addr = target.gil.address
-    if layout is not None:
-        # last_holder and switch_number sit on either side of locked in struct
-        # _gil_runtime_state, 3.8 to 3.14 (Include/internal/pycore_gil.h;
-        # checked with gdb on every build here, free-threaded included).
-        cfg.off_locked = layout.locked
-        cfg.off_holder = layout.locked - 8
-        cfg.off_switch = layout.locked + 8
-        cfg.tid_how, cfg.off_tid, cfg.off_pthread_tid = holder_tid_source(target)
-    cfg.holder_tid = 0
-    return cfg
-
-
-def holder_tid_source(target: Target) -> Tuple[int, int, int]:
-    """(GIL_TID_*, offset in PyThreadState, glibc's tid offset) to name a holder
-    from gil->last_holder, checked on the live process; (0, 0, 0) if unknown.
-
-    The layout's offset (DWARF, _Py_DebugOffsets, table) is tried first; the
-    check is that the last holder's PyThreadState gives one of the process's
-    thread ids. Where it does not (a build whose layout is not known right),
-    the first 1 KiB of that PyThreadState is searched for a word that does
-    (native_thread_id is the kernel tid, 3.11+). Data read from the process is
-    untrusted: only a tid of the process's own threads is ever accepted.
-    """
-    layout = target.interpreter.gil_layout
-    if layout is None:
-        return 0, 0, 0
-    pthread_tid = glibc_tid_offset(target.cond_signal[0])
-    try:
-        with open(f"/proc/{target.pid}/mem", "rb", buffering=0) as mem:
-            tids = set(ns_tid_map(target.pid))
-            tstate = _peek_u64(mem, target.gil.address + layout.locked - 8)
-            raw = _peek_some(mem, tstate) if tstate else b""
-
-            def native(off: int) -> bool:
-                return off + 8 <= len(raw) and _u64(raw, off) in tids
-
-            def pthread(off: int) -> bool:
-                if pthread_tid is None or off + 8 > len(raw) or not _u64(raw, off):
-                    return False
-                return int.from_bytes(_peek(mem, _u64(raw, off) + pthread_tid, 4),
-                                      "little") in tids
-
-            if layout.tstate_native_thread_id is not None and native(
-                    layout.tstate_native_thread_id):
-                return events.GIL_TID_NATIVE, layout.tstate_native_thread_id, 0
-            if layout.tstate_thread_id is not None and pthread(layout.tstate_thread_id):
-                return events.GIL_TID_PTHREAD, layout.tstate_thread_id, pthread_tid or 0
-            found = _tid_offsets(mem, tstate, raw, tids)
-            if len(found) == 1:
-                return events.GIL_TID_NATIVE, found[0], 0
-    except (OSError, ValueError):
-        pass
-    return 0, 0, 0
-
-
-def _tid_offsets(mem: Any, tstate: int, raw: bytes, tids: set[int]) -> list[int]:
-    """Offsets in PyThreadState where this thread state and the others after it
-    (its `next`, 8 bytes in, every version) each hold a distinct tid of the
-    process. One thread state alone is ambiguous in a PID namespace, where the
-    main thread's tid is 1 and small ints abound; a few threads settle it."""
-    states = [raw]
-    address = _u64(raw, 8) if len(raw) >= 16 else 0
-    while address and len(states) < 8:
-        more = _peek_some(mem, address)
-        if len(more) < len(raw):
-            break
-        states.append(more)
-        address = _u64(more, 8)
-    found = []
-    for off in range(0, len(raw) - 7, 8):
-        values = [_u64(state, off) for state in states]
-        if all(v in tids for v in values) and len(set(values)) == len(values):
-            found.append(off)
-    return found
-
-
-def _peek(mem: Any, address: int, size: int) -> bytes:
-    mem.seek(address)
-    data = mem.read(size)
-    return bytes(data) if data else b""
-
-
-def _peek_some(mem: Any, address: int) -> bytes:
-    """Up to 1 KiB at address: less where the mapping ends sooner."""
-    for size in (1024, 512, 256):
-        try:
-            return _peek(mem, address, size)
-        except OSError:
-            continue
-    return b""
-
-
-def _peek_u64(mem: Any, address: int) -> int:
-    data = _peek(mem, address, 8)
-    return _u64(data, 0) if len(data) == 8 else 0
-
-
-def _u64(data: bytes, off: int) -> int:
-    return int.from_bytes(data[off:off + 8], "little")
 
 
 def ensure_tracefs() -> None:
@@ -407,18 +82,6 @@ def ensure_tracefs() -> None:
             f"run `mount -t tracefs tracefs {TRACEFS}` as root (in a container, "
             "bind-mount the host's /sys/kernel/tracing)",
         )
-
-
-def proc_path(pid: int, path: str) -> str:
-    """A path BCC will use as given. BCC rewrites a plain path to
-    /proc/PID/root/<path>, which is wrong for a chrooted target whose
-    /proc/PID/maps shows host paths (BCC then fails with "cannot attach uprobe");
-    a path already under /proc/PID is left alone, so hand it one."""
-    if path.startswith("/proc/"):
-        return path
-    root = os.path.realpath(f"/proc/{pid}/root")
-    inside = path[len(root):] if root != "/" and path.startswith(root + "/") else path
-    return f"/proc/{pid}/root{inside}"
 
 
 class Probes:
@@ -460,7 +123,7 @@ class Probes:
 
     # ----------------------------------------------------------------- targets
 
-    def add(self, target: Target, ctx_table: Optional[ContextTable] = None) -> None:
+    def add(self, target: Target, ctx_table: Optional[TableLocation] = None) -> None:
         """Configure the target in the kernel, then attach its probes (pid-filtered,
         so other processes using the same libpython pay nothing)."""
         points = plan(target, self.config.probes)
@@ -508,12 +171,12 @@ class Probes:
         self._ns_translate.pop(pid, None)
         self._host_tids.pop(pid, None)
 
-    def target_state(self, pid: int) -> Optional[events.Target]:
+    def target_state(self, pid: int) -> Optional[events.TargetState]:
         try:
             raw = self._targets[ctypes.c_uint32(pid)]
         except KeyError:
             return None
-        return events.Target.from_buffer_copy(bytes(raw))
+        return events.TargetState.from_buffer_copy(bytes(raw))
 
     @property
     def pids(self) -> List[int]:
@@ -528,7 +191,7 @@ class Probes:
             return ns_tid
         known = self._host_tids.setdefault(pid, {})
         if ns_tid not in known:
-            known.update(ns_tid_map(pid))
+            known.update(procfs.ns_tid_map(pid))
         return known.get(ns_tid, ns_tid)
 
     def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:

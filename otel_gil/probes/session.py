@@ -28,18 +28,17 @@ first max_intervals intervals and counts the rest in intervals_dropped.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
-from otel_gil.abi import events
+from otel_gil.abi import buckets, events
+from otel_gil.abi.slots import TableLocation
 from otel_gil.errors import ProbeError, TargetGone
-from otel_gil.probes.loader import ContextTable, ProbeConfig, Probes
-from otel_gil.sidecar import timeline
-from otel_gil.target import interpreter as discovery
-from otel_gil.target.interpreter import Target
-from otel_gil.trust import printable
+from otel_gil.probes.config import ProbeConfig
+from otel_gil.probes.loader import Probes
+from otel_gil.target import process, procfs
+from otel_gil.target.process import Target
 
 log = logging.getLogger("otel_gil.session")
 
@@ -88,7 +87,7 @@ class ThreadTotals:
 
     @property
     def p99_wait_ns(self) -> int:
-        return timeline.percentile(self.wait_hist or [], 0.99)
+        return buckets.percentile(self.wait_hist or [], 0.99)
 
 
 _TOTALS = ("acquisitions", "wait_ns", "hold_ns", "max_wait_ns", "max_hold_ns", "unmatched",
@@ -104,8 +103,8 @@ class TargetInfo:
     target: Target
     started_ns: int  # CLOCK_MONOTONIC when it was added (and its probes attached)
     ended_ns: int = 0
-    state: Optional[events.Target] = None  # last read of the kernel's per-process state
-    ctx_table: Optional[ContextTable] = None
+    state: Optional[events.TargetState] = None  # last read of the kernel's per-process state
+    ctx_table: Optional[TableLocation] = None
     # A free-threaded target added with its GIL off has no probes until the GIL
     # is switched on for good (Session._watch_gil); attached_ns is when they were.
     attached_ns: int = 0
@@ -119,39 +118,6 @@ class TargetInfo:
 # (one 4-byte pread): waits are traced from at most this long after the GIL is
 # switched on.
 GIL_WATCH_INTERVAL_NS = 50_000_000
-
-
-def _thread_name(pid: int, tid: int) -> str:
-    """The OS thread name, from /proc while the thread lives ("?" after)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/comm", errors="replace") as f:
-            return printable(f.read().strip()) or "?"  # the target names its threads: untrusted
-    except OSError:
-        return "?"
-
-
-def _thread_identity(pid: int, tid: int) -> Tuple[str, int]:
-    """(OS thread name, tid in the target's namespace), from /proc while the thread lives."""
-    ns_tid = tid
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    ns_tid = int(line.split()[-1])
-    except OSError:
-        pass
-    return _thread_name(pid, tid), ns_tid
-
-
-def _start_time(pid: int) -> Optional[str]:
-    """Field 22 of /proc/PID/stat, which tells a live target from a reused pid;
-    None once the process is gone or a zombie (exited, not yet reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 class Session:
@@ -193,7 +159,7 @@ class Session:
             self.intervals_dropped += 1
 
 
-    def add(self, pid: int, ctx_table: Optional[ContextTable] = None) -> Target:
+    def add(self, pid: int, ctx_table: Optional[TableLocation] = None) -> Target:
         """Inspect and attach to a running Python process. Raises TargetError
         (TargetNotReady before its interpreter is up, TargetGone once it exits,
         also mid-attach) or ProbeError.
@@ -202,24 +168,24 @@ class Session:
         probes, and watched: step() attaches them once the GIL is switched on
         for good (an extension that does not declare Py_mod_gil was imported).
         """
-        target = discovery.inspect_process(pid)
-        discovery.require_gil(target, watch=True)  # refuses PYTHON_GIL=0
-        started = _start_time(pid)
+        target = process.inspect_process(pid)
+        process.require_gil(target, watch=True)  # refuses PYTHON_GIL=0
+        started = procfs.start_time(pid)
         if target.gil.enabled is False:
             self._start_times[pid] = started
             self.targets[pid] = TargetInfo(target, time.monotonic_ns(), ctx_table=ctx_table,
                                            watched_ns=time.monotonic_ns())
             log.warning("otel-gil: pid %d: %s: nothing to measure yet; watching for it to be "
-                        "enabled", pid, discovery.gil_state(target.gil.enabled_count))
+                        "enabled", pid, process.gil_state(target.gil.enabled_count))
             return target
         try:
             self.probes.add(target, ctx_table)
         except ProbeError as err:
-            if discovery.exiting(pid):  # uprobe attach fails for a task gone meanwhile
+            if procfs.exiting(pid):  # uprobe attach fails for a task gone meanwhile
                 raise TargetGone(f"pid {pid} exited while its probes were being attached"
                                  ) from err
             raise
-        if started is None or _start_time(pid) != started:
+        if started is None or procfs.start_time(pid) != started:
             # Exited meanwhile: step() could never tell (it compares start times,
             # and a zombie's or a vanished process's is None, like this one).
             self.probes.remove(pid)
@@ -240,8 +206,8 @@ class Session:
             if info.attached_ns or info.ended_ns or now - info.watched_ns < GIL_WATCH_INTERVAL_NS:
                 continue
             info.watched_ns = now
-            count = discovery.gil_enabled_count(info.target)
-            if count != discovery.GIL_ENABLED_PERMANENTLY:
+            count = process.gil_enabled_count(info.target)
+            if count != process.GIL_ENABLED_PERMANENTLY:
                 continue
             gil = replace(info.target.gil, enabled=True, enabled_count=count)
             info.target = replace(info.target, gil=gil)
@@ -280,7 +246,7 @@ class Session:
         if now - self._exits_checked_ns >= EXIT_CHECK_NS:  # a /proc read per target
             self._exits_checked_ns = now
             for pid, info in list(self.targets.items()):
-                if not info.ended_ns and _start_time(pid) != self._start_times.get(pid):
+                if not info.ended_ns and procfs.start_time(pid) != self._start_times.get(pid):
                     self.detach(pid)
         return refresh or due
 
@@ -309,7 +275,7 @@ class Session:
             if totals is None:
                 totals = self._first_sighting(tid, raw)
             elif not raw.exited and (reread or totals.name == "?"):
-                name = _thread_name(raw.pid, tid)
+                name = procfs.thread_name(raw.pid, tid)
                 totals.name = name if name != "?" else totals.name
             totals.update(raw, contended)
             if raw.exited:
@@ -330,7 +296,7 @@ class Session:
             tid = self.probes.host_tid(pid, ns_tid)
             totals = self._totals(tid, pid, False)
             totals.update_holds(held)
-            if reap and not os.path.exists(f"/proc/{pid}/task/{tid}"):
+            if reap and not procfs.thread_alive(pid, tid):
                 totals.exited = True
                 gone.setdefault(pid, []).append(ns_tid)
         for pid, ns_tids in gone.items():
@@ -342,7 +308,7 @@ class Session:
             totals = ThreadTotals(tid=tid, pid=pid)
             self.threads[tid] = totals
         if totals.name == "?" or rename:
-            name, totals.ns_tid = _thread_identity(pid, tid)
+            name, totals.ns_tid = procfs.thread_identity(pid, tid)
             totals.name = name if name != "?" else totals.name
         return totals
 
@@ -360,7 +326,7 @@ class Session:
     def _first_sighting(self, tid: int, raw: events.ThreadStats) -> ThreadTotals:
         """A new thread: who it is, read from /proc while it still lives."""
         totals = ThreadTotals(tid=tid, pid=raw.pid)
-        totals.name, totals.ns_tid = _thread_identity(raw.pid, tid)
+        totals.name, totals.ns_tid = procfs.thread_identity(raw.pid, tid)
         self.threads[tid] = totals
         return totals
 
@@ -405,12 +371,3 @@ class Session:
             self.detach(pid)
         self._skipped = self.probes.skipped_runs()
         self.probes.close()
-
-
-def pid_exists(pid: int) -> bool:
-    return os.path.exists(f"/proc/{pid}")
-
-
-def exited(pid: int) -> bool:
-    """Gone, or a zombie: it has exited (reaped or not)."""
-    return _start_time(pid) is None

@@ -9,20 +9,16 @@ and MONOTONIC stops in suspend, so :class:`Clock` re-measures periodically and
 keeps every offset it saw, so that events from before a step convert with the
 offset that held when they happened.
 
-A target in a time namespace sees CLOCK_MONOTONIC shifted by the namespace's
-offset (``/proc/PID/timens_offsets``, Linux 5.6+): its monotonic time is
-host + offset. Kernel timestamps are the host's, so a monotonic value taken
-*inside* the target must be shifted back before conversion.
+Every timestamp converted here is the kernel's (the host's CLOCK_MONOTONIC),
+never one read inside a target, so a target in a time namespace (its own
+CLOCK_MONOTONIC shifted, Linux 5.6+) needs no correction.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
-
-from otel_gil.errors import TargetError
 
 ClockFn = Callable[[], int]
 
@@ -131,40 +127,3 @@ class Clock:
 
     def to_realtime(self, mono_ns: int) -> int:
         return self.offset_at(mono_ns).to_realtime(mono_ns)
-
-
-def parse_timens_offsets(text: str) -> int:
-    """The monotonic offset, in ns, from the text of /proc/PID/timens_offsets
-    (lines "<clock> <seconds> <nanoseconds>", clock by name or by id: 1 is
-    CLOCK_MONOTONIC; Documentation/admin-guide/... and fs/proc/base.c, 5.6+)."""
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] in ("monotonic", "1"):
-            return int(parts[1]) * 1_000_000_000 + int(parts[2])
-    return 0
-
-
-def timens_offset(pid: int) -> int:
-    """How far process pid's CLOCK_MONOTONIC is ahead of the host's, in ns
-    (target monotonic = host monotonic + offset). 0 outside a time namespace
-    and on kernels without time namespaces (no such file)."""
-    try:
-        with open(f"/proc/{pid}/timens_offsets") as f:
-            return parse_timens_offsets(f.read())
-    except FileNotFoundError:
-        if os.path.exists(f"/proc/{pid}"):
-            return 0
-        raise TargetError(f"process {pid} does not exist", "check the pid") from None
-    except PermissionError as err:
-        raise TargetError(f"cannot read /proc/{pid}/timens_offsets: {err}",
-                          "run as root or as the target's user") from err
-
-
-def target_mono_to_host(target_mono_ns: int, offset_ns: int) -> int:
-    """A monotonic time read inside the target, on the host's (kernel's) clock."""
-    return target_mono_ns - offset_ns
-
-
-def host_mono_to_target(host_mono_ns: int, offset_ns: int) -> int:
-    """A kernel timestamp on the target's own monotonic clock."""
-    return host_mono_ns + offset_ns

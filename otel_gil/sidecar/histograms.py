@@ -25,8 +25,8 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from otel_gil.abi.buckets import bucket_bounds
 from otel_gil.abi.events import GIL_HIST_BUCKETS
-from otel_gil.sidecar.timeline import bucket_bounds
 
 EDGES_NS: Tuple[int, ...] = (
     1 << 10, 1 << 11, 5 << 10, 5 << 11, 5 << 12,  # 1, 2, 5, 10, 20 µs

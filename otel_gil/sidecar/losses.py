@@ -12,7 +12,9 @@ short run logs one line, at exit (final()), whatever went wrong.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
+
+from otel_gil.export.delivery import EXPORTED, SpanDelivery
 
 log = logging.getLogger("otel_gil.sidecar")
 
@@ -57,3 +59,24 @@ class LossLog:
         self._last_ns = now_ns
         self.lines += 1
         return True
+
+
+def sidecar_totals(spans: SpanDelivery, lost_events: int, context: Tuple[int, int]) -> Totals:
+    """The sidecar's losses: spans not delivered (by reason), kernel events lost,
+    and the app-side context table's (unplaced threads, errors)."""
+    totals: Totals = {}
+    for (_, _, outcome), n in spans.counts().items():
+        if outcome != EXPORTED:
+            key = f"spans dropped ({outcome})"
+            totals[key] = totals.get(key, 0) + n
+    totals["kernel events lost"] = lost_events
+    totals["app threads without a context slot"], totals["app context errors"] = context
+    return totals
+
+
+def exporter_detail(spans: SpanDelivery, new: Totals) -> Optional[str]:
+    """The exporter's last error, when spans were dropped since the last line."""
+    last = spans.exporter_log.last
+    if last and any(k.startswith("spans dropped") for k in new):
+        return f"last exporter error: {last}"
+    return None

@@ -28,28 +28,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import Exemplar as SdkExemplar
-from opentelemetry.sdk.metrics import Histogram as SdkHistogram
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    AggregationTemporality,
-    HistogramDataPoint,
-    Metric,
     MetricReader,
     MetricsData,
-    PeriodicExportingMetricReader,
-    ResourceMetrics,
-    ScopeMetrics,
 )
-from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from otel_gil import names
 from otel_gil.abi.events import Interval, SpanRef
-from otel_gil.export import delivery, otlp
+from otel_gil.export import delivery
 from otel_gil.probes.session import Session
-from otel_gil.sidecar import histograms
+from otel_gil.sidecar import collect, histograms
 from otel_gil.sidecar import spans as export
 
 log = logging.getLogger("otel_gil.metrics")
@@ -75,14 +65,6 @@ class _Sums:
     acquisitions: int = 0
 
 
-@dataclass
-class _ReaderState:
-    """What one metric reader was last given (exemplar window, delta snapshots)."""
-
-    last_ns: int = 0
-    snapshots: Dict[Tuple[str, Labels], histograms.Snapshot] = field(default_factory=dict)
-
-
 class GilMetrics:
     """Observes a Session; one instance per sidecar."""
 
@@ -105,7 +87,7 @@ class GilMetrics:
         self._context: Dict[int, Tuple[int, int]] = {}  # pid -> app's (unplaced, errors)
         self._label_cache: Dict[int, Tuple[Labels, int, int]] = {}  # tid -> (labels, when, pid)
         self.histograms = {"wait": histograms.HistogramSet(), "hold": histograms.HistogramSet()}
-        self._readers: Dict[int, _ReaderState] = {}
+        self._readers: Dict[int, collect.ReaderState] = {}
         self._start_ns = time.time_ns()
         self._create_instruments()
         for reader in readers:
@@ -358,95 +340,21 @@ class GilMetrics:
         reader._set_collect_callback(collect)
 
     def _add_histograms(self, reader: MetricReader, data: Optional[MetricsData]) -> Any:
-        temporality = _histogram_temporality(reader)
+        temporality = collect.histogram_temporality(reader)
         now = time.time_ns()
         with self._lock:
-            state = self._readers.setdefault(id(reader), _ReaderState(self._start_ns))
-            built = [self._histogram(metric, kind, state, temporality, now)
+            state = self._readers.setdefault(id(reader), collect.ReaderState(self._start_ns))
+            built = [collect.histogram_metric(metric, self.histograms[kind], kind, state,
+                                              temporality, now, self._start_ns)
                      for metric, kind in ((names.WAIT_DURATION, "wait"),
                                           (names.HOLD_DURATION, "hold"))]
             state.last_ns = now
         metrics = [m for m in built if m is not None]
         if not metrics:
             return data
-        return _with_metrics(data, metrics, self.resource)
-
-    def _histogram(self, metric: names.Metric, kind: str, state: _ReaderState,
-                   temporality: AggregationTemporality, now: int) -> Optional[Metric]:
-        points = []
-        for labels, series in self.histograms[kind].series.items():
-            if not series.count and not series.exemplars:
-                continue
-            exemplars = [SdkExemplar({}, ex.value_ns / 1e9, ex.time_unix_nano, ex.span_id,
-                                     ex.trace_id)
-                         for ex in series.exemplars.values() if ex.time_unix_nano > state.last_ns]
-            start, mx = self._start_ns, (series.max_ns / 1e9 if series.max_ns else None)
-            counts, total = list(series.counts), series.sum_ns
-            if temporality == AggregationTemporality.DELTA:
-                last = state.snapshots.get((kind, labels))
-                counts, total = histograms.delta(series, last)
-                start, mx = (last.time_unix_nano if last else self._start_ns), None
-                state.snapshots[(kind, labels)] = histograms.Snapshot(
-                    tuple(series.counts), series.sum_ns, now)
-            # min is unknown (the kernel keeps buckets, not the smallest value):
-            # None leaves it unset in OTLP; Prometheus has no min.
-            points.append(HistogramDataPoint(
-                attributes=dict(labels), start_time_unix_nano=start, time_unix_nano=now,
-                count=sum(counts), sum=total / 1e9, bucket_counts=counts,
-                explicit_bounds=histograms.BOUNDARIES_S, min=None,  # type: ignore[arg-type]
-                max=mx, exemplars=exemplars))  # type: ignore[arg-type]
-        if not points:
-            return None
-        return Metric(name=metric.name, description=metric.doc, unit=metric.unit,
-                      data=HistogramData(data_points=points, aggregation_temporality=temporality))
+        return collect.with_metrics(data, metrics, self.resource)
 
     def shutdown(self) -> None:
         self.provider.shutdown()
 
 
-def _histogram_temporality(reader: MetricReader) -> AggregationTemporality:
-    prefs = getattr(reader, "_instrument_class_temporality", {})
-    for cls, temporality in prefs.items():
-        if isinstance(cls, type) and issubclass(cls, SdkHistogram):
-            return AggregationTemporality(temporality)
-    return AggregationTemporality.CUMULATIVE
-
-
-def _with_metrics(data: Optional[MetricsData], metrics: List[Metric],
-                  resource: Resource) -> MetricsData:
-    """data with metrics added to otel_gil's scope (created if absent)."""
-    rms = list(data.resource_metrics) if data is not None else []
-    if not rms:
-        rms = [ResourceMetrics(resource=resource, scope_metrics=[], schema_url="")]
-    first = rms[0]
-    scopes = list(first.scope_metrics)
-    at = next((i for i, s in enumerate(scopes) if s.scope.name == names.INSTRUMENTATION_SCOPE),
-              None)
-    if at is None:
-        scopes.append(ScopeMetrics(scope=InstrumentationScope(names.INSTRUMENTATION_SCOPE),
-                                   metrics=metrics, schema_url=""))
-    else:
-        scopes[at] = ScopeMetrics(scope=scopes[at].scope,
-                                  metrics=list(scopes[at].metrics) + metrics,
-                                  schema_url=scopes[at].schema_url)
-    rms[0] = ResourceMetrics(resource=first.resource, scope_metrics=scopes,
-                             schema_url=first.schema_url)
-    return MetricsData(resource_metrics=rms)
-
-
-def default_readers(prometheus_port: int, export_interval_ms: int = 5000) -> List[MetricReader]:
-    """OTLP (honouring OTEL_EXPORTER_OTLP_*), and a Prometheus endpoint on the port
-    (0: none). A port already in use is one warning, not a failure."""
-    readers: List[MetricReader] = [PeriodicExportingMetricReader(
-        otlp.exporter("metrics"), export_interval_millis=export_interval_ms)]
-    if prometheus_port:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader  # noqa: PLC0415
-        from prometheus_client import start_http_server  # noqa: PLC0415
-
-        try:
-            start_http_server(prometheus_port)
-            readers.append(PrometheusMetricReader())
-        except OSError as exc:
-            log.warning("otel-gil: no Prometheus endpoint on port %s: %s",
-                        prometheus_port, exc.strerror)
-    return readers

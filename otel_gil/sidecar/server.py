@@ -16,52 +16,39 @@ or every REFRESH_S (exited threads are reaped then). Spans go through one
 bounded queue (otel_gil/export/delivery.py); every loss is a metric and, at most once
 a minute, one log line (otel_gil/sidecar/losses.py).
 
-Memory: libbcc compiles the BPF program with clang/LLVM in this process and
-frees ~30 MB afterwards that glibc keeps (trim_heap returns it), and every
-thread that allocates gets its own malloc arena (limit_arenas caps them).
-bench/README.md has the breakdown.
+Its socket, who may register, and its heap: otel_gil/sidecar/host.py.
 """
 
 from __future__ import annotations
 
-import ctypes
-import grp
-import hmac
 import logging
-import os
 import selectors
 import signal
 import socket
-import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from opentelemetry.sdk.metrics.export import MetricReader
 
-from otel_gil import trust
-from otel_gil.app import context, protocol
-from otel_gil.errors import EnvironmentProblem, OtelGilError
+from otel_gil.abi.slots import TableLocation
+from otel_gil.app import protocol
+from otel_gil.errors import OtelGilError
 from otel_gil.export import delivery
-from otel_gil.probes.loader import ContextTable, ProbeConfig
-from otel_gil.probes.session import Session, exited
+from otel_gil.probes.config import ProbeConfig
+from otel_gil.probes.session import Session
 from otel_gil.sidecar.clock import Clock
-from otel_gil.sidecar.losses import LossLog, Totals
+from otel_gil.sidecar.host import limit_arenas, refusal, trim_heap
+from otel_gil.sidecar.losses import LossLog, exporter_detail, sidecar_totals
 from otel_gil.sidecar.metrics import GilMetrics
-from otel_gil.sidecar.spans import (
-    SpanExport,
-    ThreadDirectory,
-    ThreadInfo,
-    default_exporter,
-    export_name,
-)
-from otel_gil.target import interpreter as discovery
+from otel_gil.sidecar.spans import SpanExport, default_exporter, export_name
+from otel_gil.sidecar.threads import ThreadDirectory, read_counters
+from otel_gil.target import process, procfs
 
 log = logging.getLogger("otel_gil.sidecar")
-NAMES_TTL_NS = 50_000_000
 EXPORT_DELAY_NS = 200_000_000
 # A connection that has not registered by then is closed; at most this many
 # connections at once. Both bound what a local user can hold open in a root
@@ -81,31 +68,6 @@ MAX_PENDING = 8192  # intervals waiting for export; beyond, dropped and counted
 REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
 COLLECT_WAIT_S = 1.0  # how long a metrics collection waits for fresh totals
 TRIM_EVERY_NS = 10_000_000_000  # malloc_trim costs ~0.1 ms once the heap is trimmed
-M_ARENA_MAX = -8  # glibc malloc.h
-
-
-def _libc() -> Optional[ctypes.CDLL]:
-    try:
-        return ctypes.CDLL(None)
-    except OSError:  # pragma: no cover - no C library to ask
-        return None
-
-
-def limit_arenas(count: int = 2) -> None:
-    """Cap glibc's malloc arenas: each thread that allocates (gRPC's, the
-    exporters', Prometheus's) otherwise gets its own, which stays resident."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(M_ARENA_MAX, count)
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the kernel (glibc's malloc_trim; a no-op
-    elsewhere). BCC's compile frees most of what LLVM allocated, but glibc keeps
-    it mapped until asked."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 @dataclass
@@ -140,16 +102,17 @@ class Sidecar:
         self.metrics = GilMetrics(self.session, readers, max_thread_labels,
                                   spans=lambda: (self.export.spans.counts(), self.export.skipped),
                                   before_collect=self._before_collect)
-        self.losses = LossLog(self._loss_totals, self._loss_detail, time.monotonic_ns())
+        self.losses = LossLog(
+            lambda: sidecar_totals(self.export.spans, self.metrics.lost_events_total(),
+                                   self.metrics.context_totals()),
+            lambda new: exporter_detail(self.export.spans, new), time.monotonic_ns())
         self._trimmed_ns = time.monotonic_ns()
         self._trimmed_targets = 0
-        self._tables: Dict[int, ContextTable] = {}
+        self._tables: Dict[int, TableLocation] = {}
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
         self._pending: Deque[Tuple[int, Any]] = deque()  # (arrival, interval), to export
-        self._names: Dict[int, Tuple[int, Dict[int, Tuple[int, str]]]] = {}
         self._metrics_failed = False
-        self._bad_tables: Set[int] = set()  # pids whose table was found invalid (logged)
         self._listener = listener  # from listen()
         self._selector = selectors.DefaultSelector()  # epoll: BCC's fds push ours past 1024
         # A spawned sidecar serves its app and the processes it started (forked
@@ -252,7 +215,7 @@ class Sidecar:
             if not self.session.alive(pid):
                 continue
             try:
-                unplaced, errors = context.read_counters(pid, table.address)
+                unplaced, errors = read_counters(pid, table.address)
             except (OSError, ValueError, OtelGilError):
                 continue  # gone, or not a table: its slots are refused elsewhere
             self.metrics.set_context_counters(pid, unplaced, errors)
@@ -264,24 +227,6 @@ class Sidecar:
             if not self._metrics_failed:
                 log.exception("otel-gil: updating metrics failed (reported once)")
             self._metrics_failed = True
-
-    def _loss_totals(self) -> Totals:
-        totals: Totals = {}
-        for (_, _, outcome), n in self.export.spans.counts().items():
-            if outcome != delivery.EXPORTED:
-                key = f"spans dropped ({outcome})"
-                totals[key] = totals.get(key, 0) + n
-        totals["kernel events lost"] = self.metrics.lost_events_total()
-        unplaced, errors = self.metrics.context_totals()
-        totals["app threads without a context slot"] = unplaced
-        totals["app context errors"] = errors
-        return totals
-
-    def _loss_detail(self, new: Totals) -> Optional[str]:
-        last = self.export.spans.exporter_log.last
-        if last and any(k.startswith("spans dropped") for k in new):
-            return f"last exporter error: {last}"
-        return None
 
     def _handle_signal(self, signum: int, frame: Optional[FrameType]) -> None:
         self._stop = True
@@ -352,20 +297,14 @@ class Sidecar:
             reg = protocol.parse_registration(msg)
         except protocol.BadRegistration as err:
             return self._refuse(pid, str(err))
-        nspid = _nspid(pid)
-        if reg.pid is not None and reg.pid not in nspid:
-            return self._refuse(pid, f"the connecting process is pid {nspid[-1]}, not "
-                                     f"{reg.pid}; a process may only ask for itself to be traced")
-        if self._owner_pid is not None and not client.owner and not (
-                self._owner_token and hmac.compare_digest(reg.token, self._owner_token)) \
-                and not _descends_from(pid, self._owner_pid):
-            return self._refuse(pid, f"this sidecar serves process {self._owner_pid} and its "
-                                     "children only")
-        table = ContextTable(reg.ctx_table, reg.ctx_slots) if reg.ctx_table else None
+        why = refusal(reg, pid, None if client.owner else self._owner_pid, self._owner_token)
+        if why:
+            return self._refuse(pid, why)
+        table = TableLocation(reg.ctx_table, reg.ctx_slots) if reg.ctx_table else None
         try:
             target = self.session.add(pid, table)
         except Exception as err:  # noqa: BLE001 - one registration must not stop the sidecar
-            if exited(pid):  # a fork that exited at once (even mid-inspection): no flood
+            if procfs.exited(pid):  # a fork that exited at once (even mid-inspection): no flood
                 self._exited_unregistered += 1
                 log.debug("otel-gil: pid %s exited before it could be traced", pid)
                 return {"ok": False, "error": "the process exited before it could be traced"}
@@ -376,56 +315,21 @@ class Sidecar:
         if table is not None:
             self._tables[pid] = table
         resource = reg.resource
-        directory = ThreadDirectory(
-            lambda tid, published: self._thread_info(pid, tid, table, published))
+        directory = ThreadDirectory(pid, table, self._os_identity)
         self.export.add_process(pid, target.nspid[-1], resource, directory)
         self.metrics.add_process(pid, str(resource.get("service.name", "unknown")),
-                                 target.nspid[-1], lambda tid: directory(tid).name)
+                                 target.nspid[-1], directory.name)
         log.info("otel-gil: tracing pid %s (%s)", pid, resource.get("service.name", "?"))
         reply: Dict[str, Any] = {"ok": True, "host_pid": pid}
         if target.gil.enabled is False:  # free-threaded, GIL off: watched (Session.add)
-            reply["watching"] = discovery.gil_state(target.gil.enabled_count)
+            reply["watching"] = process.gil_state(target.gil.enabled_count)
         return reply
 
-    def _thread_info(self, pid: int, tid: int, table: Optional[ContextTable],
-                     published: bool = False) -> ThreadInfo:
-        """Who a thread is: its Python ident and name from the app's table, else
-        its OS name. Threads publish their name at their first span, so a thread
-        not found is looked up again (ThreadDirectory.RETRY_NS). published: the
-        thread is known to be in the table (its span came from there)."""
-        totals = self.session.thread(tid)  # read on its own if new since the last refresh
-        ns_tid = totals.ns_tid if totals else tid
-        name = totals.name if totals else "?"
-        ident = None
-        if table is not None:
-            names = self._published_names(pid, table)
-            if published and ns_tid not in names:
-                names = self._published_names(pid, table, fresh=True)
-            if ns_tid in names:
-                ident, py_name = names[ns_tid]
-                name = py_name or name
-        return ThreadInfo(tid, ns_tid, name, ident)
-
-    def _published_names(self, pid: int, table: ContextTable,
-                         fresh: bool = False) -> Dict[int, Tuple[int, str]]:
-        """The app's table, read at most once per NAMES_TTL_NS per process."""
-        now = time.monotonic_ns()
-        cached = self._names.get(pid)
-        if fresh or cached is None or now - cached[0] > NAMES_TTL_NS:
-            try:
-                names = context.read_thread_names(pid, table.address, table.slots)
-            except context.InvalidTable as err:
-                names = {}
-                # The app's memory is untrusted: say so, once.
-                if pid not in self._bad_tables:
-                    self._bad_tables.add(pid)
-                    log.warning("otel-gil: pid %s: its context table is invalid (%s); its spans "
-                                "carry OS thread names", pid, err.args[0])
-            except (OSError, ValueError, OtelGilError):
-                names = {}  # unreadable: the process is exiting, or has unmapped it
-            cached = (now, names)
-            self._names[pid] = cached
-        return cached[1]
+    def _os_identity(self, tid: int) -> Optional[Tuple[str, int]]:
+        """(OS name, tid in the app's namespace) as the session knows the thread;
+        one seen for the first time is read from the kernel on its own."""
+        totals = self.session.thread(tid)
+        return (totals.name, totals.ns_tid) if totals is not None else None
 
     def _drop(self, client: Client) -> None:
         self._clients.pop(client.sock.fileno(), None)
@@ -467,8 +371,6 @@ class Sidecar:
             self.export.remove_process(pid)
             self.metrics.forget(pid)
             self.session.forget(pid)
-            self._names.pop(pid, None)
-            self._bad_tables.discard(pid)
             self._tables.pop(pid, None)
 
     def close(self) -> None:
@@ -490,74 +392,3 @@ class Sidecar:
         self._selector.close()
 
 
-def _nspid(pid: int) -> Tuple[int, ...]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return tuple(int(x) for x in line.split()[1:])
-    except OSError:
-        pass
-    return (pid,)
-
-
-def _descends_from(pid: int, ancestor: int) -> bool:
-    """Is `ancestor` pid's parent, grandparent, ...? (/proc/PID/stat's ppid chain.)"""
-    for _ in range(64):
-        if pid == ancestor:
-            return True
-        if pid <= 1:
-            return False
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                # comm may hold spaces and parentheses: ppid follows the last ')'.
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return False
-    return False
-
-
-def listen(path: str, group: Optional[str] = None) -> socket.socket:
-    """Bind the registration socket. A path socket goes only into a directory that
-    no other user can write (or pre-create): root creates a socket file there and
-    makes it connectable by everyone, or by `group`; a file at the path is replaced
-    only if it is a socket."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    if path.startswith("@"):
-        sock.bind(protocol.unix_address(path))
-        sock.listen(64)
-        return sock
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o755, exist_ok=True)
-    why = trust.untrusted_reason(directory)
-    if why is not None:
-        sock.close()
-        raise EnvironmentProblem(f"will not listen on {path}: {why}",
-                                 "use a directory only root can write, such as /run/otel-gil")
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-    gid = -1
-    if group is not None:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            sock.close()
-            raise EnvironmentProblem(f"no group {group!r}", "name an existing group") from None
-    # The socket file gets its mode at bind time from the umask: no chmod of a
-    # path that could have been swapped for a symlink meanwhile.
-    old = os.umask(0o117 if group is not None else 0o111)
-    try:
-        sock.bind(path)
-    except OSError as err:
-        sock.close()
-        raise EnvironmentProblem(f"cannot listen on {path}: {err.strerror or err}",
-                                 "remove what is at that path, or choose another") from None
-    finally:
-        os.umask(old)
-    if gid >= 0:
-        os.chown(path, -1, gid, follow_symlinks=False)
-    sock.listen(64)
-    return sock

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from opentelemetry.sdk.resources import Resource
@@ -30,6 +29,7 @@ from otel_gil.abi.events import Interval, SpanRef
 from otel_gil.export import delivery, otlp, spanwire
 from otel_gil.sidecar import timeline
 from otel_gil.sidecar.clock import Clock
+from otel_gil.sidecar.threads import ThreadDirectory, ThreadInfo
 
 log = logging.getLogger("otel_gil.export")
 LINK_CACHE_MAX = 4096
@@ -42,14 +42,6 @@ SKIP_REASONS = (OUTSIDE_SPAN, UNSAMPLED, ACROSS_SPANS)
 Counts = Dict[Tuple[int, str, str], int]  # (pid, span name, reason) -> intervals
 
 
-@dataclass(frozen=True)
-class ThreadInfo:
-    host_tid: int
-    ns_tid: int
-    name: str
-    ident: Optional[int] = None  # Python thread ident, when the app published it
-
-
 @dataclass
 class ProcessExport:
     """One traced process: its encoded resource, identity, and a thread directory."""
@@ -57,7 +49,7 @@ class ProcessExport:
     pid: int
     ns_pid: int
     resource: delivery.Resource
-    threads: "ThreadDirectory"
+    threads: ThreadDirectory
 
 
 def default_exporter() -> SpanExporter:
@@ -94,7 +86,7 @@ class SpanExport:
         self._common_attrs: Dict[int, Tuple[ThreadInfo, int, bytes]] = {}
 
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
-                    threads: "ThreadDirectory") -> None:
+                    threads: ThreadDirectory) -> None:
         # Resource.create adds the SDK's defaults and OTEL_RESOURCE_ATTRIBUTES,
         # as a TracerProvider(resource=...) in the sidecar would.
         res = Resource.create(dict(resource))
@@ -102,16 +94,9 @@ class SpanExport:
                                     res.schema_url or "")
         self._processes[pid] = ProcessExport(pid, ns_pid, encoded, threads)
 
-    def thread(self, pid: int, tid: int) -> Optional[ThreadInfo]:
-        proc = self._processes.get(pid)
-        return proc.threads(tid) if proc is not None else None
-
     def remove_process(self, pid: int) -> None:
         """Forget a process; its spans still queued keep their resource and go out."""
         self._processes.pop(pid, None)
-
-    def flush(self, timeout_s: float = 5.0) -> bool:
-        return self.spans.flush(timeout_s)
 
     def close(self) -> None:
         self._processes.clear()
@@ -188,7 +173,7 @@ class SpanExport:
             self._skip(iv, name, UNSAMPLED)
             return None
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
-        blame, links = holders_of(iv)
+        blame, links = timeline.holders_of(iv)
         attrs = {names.WAIT_NS.name: iv.duration_ns,
                  names.HOLDER_TIDS.name: [tid for tid, _ in blame],
                  names.HOLDER_NAMES.name: proc.threads.names([tid for tid, _ in blame]),
@@ -213,62 +198,3 @@ class SpanExport:
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
         return self._emit(proc, name, iv.span, iv, common, {names.HOLD_NS.name: iv.duration_ns},
                           [])
-
-
-def holders_of(iv: Interval) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int]]]:
-    """Who held the GIL during a wait, in one pass over its holds: (tid, held ns)
-    longest first, as timeline.blame(); and one (trace id, span id, held ns) per
-    distinct sampled span a holder was in, longest first (the links). Overlap
-    with the wait, not whole holds; the waiter's own holds do not count.
-    (Written for speed: it runs for every wait, over up to 16 holds.)"""
-    by_tid: Dict[int, int] = {}
-    by_span: Dict[Tuple[int, int], int] = {}
-    me, w_start, w_end = iv.tid, iv.start_ns, iv.end_ns
-    for tid, start, end, span, _seen in iv.holds:
-        if tid == me:
-            continue
-        overlap = (end if end < w_end else w_end) - (start if start > w_start else w_start)
-        if overlap <= 0:
-            continue
-        by_tid[tid] = by_tid.get(tid, 0) + overlap
-        if span is not None and span.trace_flags & 1:
-            key = (span.trace_id, span.span_id)
-            by_span[key] = by_span.get(key, 0) + overlap
-    blame = sorted(by_tid.items(), key=lambda x: (-x[1], x[0]))
-    links = [(t, s, ns) for (t, s), ns in sorted(by_span.items(), key=lambda x: -x[1])]
-    return blame, links
-
-
-@dataclass
-class ThreadDirectory:
-    """Thread identities of one process: the app's context table when it has one
-    (Python ident and thread name), else /proc (OS name). A thread not (yet)
-    found in the table is looked up again after RETRY_NS, not on every span."""
-
-    RETRY_NS = 50_000_000
-
-    lookup: Callable[[int, bool], ThreadInfo]  # (host tid, known to be published)
-    cache: Dict[int, Tuple[ThreadInfo, int]] = field(default_factory=dict)
-
-    def names(self, host_tids: List[int]) -> List[str]:
-        """Their names; the same as [self(t).name ...], a call less per thread
-        found for good (this runs for every holder of every wait)."""
-        out = []
-        for tid in host_tids:
-            hit = self.cache.get(tid)
-            out.append(hit[0].name if hit is not None and hit[0].ident is not None
-                       else self(tid).name)
-        return out
-
-    def __call__(self, host_tid: int, published: bool = False) -> ThreadInfo:
-        """published: the thread is known to have a slot (its span came from it),
-        so a cached miss is stale: look again now."""
-        hit = self.cache.get(host_tid)
-        if hit is not None and hit[0].ident is not None:  # the hot path: found for good
-            return hit[0]
-        now = time.monotonic_ns()
-        if hit is not None and not published and now - hit[1] < self.RETRY_NS:
-            return hit[0]
-        info = self.lookup(host_tid, published)
-        self.cache[host_tid] = (info, now)
-        return info

@@ -21,6 +21,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from otel_gil.errors import TargetError
+from otel_gil.target import procfs
 
 # Copies GCC makes of a static function (cpython-gil.md: 3.8 `take_gil.constprop.0`,
 # Debian 3.11 `take_gil.lto_priv.0`). `.cold` parts are matched separately.
@@ -326,7 +327,7 @@ def debug_file_candidates(
                 root, "usr/lib/debug/.build-id", build_id[:2], build_id[2:] + ".debug"
             )
             if os.path.isfile(path) and _build_id_of(path) == build_id:
-                yield path, f"debug file {_shown(path)} (build-id)"
+                yield path, f"debug file {procfs.shown(path)} (build-id)"
         if link is not None:
             name, crc = link
             rel_dir = _strip_root(obj_dir, root)
@@ -334,12 +335,7 @@ def debug_file_candidates(
                       os.path.join(root, "usr/lib/debug" + rel_dir)):
                 path = os.path.join(d, name)
                 if os.path.isfile(path) and _crc32(path) == crc:
-                    yield path, f"debug file {_shown(path)} (debuglink)"
-
-
-def _shown(path: str) -> str:
-    """A path for reports: /proc/PID/root/x is shown as x (the pid is gone later)."""
-    return re.sub(r"^/proc/\d+/root(?=/)", "", path)
+                    yield path, f"debug file {procfs.shown(path)} (debuglink)"
 
 
 def _strip_root(path: str, root: str) -> str:

@@ -1,0 +1,204 @@
+"""The hot path: a thread's current span, written into its slot of the context table.
+
+This module runs *inside the traced app* (Python 3.8+, opentelemetry-api and
+the stdlib only). It must be cheap and must never raise into the app.
+
+A thread's first write claims its slot (otel_gil/app/table.py) and keeps a
+view of its 26-byte id record in a thread-local; every later write is one
+slice assignment. Span records are cached per span object. The callers are
+otel_gil/app/context.py's runtime-context wrapper (every attach/detach) and
+otel_gil/app/event_loop.py's patches (a task step, a worker's copied context);
+context.install() sets _table and _otel_var here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from contextvars import ContextVar
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry.context.context import Context
+
+# The key trace.get_current_span() looks up (opentelemetry-api >= 1.0, which
+# pyproject requires at >= 1.20); reading it directly saves a call per switch.
+from opentelemetry.trace.propagation import _SPAN_KEY
+
+from otel_gil.abi.slots import IDS_SIZE, INVALID, ids_record
+from otel_gil.app.table import ContextTable
+
+_EMPTY = Context()  # an OpenTelemetry Context with no span
+
+
+_table: ContextTable | None = None
+_tls = threading.local()  # .view: the thread's record (see ContextTable.view); .lease
+# id(span) -> (span, record). Holding the span keeps its id from being reused
+# while cached (its span context never changes); cleared past _CACHE_MAX, so at
+# most that many ended spans stay alive a little longer.
+_cache: dict[int, tuple[object, bytes]] = {}
+_cached_ids: dict[int, int] = {}  # span_id -> its key in _cache (see EndedSpans)
+_CACHE_MAX = 256
+# The ContextVar that holds OpenTelemetry's current Context in each contextvars
+# Context (ContextVarsRuntimeContext._current_context), or None when the app
+# uses another runtime context: then a Context about to be entered cannot be
+# read, and publish_entered() publishes "no span" rather than guess.
+_otel_var: ContextVar[Context] | None = None
+
+
+def _claim_current() -> memoryview:
+    table = _table
+    if table is None:
+        return memoryview(bytearray(IDS_SIZE))
+    lease = table.claim(threading.get_native_id(), threading.get_ident(),
+                        threading.current_thread().name)
+    view = table.view(lease)
+    _tls.lease = lease
+    _tls.view = view
+    return view
+
+
+def _remember(span: Any) -> bytes:
+    span_context = span.get_span_context()
+    # An SDK span that has ended publishes "no span": work after its end
+    # (an ASGI server span ends when the response is sent, and stays current
+    # while the middleware finishes) would otherwise get a child outside it.
+    if span_context.is_valid and getattr(span, "end_time", None) is None:
+        record = ids_record(span_context.trace_id, span_context.span_id,
+                             int(span_context.trace_flags))
+    else:
+        record = INVALID
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+        _cached_ids.clear()
+    _cache[id(span)] = (span, record)
+    _cached_ids[span_context.span_id] = id(span)
+    return record
+
+
+def span_ended(span: Any) -> None:
+    """A span ended on this thread (the SDK calls span processors' on_end
+    there, inside Span.end): if it is cached, it publishes "no span" from then
+    on; if it is this thread's published span, its slot says so now. Never raises."""
+    try:
+        span_id = span.get_span_context().span_id
+        key = _cached_ids.pop(span_id, None)
+        hit = _cache.get(key) if key is not None else None
+        if hit is not None and key is not None:
+            _cache[key] = (hit[0], INVALID)
+        view = getattr(_tls, "view", None)
+        if view is not None and view[24] and bytes(view[16:24]) == span_id.to_bytes(8, "big"):
+            view[:] = INVALID
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def _ended_spans_processor() -> Any:
+    """An SDK SpanProcessor (a subclass, so that hooks newer SDKs call, such as
+    _on_ending, keep their defaults) calling span_ended(). The hot path pays
+    nothing for it; each span end pays one dict lookup."""
+    from opentelemetry.sdk.trace import SpanProcessor  # noqa: PLC0415
+
+    class EndedSpans(SpanProcessor):
+        def on_end(self, span: Any) -> None:
+            span_ended(span)
+
+    return EndedSpans()
+
+
+_ended_spans_on: set[int] = set()  # id() of the tracer providers given an EndedSpans
+
+
+def watch_span_ends(tracer_provider: Any) -> None:
+    """Give an SDK tracer provider a span processor calling span_ended() (once;
+    default: the global one). Other providers have no such hook: their ended
+    spans keep publishing while they stay current."""
+    try:
+        if tracer_provider is None:
+            from opentelemetry import trace  # noqa: PLC0415
+
+            tracer_provider = trace.get_tracer_provider()
+        add = getattr(tracer_provider, "add_span_processor", None)
+        if add is not None and id(tracer_provider) not in _ended_spans_on:
+            add(_ended_spans_processor())
+            _ended_spans_on.add(id(tracer_provider))
+    except Exception:  # noqa: BLE001, S110 - optional: publishing works without it
+        pass
+
+
+def _publish(context: Context) -> None:
+    """Write the calling thread's record for ``context``. Never raises.
+
+    No reader can see a torn record: only the owning thread writes its slot,
+    the probes read a slot only from that same thread (at a GIL event on it),
+    and the write is one C call (a memoryview slice assignment: one memcpy,
+    like one struct.pack_into but cheaper to call) made while holding the GIL,
+    during which that thread reaches no GIL event.
+
+    PublishingRuntimeContext.attach/detach inline this body."""
+    try:
+        span = context.get(_SPAN_KEY)
+        if span is None:
+            record = INVALID
+        else:
+            hit = _cache.get(id(span))
+            record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+        try:
+            _tls.view[:] = record
+        except AttributeError:
+            _claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def _failed() -> None:
+    """Count a hot-path failure and publish "no context" rather than a stale one."""
+    try:
+        if _table is not None:
+            _table.errors += 1
+        _tls.view[:] = INVALID
+    except Exception:  # noqa: BLE001, S110 - never raise into the app
+        pass
+
+
+def publish_entered(entered: contextvars.Context) -> None:
+    """Publish the span current in ``entered``: a contextvars Context that this
+    thread is about to run code in with no OpenTelemetry attach (an event-loop
+    step, a worker thread's copied context; otel_gil/app/event_loop.py). Never raises."""
+    try:
+        var = _otel_var
+        otel = entered.get(var) if var is not None else None
+        span = otel.get(_SPAN_KEY) if otel is not None else None
+        if span is None:
+            record = INVALID
+        else:
+            hit = _cache.get(id(span))
+            record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+        try:
+            _tls.view[:] = record
+        except AttributeError:
+            _claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        _failed()
+
+
+def publish_current(claim: bool = True) -> None:
+    """Publish the span current in this thread's current contextvars Context
+    again (a step ended: the loop's own code runs on). With claim=False, a
+    thread that has no slot yet is left without one (a pool thread that never
+    published has nothing stale to correct). Never raises."""
+    if not claim and getattr(_tls, "view", None) is None:
+        return
+    var = _otel_var
+    if var is not None:
+        otel = var.get(None)
+        _publish(otel if otel is not None else _EMPTY)
+    else:
+        try:
+            _publish(otel_context.get_current())
+        except Exception:  # noqa: BLE001 - never raise into the app
+            _failed()
+
+
+def current_table() -> ContextTable | None:
+    return _table

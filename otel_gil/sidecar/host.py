@@ -1,0 +1,112 @@
+"""The sidecar process's own resources and rules: its registration socket, who
+may register through it, and its heap.
+
+Memory: libbcc compiles the BPF program with clang/LLVM in this process and
+frees ~30 MB afterwards that glibc keeps (trim_heap returns it), and every
+thread that allocates gets its own malloc arena (limit_arenas caps them).
+bench/README.md has the breakdown.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import grp
+import hmac
+import os
+import socket
+import stat
+from typing import Optional
+
+from otel_gil import trust
+from otel_gil.app import protocol
+from otel_gil.errors import EnvironmentProblem
+from otel_gil.target import procfs
+
+
+def refusal(reg: protocol.Registration, pid: int, owner_pid: Optional[int],
+            owner_token: str) -> str:
+    """Why process pid may not register (empty: it may). It may ask only for
+    itself; a spawned sidecar (owner_pid, None for its owner itself) serves its
+    app and what that app started: those that hold its token, or descend from it."""
+    nspid = procfs.nspid(pid)
+    if reg.pid is not None and reg.pid not in nspid:
+        return (f"the connecting process is pid {nspid[-1]}, not {reg.pid}; a process may "
+                "only ask for itself to be traced")
+    if owner_pid is not None and not (
+            owner_token and hmac.compare_digest(reg.token, owner_token)) \
+            and not procfs.descends_from(pid, owner_pid):
+        return f"this sidecar serves process {owner_pid} and its children only"
+    return ""
+
+
+M_ARENA_MAX = -8  # glibc malloc.h
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(None)
+    except OSError:  # pragma: no cover - no C library to ask
+        return None
+
+
+def limit_arenas(count: int = 2) -> None:
+    """Cap glibc's malloc arenas: each thread that allocates (gRPC's, the
+    exporters', Prometheus's) otherwise gets its own, which stays resident."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_ARENA_MAX, count)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the kernel (glibc's malloc_trim; a no-op
+    elsewhere). BCC's compile frees most of what LLVM allocated, but glibc keeps
+    it mapped until asked."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def listen(path: str, group: Optional[str] = None) -> socket.socket:
+    """Bind the registration socket. A path socket goes only into a directory that
+    no other user can write (or pre-create): root creates a socket file there and
+    makes it connectable by everyone, or by `group`; a file at the path is replaced
+    only if it is a socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if path.startswith("@"):
+        sock.bind(protocol.unix_address(path))
+        sock.listen(64)
+        return sock
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    why = trust.untrusted_reason(directory)
+    if why is not None:
+        sock.close()
+        raise EnvironmentProblem(f"will not listen on {path}: {why}",
+                                 "use a directory only root can write, such as /run/otel-gil")
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    gid = -1
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            raise EnvironmentProblem(f"no group {group!r}", "name an existing group") from None
+    # The socket file gets its mode at bind time from the umask: no chmod of a
+    # path that could have been swapped for a symlink meanwhile.
+    old = os.umask(0o117 if group is not None else 0o111)
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise EnvironmentProblem(f"cannot listen on {path}: {err.strerror or err}",
+                                 "remove what is at that path, or choose another") from None
+    finally:
+        os.umask(old)
+    if gid >= 0:
+        os.chown(path, -1, gid, follow_symlinks=False)
+    sock.listen(64)
+    return sock
