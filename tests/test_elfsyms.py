@@ -20,7 +20,7 @@ from otel_gil.target.interpreter import inspect_binary
 from otel_gil.target.layout import table_layout
 
 PYENV = "/root/.pyenv/versions"
-# version -> names of the take_gil copies that nm lists (cpython-gil.md)
+# version -> names of the take_gil copies that nm lists (checked on the pyenv builds)
 PYENV_BUILDS: dict[str, tuple[str, ...]] = {
     "3.8.18": ("take_gil", "take_gil.constprop.0"),
     "3.9.18": ("take_gil",),

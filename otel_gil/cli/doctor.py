@@ -71,8 +71,8 @@ def _headers() -> str:
 
 
 def _bpf_program() -> str:
-    from otel_gil.probes.config import ProbeConfig  # noqa: PLC0415 - imports bcc
-    from otel_gil.probes.loader import Probes
+    from otel_gil.probes.config import ProbeConfig  # noqa: PLC0415
+    from otel_gil.probes.loader import Probes  # noqa: PLC0415 - imports bcc
 
     for probe_set in PROBE_SETS:
         Probes(ProbeConfig(probes=probe_set), lambda _iv: None).close()

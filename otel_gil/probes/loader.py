@@ -267,16 +267,7 @@ class Probes:
         cfg = self.target_state(pid)
         if cfg is None or not cfg.gil_addr:
             return None
-        try:
-            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            data = os.pread(fd, 8, cfg.gil_addr + cfg.off_switch)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
+        data = procfs.peek_memory(pid, cfg.gil_addr + cfg.off_switch, 8)
         return int.from_bytes(data, "little") if len(data) == 8 else None
 
     def thread(self, tid: int) -> Optional[events.ThreadStats]:

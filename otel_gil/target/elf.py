@@ -23,8 +23,9 @@ from elftools.elf.elffile import ELFFile
 from otel_gil.errors import TargetError
 from otel_gil.target import procfs
 
-# Copies GCC makes of a static function (cpython-gil.md: 3.8 `take_gil.constprop.0`,
-# Debian 3.11 `take_gil.lto_priv.0`). `.cold` parts are matched separately.
+# Copies GCC makes of a static function (as `nm` lists them in the pyenv and
+# Debian builds: 3.8 `take_gil.constprop.0`, Debian 3.11 `take_gil.lto_priv.0`).
+# `.cold` parts are matched separately.
 # drop_gil_impl(tstate, gil) is the part of drop_gil that unlocks and signals
 # gil->cond (3.13 free-threaded, 3.15 everywhere): sid's 3.15 has an
 # out-of-line `drop_gil_impl.lto_priv.0` beside `drop_gil.constprop.0`.

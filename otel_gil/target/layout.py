@@ -216,7 +216,8 @@ def _thread_state_ids(q: tuple[int, ...], start: int,
     fields are taken at their indices in the table (_TSTATE_ID_FIELDS). For a
     later version, the pair (8 bytes apart) is taken only if it is the one
     such pair in the next 10 fields after current_frame: 3.15 alone has three.
-    probes.holder_tid_source checks the result on the live process either way.
+    otel_gil/probes/holders.py (holder_tid_source) checks the result on the
+    live process either way.
     """
     for i in range(start, len(q) - 6):
         size, prev, nxt, interp = q[i:i + 4]

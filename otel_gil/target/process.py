@@ -103,7 +103,7 @@ def _inspect_process(pid: int) -> Target:
     proc = f"/proc/{pid}"
     status = procfs.read(pid, "status")
     comm = procfs.read(pid, "comm").strip()
-    nspid = tuple(int(x) for x in procfs.status_field(status, "NSpid").split()) or (pid,)
+    nspid = procfs.nspid_of(status) or (pid,)
     maps = procfs.maps(pid)
     root = f"{proc}/root"
     _refuse_musl(pid, comm, maps)

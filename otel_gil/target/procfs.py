@@ -120,29 +120,32 @@ def children(pid: int) -> List[int]:
         return []
 
 
+def nspid_of(status: str) -> Tuple[int, ...]:
+    """The NSpid line of a /proc/.../status text: the id in each PID namespace,
+    outermost first (Linux 4.1+); () when absent."""
+    try:
+        return tuple(int(x) for x in status_field(status, "NSpid").split())
+    except ValueError:
+        return ()
+
+
 def nspid(pid: int) -> Tuple[int, ...]:
-    """pid in each PID namespace it is in, outermost first (NSpid, Linux 4.1+);
-    (pid,) when unreadable."""
+    """pid in each PID namespace it is in, outermost first; (pid,) when unreadable."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return tuple(int(x) for x in line.split()[1:])
-    except (OSError, ValueError):
-        pass
-    return (pid,)
+            return nspid_of(f.read()) or (pid,)
+    except OSError:
+        return (pid,)
 
 
 def _ns_tid(path: str) -> Optional[int]:
     """The innermost NSpid of a task's status file; None when unreadable."""
     try:
         with open(path) as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return int(line.split()[-1])
-    except (OSError, ValueError):
-        pass
-    return None
+            found = nspid_of(f.read())
+    except OSError:
+        return None
+    return found[-1] if found else None
 
 
 def ns_tid_map(pid: int) -> Dict[int, int]:
