@@ -1,4 +1,4 @@
-"""Cost of publishing the active span (otel_gil.context) per context switch.
+"""Cost of publishing the active span (otel_gil.app.context) per context switch.
 
 Times N pairs of ``context.attach(ctx)`` / ``context.detach(token)`` of a
 context holding a recording SDK span, with and without the hook, and the same

@@ -338,7 +338,7 @@ def bench(args: argparse.Namespace) -> int:
     target = {"receiver": port, "down": closed_port(),
               "blackhole": hole.port if hole else 0}[args.endpoint]
     prom_port = free_port()
-    # A private discovery cache (otel_gil/target/interpreter.py keeps one per interpreter
+    # A private discovery cache (otel_gil/target/cache.py keeps one per interpreter
     # build under XDG_CACHE_HOME): the first phase inspects the interpreter from
     # scratch ("cold"), the others find it there ("warm"), as a second run would.
     cache = tempfile.mkdtemp(prefix="otel-gil-bench-cache-")

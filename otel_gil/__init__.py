@@ -24,7 +24,7 @@ log = logging.getLogger("otel_gil")
 _lock = threading.Lock()
 _agent: Any = None  # otel_gil.agent.Agent, imported lazily
 _fork_hook = False
-_exported = False  # we set otel_gil.plan.PARENT_SOCKET
+_exported = False  # we set otel_gil.app.plan.PARENT_SOCKET
 
 
 def instrument(tracer_provider: Any = None, meter_provider: Any = None, **options: Any) -> None:
@@ -80,7 +80,7 @@ def _start_agent(opts: Any, table: Any, resource: Dict[str, Any], plan: Any = No
 def _export_for_descendants(agent: Any) -> None:
     """An app that spawns a private sidecar tells the programs it execs (the
     multiprocessing spawn and forkserver start methods, a re-exec'd server) to
-    join it rather than spawn sidecars of their own (otel_gil.plan)."""
+    join it rather than spawn sidecars of their own (otel_gil.app.plan)."""
     global _exported
     from otel_gil.app.plan import PARENT_SOCKET, PARENT_TOKEN  # noqa: PLC0415
 
@@ -104,7 +104,7 @@ def _after_fork_in_child() -> None:
     """A forked worker (gunicorn, uwsgi, multiprocessing): register it too, with
     the sidecar its parent uses or is about to use, and leave the parent's
     registration alone. Only starts a thread: the connecting, and waiting for a
-    sidecar still starting, happen there (otel_gil.plan)."""
+    sidecar still starting, happen there (otel_gil.app.plan)."""
     global _agent, _lock
     _lock = threading.Lock()  # another thread of the parent may have held it
     parent = _agent

@@ -1,4 +1,4 @@
-"""The loopback OTLP/gRPC receiver (otel_gil.receiver), re-exported for tests, and
+"""The loopback OTLP/gRPC receiver (otel_gil.dev.receiver), re-exported for tests, and
 the ``otlp_receiver`` pytest fixture that yields a started one."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""otel_gil.context: the context table and the process context, read from outside.
+"""otel_gil.app.context and the sidecar's reader (otel_gil.sidecar.threads): the context
+table and the process context, read from outside.
 
 The integration tests run a real child interpreter that installs the hook and
 makes spans on two threads; this process reads the child's table through

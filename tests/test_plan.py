@@ -1,4 +1,4 @@
-"""otel_gil.plan and the agent's joining, without eBPF: where a registration goes,
+"""otel_gil.app.plan and the agent's joining, without eBPF: where a registration goes,
 what a forked child inherits, and, in real child processes, the abstract socket
 bound before any sidecar exists, retries until a sidecar listens, the deadline,
 a worker that changes user, and a fork that waits for the agent's descriptors.

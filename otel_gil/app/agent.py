@@ -1,7 +1,7 @@
 """The app's side of tracing: find or start a sidecar and register with it, in
 the background. Never raises into the app; a failure is one log line, then
 nothing. Runs inside the traced app (Python 3.8+, stdlib only here).
-Where the registration goes, and how forked workers follow: otel_gil.plan.
+Where the registration goes, and how forked workers follow: otel_gil.app.plan.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ This module runs *inside the traced app* (Python 3.8+, stdlib only). The bytes
 are otel_gil/abi/slots.py's; this is the writer: a thread claims the slot for
 its native thread id (one of PROBES candidates, as the probes look them up),
 writes its tid, Python ident and name there once, and from then on only its
-26-byte id record (otel_gil/app/context.py, on every attach and detach).
+26-byte id record (otel_gil/app/publish.py, at every attach and detach).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class SidecarCommand(Command):
                             help="only members of this group may register (socket mode 0660); "
                                  "default: any local process may register itself (mode 0666)")
         parser.add_argument("--owner-fd", type=int, default=None, help=argparse.SUPPRESS)
-        # A spawned sidecar's listening socket, bound by its app (otel_gil.plan).
+        # A spawned sidecar's listening socket, bound by its app (otel_gil.app.plan).
         parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
         parser.add_argument("--wait-threshold-ms", type=positive_float,
                             default=opts.wait_threshold_ms,
@@ -55,7 +55,7 @@ class SidecarCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
-        from otel_gil.sidecar.host import listen
+        from otel_gil.sidecar.host import listen  # noqa: PLC0415
         from otel_gil.sidecar.server import Sidecar  # noqa: PLC0415 - imports bcc
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
@@ -65,7 +65,7 @@ class SidecarCommand(Command):
 
         # The socket first: a refusal (an untrusted directory) is one line and
         # exit 5, before anything else has started. A spawned sidecar's was bound
-        # by its app, before any fork (otel_gil.plan).
+        # by its app, before any fork (otel_gil.app.plan).
         if args.listen_fd is not None:
             listener: Optional[socket.socket] = socket.socket(fileno=args.listen_fd)
         else:

@@ -18,7 +18,7 @@ The exporter is the SDK's OTLP exporter (grpc or http/protobuf, configured by
 OTEL_EXPORTER_OTLP_*), fed the request bytes of otel_gil/export/spanwire.py through a
 narrow hook (see Transport); any other SpanExporter gets SDK ReadableSpans
 decoded from the same bytes. Its log lines are captured, not printed: the
-sidecar summarises losses at most once a minute (otel_gil/sidecar/server.py).
+sidecar summarises losses at most once a minute (otel_gil/sidecar/losses.py).
 """
 
 from __future__ import annotations

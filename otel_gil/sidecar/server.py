@@ -6,7 +6,7 @@ Two ways to run it, one loop:
 - spawned by `otel_gil.instrument()` with `--owner-fd FD`: a private sidecar
   for one app and its descendants (forked workers, which connect to the
   abstract `@name` the app bound and handed over as `--listen-fd`; see
-  otel_gil.plan). It exits when the owner's end of FD has closed, which the
+  otel_gil.app.plan). It exits when the owner's end of FD has closed, which the
   kernel does when the app exits, SIGKILL included, and no process registered
   through it is still traced (a daemon's double fork, a re-exec'd master).
 
