@@ -99,10 +99,7 @@ def replay(raw: List[bytes], pid: int, names: Any, port: int) -> Tuple[float, in
 
     directory = Captured(pid, None, lambda tid: None)
     exp.add_process(pid, pid, {"service.name": "soak"}, directory)
-    session: Any = type("S", (), {"threads": {}, "targets": {}, "histogram_kinds": ("wait", "hold"),
-                                  "skipped_runs": 0,
-                                  "probes": type("P", (), {"undecodable": 0})()})()
-    metrics = GilMetrics(session, [InMemoryMetricReader()])
+    metrics = GilMetrics(("wait", "hold"), [InMemoryMetricReader()])
     metrics.add_process(pid, "soak", pid, directory.name)
     started = time.process_time()
     for data in raw:

@@ -46,7 +46,7 @@ def traced() -> Any:
 
         # The all set: held seconds are every hold, comparable to CPU time
         session = Session(ProbeConfig(hold_threshold_ns=4_000_000, probes="all"), on_interval)
-        metrics = GilMetrics(session, [memory, PrometheusMetricReader()])
+        metrics = GilMetrics(session.histogram_kinds, [memory, PrometheusMetricReader()])
         target_info = session.add(child.host_pid)
         metrics.add_process(child.host_pid, "metrics-test", target_info.nspid[-1],
                             lambda tid: "main" if tid == child.host_pid else "burner")
@@ -54,13 +54,13 @@ def traced() -> Any:
         result: Dict[str, Any] = {}
         while not result:
             session.step(50)
-            metrics.update()
+            metrics.update(session.snapshot())
             try:
                 result = child.read_json(timeout=0.05)
             except TimeoutError:
                 continue
         session.step(50, refresh=True)  # WHEN the totals are read, once the work is done
-        metrics.update()
+        metrics.update(session.snapshot())
         scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         data = memory.get_metrics_data()
         child.send("exit")
@@ -215,16 +215,13 @@ def test_dashboard_series_exist_on_a_running_sidecar(tmp_path: Any) -> None:
 
 
 def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
-    from types import SimpleNamespace
 
     from otel_gil.abi.events import Interval, SpanRef
 
     # GIVEN metrics for one process, with room for 2 thread names
     memory = InMemoryMetricReader()
     # (a probe set without kernel histograms: the recorded waits are the histogram)
-    session = SimpleNamespace(threads={}, targets={}, histogram_kinds=(), skipped_runs=0,
-                              probes=SimpleNamespace(undecodable=0))
-    metrics = GilMetrics(session, [memory], max_thread_labels=2)  # type: ignore[arg-type]
+    metrics = GilMetrics((), [memory], max_thread_labels=2)
     metrics.add_process(100, "svc", 1, lambda tid: f"thread-{tid}")
     span = SpanRef(0xABC, 0xDEF, 1)
     # WHEN waits of 3 different threads are recorded, each with its span

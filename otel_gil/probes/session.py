@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, FrozenSet, List, Optional
 
 from otel_gil.abi import buckets, events
 from otel_gil.abi.slots import TableLocation
@@ -112,6 +112,18 @@ class TargetInfo:
     watched_ns: int = 0  # last read of _gil_runtime_state.enabled
     switch_start: Optional[int] = None  # gil->switch_number once the probes were attached
     switch_now: Optional[int] = None  # ... at the last refresh
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the metrics stage is handed after a refresh: the per-thread totals,
+    each target's kernel state (copies: the metric readers' threads read them
+    while the session goes on), and the losses tied to no one process."""
+
+    threads: Dict[int, ThreadTotals]  # host tid -> totals (read on the loop's thread)
+    states: Dict[int, events.TargetState]  # pid -> kernel state, targets that have one
+    live: FrozenSet[int]  # pids still traced
+    sidecar_lost: int  # undecodable records and probe runs the kernel skipped
 
 
 # How often a GIL-less free-threaded target's _gil_runtime_state.enabled is read
@@ -340,6 +352,14 @@ class Session:
                 totals = self._first_sighting(tid, raw)
                 totals.update(raw, self.probe_set == "contended")
         return totals
+
+    def snapshot(self) -> Snapshot:
+        """The totals as of the last refresh, for the metrics (sidecar/metrics.py)."""
+        states = {pid: events.TargetState.from_buffer_copy(bytes(info.state))
+                  for pid, info in self.targets.items() if info.state is not None}
+        live = frozenset(pid for pid, info in self.targets.items() if not info.ended_ns)
+        return Snapshot(dict(self.threads), states, live,
+                        int(self.probes.undecodable + self.skipped_runs))
 
     @property
     def active(self) -> bool:

@@ -38,7 +38,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_gil import names
 from otel_gil.abi.events import Interval, SpanRef
 from otel_gil.export import delivery
-from otel_gil.probes.session import Session
+from otel_gil.probes.session import Snapshot
 from otel_gil.sidecar import collect, histograms
 from otel_gil.sidecar import spans as export
 
@@ -66,13 +66,15 @@ class _Sums:
 
 
 class GilMetrics:
-    """Observes a Session; one instance per sidecar."""
+    """The sidecar's metrics, fed a Session's snapshot after each refresh (update);
+    one instance per sidecar. histogram_kinds: Session.histogram_kinds."""
 
-    def __init__(self, session: Session, readers: List[MetricReader],
+    def __init__(self, histogram_kinds: Tuple[str, ...], readers: List[MetricReader],
                  max_thread_labels: int = 20, resource: Optional[Resource] = None,
                  spans: Optional[SpanCounts] = None,
                  before_collect: Optional[Callable[[], None]] = None) -> None:
-        self.session = session
+        self.histogram_kinds = histogram_kinds
+        self._snapshot = Snapshot({}, {}, frozenset(), 0)  # the latest update()'s
         self.max_thread_labels = max_thread_labels
         self.resource = resource if resource is not None else Resource.create()
         self.provider = MeterProvider(metric_readers=readers, resource=self.resource)
@@ -166,13 +168,15 @@ class GilMetrics:
         with self._lock:
             self.histograms[iv.kind].record_event(
                 labels, iv.duration_ns, exemplar,
-                from_kernel=iv.kind in self.session.histogram_kinds)
+                from_kernel=iv.kind in self.histogram_kinds)
 
-    def update(self) -> None:
-        """Fold the session's per-thread totals and histograms into per-label
-        running sums, and the contention window. Call it after Session.refresh()."""
-        rows = [(tid, t, self._labels(t.pid, tid)) for tid, t in list(self.session.threads.items())]
+    def update(self, snapshot: Snapshot) -> None:
+        """Fold a snapshot's per-thread totals and histograms into per-label
+        running sums, and the contention window; the observers report its
+        kernel counters from now on. Call it after Session.refresh()."""
+        rows = [(tid, t, self._labels(t.pid, tid)) for tid, t in snapshot.threads.items()]
         with self._lock:
+            self._snapshot = snapshot
             for tid, t, labels in rows:
                 self._fold_sums(tid, labels, (t.hold_ns, t.wait_ns, t.acquisitions))
                 self.histograms["wait"].fold_thread(tid, labels, t.wait_hist, t.wait_ns,
@@ -195,10 +199,9 @@ class GilMetrics:
 
     def _update_contention(self, window_s: float = 5.0) -> None:
         mono = time.monotonic_ns()
-        for pid, info in list(self.session.targets.items()):
-            if info.ended_ns:
-                continue
-            waited = sum(t.wait_ns for t in self.session.threads.values() if t.pid == pid)
+        snap = self._snapshot
+        for pid in snap.live:
+            waited = sum(t.wait_ns for t in snap.threads.values() if t.pid == pid)
             prev = self._window.get(pid)
             if prev is None:
                 self._window[pid] = (mono, waited, 0.0)
@@ -206,12 +209,13 @@ class GilMetrics:
                 self._window[pid] = (mono, waited, (waited - prev[1]) / (mono - prev[0]))
 
     def forget(self, pid: int) -> None:
-        """The process is gone: keep its label sums (monotonic), drop thread state."""
-        info = self.session.targets.get(pid)
-        tids = [t for t, tt in self.session.threads.items() if tt.pid == pid]
+        """The process is gone: keep its label sums (monotonic), drop thread state
+        (as the latest snapshot has them: update() first)."""
+        snap = self._snapshot
+        st = snap.states.get(pid)
+        tids = [t for t, tt in snap.threads.items() if tt.pid == pid]
         with self._lock:
-            if info is not None and info.state is not None:
-                st = info.state
+            if st is not None:
                 self._exited[pid] = {"handoffs": st.handoffs,
                                      "forced_switches": st.forced_switches, "lost": st.lost}
             for tid in tids:
@@ -238,9 +242,8 @@ class GilMetrics:
 
     def _process_values(self, key: str) -> Dict[int, int]:
         out = {pid: vals[key] for pid, vals in self._exited.items()}
-        for pid, info in list(self.session.targets.items()):
-            if info.state is not None:
-                out[pid] = int(getattr(info.state, key))
+        for pid, state in self._snapshot.states.items():
+            out[pid] = int(getattr(state, key))
         return out
 
     def _process_counter(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -261,7 +264,7 @@ class GilMetrics:
 
     def _sidecar_lost(self) -> int:
         """Losses not tied to one process: undecodable records, skipped probe runs."""
-        return int(self.session.probes.undecodable + self.session.skipped_runs)
+        return self._snapshot.sidecar_lost
 
     def lost_events_total(self) -> int:
         """Everything otel_gil.lost_events counts, summed."""

@@ -99,7 +99,7 @@ class Sidecar:
         # exists (while BCC compiles, seconds on a busy machine) complains at
         # every tick that it cannot collect.
         readers = metric_readers() if metric_readers is not None else []
-        self.metrics = GilMetrics(self.session, readers, max_thread_labels,
+        self.metrics = GilMetrics(self.session.histogram_kinds, readers, max_thread_labels,
                                   spans=lambda: (self.export.spans.counts(), self.export.skipped),
                                   before_collect=self._before_collect)
         self.losses = LossLog(
@@ -222,7 +222,7 @@ class Sidecar:
 
     def _update_metrics(self) -> None:
         try:
-            self.metrics.update()
+            self.metrics.update(self.session.snapshot())
         except Exception:  # noqa: BLE001 - metrics must never stop tracing
             if not self._metrics_failed:
                 log.exception("otel-gil: updating metrics failed (reported once)")
