@@ -92,12 +92,15 @@ class PublishingRuntimeContext(_RuntimeContext):
         token = self._attach(context)
         if self.enabled:
             try:
-                span = context.get(_SPAN_KEY)
+                span: Any = context.get(_SPAN_KEY)
                 if span is None:
                     record = INVALID
                 else:
                     hit = _cache.get(id(span))
-                    record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+                    if hit is not None and hit[0] is span.get_span_context():
+                        record = hit[1]
+                    else:
+                        record = _remember(span)
                 try:
                     _tls.view[:] = record
                 except AttributeError:
@@ -113,12 +116,15 @@ class PublishingRuntimeContext(_RuntimeContext):
         self._detach(token)
         if self.enabled:
             try:
-                span = self._get().get(_SPAN_KEY)
+                span: Any = self._get().get(_SPAN_KEY)
                 if span is None:
                     record = INVALID
                 else:
                     hit = _cache.get(id(span))
-                    record = hit[1] if hit is not None and hit[0] is span else _remember(span)
+                    if hit is not None and hit[0] is span.get_span_context():
+                        record = hit[1]
+                    else:
+                        record = _remember(span)
                 try:
                     _tls.view[:] = record
                 except AttributeError:

@@ -58,7 +58,7 @@ import functools
 import sys
 import threading
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 from otel_gil.abi.slots import INVALID
 from otel_gil.app import import_hooks, publish
@@ -71,9 +71,9 @@ _active = False
 # inlined fast path of Handle._run reads it; None means take the slow path.
 _otel_var: Any = None
 _NO_CONTEXT = contextvars.Context()  # publishing it publishes "no span"
-# (owner, attribute, original) of every patch, for uninstall().
-_patches: List[Tuple[Any, str, Any]] = []
-# context.py's objects for the inlined publishing below: context.py mutates
+_patches = import_hooks.Patches()  # every patch, for uninstall()
+_replace = _patches.replace
+# publish.py's objects for the inlined publishing below: publish.py mutates
 # them in place and never rebinds them.
 _TLS, _CACHE = publish._tls, publish._cache
 _INVALID, _SPAN_KEY = INVALID, publish._SPAN_KEY  # type: ignore[attr-defined]
@@ -112,7 +112,10 @@ def _patch_asyncio() -> None:
                 record = invalid
             else:
                 hit = cache.get(id(span))
-                record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                if hit is not None and hit[0] is span.get_span_context():
+                    record = hit[1]
+                else:
+                    record = remember(span)
             try:
                 tls.view[:] = record
             except AttributeError:
@@ -129,7 +132,10 @@ def _patch_asyncio() -> None:
                     record = invalid
                 else:
                     hit = cache.get(id(span))
-                    record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                    if hit is not None and hit[0] is span.get_span_context():
+                        record = hit[1]
+                    else:
+                        record = remember(span)
                 tls.view[:] = record
             except Exception:  # noqa: BLE001 - never raise into the app
                 failed()
@@ -180,7 +186,10 @@ class _Callback:
                 record = _INVALID
             else:
                 hit = _CACHE.get(id(span))
-                record = hit[1] if hit is not None and hit[0] is span else publish._remember(span)
+                if hit is not None and hit[0] is span.get_span_context():
+                    record = hit[1]
+                else:
+                    record = publish._remember(span)
             try:
                 _TLS.view[:] = record
             except AttributeError:
@@ -253,7 +262,7 @@ def _patch_uvloop(uvloop: ModuleType) -> None:
 
 
 def _patched_names(owner: Any) -> List[str]:
-    return [name for o, name, _ in _patches if o is owner]
+    return _patches.names_on(owner)
 
 
 # ------------------------------------------------------------ worker threads
@@ -336,14 +345,6 @@ _AFTER_IMPORT: Dict[str, Callable[[ModuleType], None]] = {
 }
 
 
-def _replace(owner: Any, name: str, value: Any) -> None:
-    _patches.append((owner, name, owner.__dict__.get(name, _MISSING)))
-    setattr(owner, name, value)
-
-
-_MISSING = object()
-
-
 _finder = import_hooks.PatchingFinder(_AFTER_IMPORT, lambda: _active)
 
 
@@ -356,7 +357,7 @@ def install() -> None:
         return
     _active = True
     try:
-        if not _patches:
+        if not _patches.made:
             _patch_asyncio()
             _patch_executor()
         for name, patch in _AFTER_IMPORT.items():
@@ -378,17 +379,11 @@ def uninstall() -> None:
     try:
         while _finder in sys.meta_path:
             sys.meta_path.remove(_finder)
-        while _patches:
-            owner, name, original = _patches.pop()
-            if original is _MISSING:
-                if name in owner.__dict__:
-                    delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+        _patches.undo()
     except Exception:  # noqa: BLE001, S110 - never raise into the app
         pass
 
 
 def patched() -> List[str]:
     """What is patched now, as ``module.Class.attribute`` (diagnostics, tests)."""
-    return [f"{owner.__module__}.{owner.__qualname__}.{name}" for owner, name, _ in _patches]
+    return _patches.describe()

@@ -1,6 +1,7 @@
-"""Patching a module when it is imported: a meta path finder that hands the
-module's usual loader a wrapper, which runs the patch right after the module's
-own code (importlib's MetaPathFinder/Loader protocol, Lib/importlib/abc.py).
+"""Patching other modules: the patches made (and undone), and patching a module
+when it is imported, through a meta path finder that hands the module's usual
+loader a wrapper, which runs the patch right after the module's own code
+(importlib's MetaPathFinder/Loader protocol, Lib/importlib/abc.py).
 
 Runs *inside the traced app* (stdlib only); never raises into the app's import.
 """
@@ -11,7 +12,7 @@ import importlib.abc
 import importlib.machinery
 import sys
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 class _Loader(importlib.abc.Loader):
@@ -71,3 +72,35 @@ def run_patch(patch: Callable[[ModuleType], None], module: ModuleType) -> None:
         patch(module)
     except Exception:  # noqa: BLE001, S110 - an unknown version: left unpatched
         pass
+
+
+_MISSING = object()
+
+
+class Patches:
+    """Attributes replaced on other modules' objects, and how to put them back."""
+
+    def __init__(self) -> None:
+        self.made: List[Tuple[Any, str, Any]] = []  # (owner, attribute, original)
+
+    def replace(self, owner: Any, name: str, value: Any) -> None:
+        self.made.append((owner, name, owner.__dict__.get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def names_on(self, owner: Any) -> List[str]:
+        return [name for o, name, _ in self.made if o is owner]
+
+    def undo(self) -> None:
+        """Every original back, newest first (an attribute the owner did not
+        have of its own is deleted again)."""
+        while self.made:
+            owner, name, original = self.made.pop()
+            if original is _MISSING:
+                if name in owner.__dict__:
+                    delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+    def describe(self) -> List[str]:
+        """What is patched now, as ``module.Class.attribute``."""
+        return [f"{owner.__module__}.{owner.__qualname__}.{name}" for owner, name, _ in self.made]
