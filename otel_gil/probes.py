@@ -23,11 +23,13 @@ from otel_gil import events
 from otel_gil.disasm import EMULATED, Site
 from otel_gil.elfsyms import ElfObject
 from otel_gil.errors import EnvironmentProblem, ProbeError, TargetError
+from otel_gil.stacks import StackStore
 
 if TYPE_CHECKING:
     from otel_gil.discovery import Interpreter, Target
 
 PROBE_SETS = ("contended", "all")
+STACK_KIND = struct.pack("<I", events.GIL_EVENT_STACK)  # a ring record that is a holder stack
 DEFAULT_PROBE_SET = "contended"
 
 
@@ -42,6 +44,12 @@ class ProbeConfig:
     ringbuf_pages: int = 1024
     empty: bool = False  # probes that return at once: the overhead floor (bench/)
     probes: str = DEFAULT_PROBE_SET  # "contended" or "all" (bpf/gil.bpf.c)
+    # Holder stacks (otel_gil/stacks.py): a holder's stack is taken as it blocks
+    # holding the GIL, or at a CPU sample once its hold lasted stack_threshold_ns;
+    # waits at or above it carry their holders' stacks on spans.
+    stacks: bool = True
+    stack_threshold_ns: int = 10_000_000
+    stack_sample_hz: int = 99  # CPU-clock samples per CPU (0: only blocked holders)
 
     def __post_init__(self) -> None:
         if self.probes not in PROBE_SETS:
@@ -52,12 +60,15 @@ class ProbeConfig:
         flags = ["-DEMPTY_PROBES"] if self.empty else []
         if self.probes == "all":
             flags.append("-DPROBES_ALL")
+        if not self.stacks:
+            flags.append("-DNO_STACKS")
         pidns = own_pid_namespace()
         if pidns is not None:
             flags += [f"-DSIDECAR_PIDNS_DEV={pidns[0]}ULL", f"-DSIDECAR_PIDNS_INO={pidns[1]}ULL"]
         return flags + [
             f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
             f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
+            f"-DSTACK_THRESHOLD_NS={self.stack_threshold_ns}ULL",
             f"-DMAX_THREADS={self.max_threads}",
             f"-DMAX_TARGETS={self.max_targets}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",
@@ -302,6 +313,19 @@ def target_config(target: Target, ctx_table: Optional[ContextTable]) -> events.T
     return cfg
 
 
+def stack_config(cfg: events.Target, target: Target) -> None:
+    """Holder stacks' part of struct target: on, and where the frames are."""
+    from otel_gil.stacks import frame_layout
+
+    cfg.stacks = 1 if cfg.tid_how else 0  # a holder is known by its tstate's tid
+    layout = frame_layout(target)
+    if layout is None:
+        cfg.off_frame = cfg.off_frame2 = events.GIL_NO_OFFSET
+        return
+    cfg.off_frame, cfg.off_frame2 = layout.off_frame, layout.off_frame2
+    cfg.off_prev, cfg.off_code, cfg.off_instr = layout.off_prev, layout.off_code, layout.off_instr
+
+
 def holder_tid_source(target: Target) -> Tuple[int, int, int]:
     """(GIL_TID_*, offset in PyThreadState, glibc's tid offset) to name a holder
     from gil->last_holder, checked on the live process; (0, 0, 0) if unknown.
@@ -431,11 +455,28 @@ class Probes:
         except Exception as exc:
             raise ProbeError(f"the kernel's verifier rejected the BPF program: {exc}",
                              "report this with the output of `otel-gil doctor`") from None
+        self._attach_stack_sampler(bcc)
         self._targets = self._bpf["targets"]
         self._threads = self._bpf["threads"]
         self._holders = self._bpf["holders"]
         self._batch: Optional[_BatchReader] = _BatchReader(bcc, self._threads.map_fd)
+        self.stacks = StackStore(self._fp_walk)
         self._bpf["events"].open_ring_buffer(self._ring_callback)
+
+    def _attach_stack_sampler(self, bcc: Any) -> None:
+        """The CPU-clock sampler that takes the stacks of holders that keep the
+        CPU (bpf/gil.bpf.c on_sample); holders that block are seen at
+        sched_switch, attached with the program."""
+        if not self.config.stacks or not self.config.stack_sample_hz:
+            return
+        try:
+            self._bpf.attach_perf_event(
+                ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                fn_name="on_sample", sample_freq=self.config.stack_sample_hz)
+        except Exception as exc:
+            raise ProbeError(f"attaching the stack sampler (a CPU-clock perf event) failed: {exc}",
+                             "run with --no-stacks, or check perf_event_open is allowed "
+                             "(kernel.perf_event_paranoid, seccomp)") from None
 
     # ----------------------------------------------------------------- targets
 
@@ -443,7 +484,11 @@ class Probes:
         """Configure the target in the kernel, then attach its probes (pid-filtered,
         so other processes using the same libpython pay nothing)."""
         points = plan(target, self.config.probes)
-        self._targets[ctypes.c_uint32(target.pid)] = target_config(target, ctx_table)
+        cfg = target_config(target, ctx_table)
+        if self.config.stacks:
+            self.stacks.add_target(target)
+            stack_config(cfg, target)
+        self._targets[ctypes.c_uint32(target.pid)] = cfg
         self._ns_translate[target.pid] = len(target.nspid) > 1
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
@@ -486,6 +531,7 @@ class Probes:
             pass
         self._ns_translate.pop(pid, None)
         self._host_tids.pop(pid, None)
+        self.stacks.remove(pid)
 
     def target_state(self, pid: int) -> Optional[events.Target]:
         try:
@@ -511,13 +557,27 @@ class Probes:
         return known.get(ns_tid, ns_tid)
 
     def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:
+        raw = ctypes.string_at(data, size)
+        if raw[:4] == STACK_KIND:
+            self.stacks.on_record(raw)
+            return 0
         try:
-            interval = events.decode_event(ctypes.string_at(data, size), self.host_tid)
+            interval = events.decode_event(raw, self.host_tid)
         except ValueError:
             self.undecodable += 1
             return 0
-        self._on_event(interval)
+        self._on_event(self.stacks.attach(interval) if interval.stack_seqs else interval)
         return 0
+
+    def _fp_walk(self, stack_id: int) -> Tuple[int, ...]:
+        """The kernel's frame-pointer walk of a holder stack, freed once read."""
+        table = self._bpf["stacks"]
+        try:
+            pcs = tuple(table.walk(stack_id))
+            del table[ctypes.c_int(stack_id)]
+        except (KeyError, OSError):
+            return ()
+        return pcs
 
     def poll(self, timeout_ms: int) -> None:
         """Wait timeout_ms, then deliver every pending event to on_event.
