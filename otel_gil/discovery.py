@@ -53,7 +53,8 @@ from otel_gil.layout import (
     table_layout,
 )
 
-CACHE_FORMAT = 3  # 2: keyed by build-id and symbol table; no pid-specific paths; 3: probe sites
+CACHE_FORMAT = 4  # 2: keyed by build-id and symbol table; no pid-specific paths; 3: probe sites;
+# 4: 3.15 thread ids from the debug offsets
 FALLBACK_SOURCE = "no symbols: call target of PyEval_AcquireLock (capstone)"
 ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
 

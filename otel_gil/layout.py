@@ -131,6 +131,10 @@ _INTERP_TABLE: dict[tuple[int, int], tuple[int, int]] = {
 }
 # In 3.15's thread_state table: holds_gil and gil_requested (indices).
 _TSTATE_GIL_FIELDS: dict[tuple[int, int], tuple[int, int]] = {(3, 15): (12, 13)}
+# In the thread_state table: thread_id and native_thread_id (indices), where
+# the version's table was read (sid's 3.15: three fields between current_frame
+# and thread_id, where the pair search below finds several candidates).
+_TSTATE_ID_FIELDS: dict[tuple[int, int], tuple[int, int]] = {(3, 15): (8, 9)}
 _DEBUG_WORDS = 64  # enough uint64s to reach 3.15's thread_state table, and a newer search
 
 
@@ -164,6 +168,11 @@ def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
         if _self_check(offsets, interp[0]):
             offsets = _with_tstate_fields(offsets, q, known)
             ids = _thread_state_ids(q, 5 + gil_at + 5)
+            at = _TSTATE_ID_FIELDS.get(version[:2])
+            if ids is None and known is not None and at is not None:
+                tstate = q[5 + known[1]:]
+                ids = (tstate[at[0]], tstate[at[1]]) if max(tstate[at[0]], tstate[at[1]]) < \
+                    tstate[0] else None
             return offsets if ids is None else replace(
                 offsets, tstate_thread_id=ids[0], tstate_native_thread_id=ids[1])
     raise TargetError(

@@ -368,8 +368,9 @@ class Unwinder:
         m = self._mapping(address)
         if m is None:
             return None
-        host = os.path.join(self.root, m.path.lstrip("/")) if self.root != "/" else m.path
-        info = object_info(host, self.roots)
+        # The mapped file itself, wherever its path points from the process's
+        # mount namespace or chroot (maps shows the path as the kernel sees it).
+        info = object_info(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}", self.roots)
         if info is None:
             return None
         vaddr = info.vaddr(address - m.start + m.file_offset)
