@@ -16,6 +16,7 @@ OTEL_PYTHON_GIL_SOCKET = "OTEL_PYTHON_GIL_SOCKET"
 OTEL_PYTHON_GIL_SIDECAR_PYTHON = "OTEL_PYTHON_GIL_SIDECAR_PYTHON"
 OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS = "OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS"
 OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS = "OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS"
+OTEL_PYTHON_GIL_STACK_THRESHOLD_MS = "OTEL_PYTHON_GIL_STACK_THRESHOLD_MS"
 OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
@@ -37,6 +38,9 @@ DOCS: Dict[str, str] = {
         "`bcc` module (python3-bpfcc) made importable for it.",
     OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS: "Waits at least this long become `gil.wait` spans.",
     OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS: "Holds at least this long become `gil.hold` spans.",
+    OTEL_PYTHON_GIL_STACK_THRESHOLD_MS: "Holder stacks: a holder that keeps the CPU has its "
+    "stack taken once its hold lasts this long, and `gil.wait` spans at least this long carry "
+    "their holder's stack (`code.stacktrace`). 0: no holder stacks.",
     OTEL_PYTHON_GIL_START_TIMEOUT_S:
         "How long the background start (sidecar compile and attach) may take.",
     OTEL_PYTHON_GIL_PROMETHEUS_PORT:
@@ -72,6 +76,7 @@ class Options:
     sidecar_python: str = ""
     wait_threshold_ms: float = 1.0
     hold_threshold_ms: float = 50.0
+    stack_threshold_ms: float = 10.0
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
@@ -90,6 +95,7 @@ ENV: Dict[str, str] = {
     "sidecar_python": OTEL_PYTHON_GIL_SIDECAR_PYTHON,
     "wait_threshold_ms": OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS,
     "hold_threshold_ms": OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS,
+    "stack_threshold_ms": OTEL_PYTHON_GIL_STACK_THRESHOLD_MS,
     "start_timeout_s": OTEL_PYTHON_GIL_START_TIMEOUT_S,
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from otel_gil import delivery, names, otlp, spanwire, timeline
+from otel_gil import delivery, names, otlp, spanwire, stack_export, timeline
 from otel_gil.clock import Clock
 from otel_gil.events import Interval, SpanRef
 
@@ -90,6 +90,8 @@ class SpanExport:
         self._processes: Dict[int, ProcessExport] = {}
         self._links: Dict[Tuple[int, int, int], bytes] = {}
         self._common_attrs: Dict[int, Tuple[ThreadInfo, int, bytes]] = {}
+        # Waits at or above this carry their holder's stack (ProbeConfig.stack_threshold_ns).
+        self.stack_threshold_ns = stack_export.DEFAULT_STACK_THRESHOLD_NS
 
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
                     threads: "ThreadDirectory") -> None:
@@ -192,6 +194,11 @@ class SpanExport:
                  names.HOLDER_NAMES.name: proc.threads.names([tid for tid, _ in blame]),
                  names.HOLDER_HELD_NS.name: [ns for _, ns in blame],
                  names.HOLDERS_TRUNCATED.name: timeline.holds_truncated(iv)}
+        if iv.stacks:  # holder stacks (otel_gil/stack_export.py)
+            attrs.update(stack_export.wait_attributes(iv, self.stack_threshold_ns))
+            return self._emit(proc, name, iv.span, iv, common, attrs, [
+                HOLDER_LINK.encode(t, s, ns, stack_export.link_extra(iv, t, s))
+                for t, s, ns in links])
         return self._emit(proc, name, iv.span, iv, common, attrs,
                           [self._link(*x) for x in links])
 
@@ -209,8 +216,10 @@ class SpanExport:
             self._skip(iv, name, ACROSS_SPANS)
             return None
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
-        return self._emit(proc, name, iv.span, iv, common, {names.HOLD_NS.name: iv.duration_ns},
-                          [])
+        attrs = {names.HOLD_NS.name: iv.duration_ns}
+        if iv.stacks:
+            attrs.update(stack_export.hold_attributes(iv))
+        return self._emit(proc, name, iv.span, iv, common, attrs, [])
 
 
 def holders_of(iv: Interval) -> Tuple[List[Tuple[int, int]], List[Tuple[int, int, int]]]:

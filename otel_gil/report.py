@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from otel_gil import events, timeline, views
+from otel_gil import events, stacks, timeline, views
 from otel_gil.disasm import Function
 from otel_gil.discovery import Target
 from otel_gil.probes import Point
@@ -135,6 +135,8 @@ def _interval(iv: events.Interval) -> Dict[str, Any]:
         out["holders"] = [{"tid": b.tid, "held_ns": b.held_ns} for b in timeline.blame(iv)]
         out["holders_truncated"] = timeline.holds_truncated(iv)
         out["holds"] = [_hold(h) for h in iv.holds]
+    if iv.stacks:
+        stacks.record_stacks(out, iv)  # holder stacks (otel_gil/stacks.py)
     out.update(_span_ids(iv.span))
     return out
 
@@ -203,13 +205,23 @@ def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
     if not blamed:
         lines.append("  (no wait over the threshold)")
     for b in blamed[:rows]:
-        path = " > ".join(f.label() for f in reversed(b.stack))
+        path = _short_path(b.stack)
         lines.append(f"  {b.waited_ns / 1e9:9.4f} s  {100 * b.waited_ns / total:5.1f}%  "
                      f"{b.waits:>6} waits  {path}")
     if len(blamed) > rows:
         lines.append(f"  +{len(blamed) - rows} more holder stacks (see --flamegraph)")
     lines += [f"  note: {n}" for n in rec.notes]
     return "\n".join(lines)
+
+
+def _short_path(stack: views.Stack, frames: int = 4) -> str:
+    """A holder stack, outermost first: its thread, then its innermost frames
+    (a captured stack is tens of frames; the flame graph has them all)."""
+    inner = stack[:-1]
+    shown = list(reversed(inner[:frames])) if len(inner) > frames else list(reversed(inner))
+    parts = [stack[-1].label()] + (["…"] if len(inner) > frames else []) + [
+        f.label() for f in shown]
+    return " > ".join(parts)
 
 
 def table(doc: Dict[str, Any]) -> str:

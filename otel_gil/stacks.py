@@ -38,6 +38,7 @@ from otel_gil.unwind import NativeFrame, Unwinder
 if TYPE_CHECKING:
     from otel_gil.discovery import Target
 
+EVAL_LOOP_PREFIX = "_PyEval_EvalFrame"  # _PyEval_EvalFrameDefault (and .cold), 3.8 to 3.15
 RECORDS_KEPT = 256  # raw stacks kept per process until a hold names them
 _STACK_SIZE = ctypes.sizeof(events.GilStack)
 
@@ -70,12 +71,23 @@ class HolderStack:
             lines.append(f"  [native] {n.function} in {os.path.basename(n.object)}")
         return "\n".join(lines)
 
+    def native_call(self) -> Tuple[NativeFrame, ...]:
+        """The native frames inside the innermost Python frame: those innermost of
+        the innermost evaluation loop (_PyEval_EvalFrame*), i.e. the C call that
+        Python frame made; all of them when no loop is among them (a thread
+        outside Python, or a walk that stopped early)."""
+        for i, n in enumerate(self.native):
+            if n.function.startswith(EVAL_LOOP_PREFIX):
+                return self.native[:i]
+        return self.native
+
     def frames_json(self) -> List[Dict[str, Any]]:
-        """Frames for a record (docs/record-json.md `stack`), innermost first:
-        native below Python (the C call is inside the Python frame that made it)."""
+        """Python and native frames merged, for a record (docs/record-json.md
+        `stack`), innermost first: the C call (native_call), then the Python
+        frames (the interpreter's own frames between them are left out)."""
         out: List[Dict[str, Any]] = [
-            {"kind": "native", "function": n.function, "object": n.object} for n in self.native
-            if n.function != "?"]
+            {"kind": "native", "function": n.function, "object": n.object}
+            for n in self.native_call() if n.function != "?"]
         out += [{"kind": "python", "function": f.function, "file": f.file, "line": f.line}
                 for f in self.python]
         return out
@@ -239,3 +251,17 @@ def main_holder_stack(iv: events.Interval) -> Optional[HolderStack]:
         if found is not None and overlap > best[0]:
             best = (overlap, found)
     return best[1]
+
+
+def record_stacks(out: Dict[str, Any], iv: events.Interval) -> None:
+    """Put the interval's stacks in its record entry (docs/record-json.md
+    `stack`): on a hold interval, and on each entry of a wait's holds[]."""
+    if iv.kind == "hold":
+        found = stack_of_hold(iv, 0)
+        if found is not None:
+            out["stack"] = found.frames_json()
+        return
+    for i, entry in enumerate(out.get("holds") or []):
+        found = stack_of_hold(iv, i)
+        if found is not None and isinstance(entry, dict):
+            entry["stack"] = found.frames_json()

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional
 
 from otel_gil import report, views
 from otel_gil.cli.base import Command, count_arg, pid_arg, positive_float, require_root
+from otel_gil.cli.stack_options import add_stack_threshold_option, stack_settings
 from otel_gil.cli.views import add_view_options, view_files, write_views
 from otel_gil.discovery import GIL_DISABLED_REMEDY, Target
 from otel_gil.errors import GilDisabledError, OtelGilError
@@ -39,6 +40,7 @@ def add_probe_options(parser: argparse.ArgumentParser, pids: bool = True) -> Non
                         help="waits at least this long are recorded one by one (default 1)")
     parser.add_argument("--hold-threshold-ms", type=positive_float, default=50.0,
                         help="holds at least this long are recorded one by one (default 50)")
+    add_stack_threshold_option(parser)
     add_probe_set_option(parser)
     parser.add_argument("--dump-bpf", action="store_true",
                         help="print the BPF program as it would be compiled, and exit")
@@ -56,7 +58,7 @@ def add_probe_set_option(parser: argparse.ArgumentParser,
 def probe_config(args: argparse.Namespace) -> ProbeConfig:
     return ProbeConfig(wait_threshold_ns=int(args.wait_threshold_ms * 1e6),
                        hold_threshold_ns=int(args.hold_threshold_ms * 1e6),
-                       probes=args.probes)
+                       probes=args.probes, **stack_settings(args.stack_threshold_ms))
 
 
 def announce(target: Target, how: str = "Ctrl-C to stop", probes: str = DEFAULT_PROBE_SET) -> None:
