@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from otel_gil import names
+from otel_gil import names, stack_export
 
 if TYPE_CHECKING:  # otel_gil.demo imports this module
     from otel_gil.demo import LoadStats
@@ -61,6 +61,7 @@ def _request(req: Any, waits: Sequence[Any], by_id: Dict[str, Any],
                           "name": by_id[s].name if s in by_id else None,
                           "thread": threads.get(s)}
                          for (t, s), ns in sorted(linked.items(), key=lambda kv: -kv[1])],
+        "holder_stack": stack_export.holder_top(waits),  # top Python line, native function
     }
 
 
@@ -159,6 +160,10 @@ def _slow_lines(i: int, r: Dict[str, Any], holders: int = 3) -> List[str]:
         where = f"   in {spans[0]['name']} trace {spans[0]['trace_id']}" if spans else ""
         more = f" (+{len(spans) - 1} more)" if len(spans) > 1 else ""
         lines.append(f"       {h['thread']:<34} held it {h['held_ms']:5.1f} ms{where}{more}")
+    top = r.get("holder_stack")
+    if top:
+        where = " in ".join(x for x in (top.get("python"), top.get("native")) if x)
+        lines.append(f"       the holder was at {where}")
     rest = r["holders"][holders:]
     if rest:
         lines.append(f"       +{len(rest)} more holder{'s' if len(rest) > 1 else ''}, "

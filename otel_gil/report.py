@@ -169,6 +169,7 @@ def to_json(session: Session) -> Dict[str, Any]:
                     switch_number={"at_attach": info.switch_start, "last": info.switch_now},
                     torn_context_reads=st.torn_reads, gil_read_errors=st.read_errors,
                     lost_events=st.lost, untracked_threads=st.untracked)
+        proc["holder_stacks"] = session.probes.stacks.counts(pid, st)  # otel_gil/stacks.py
         processes.append(proc)
     cfg = session.probes.config
     return {

@@ -4,7 +4,7 @@ otel_gil/stacks.py). Kept apart from export.py, which calls these."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from otel_gil import names, spanwire
 from otel_gil.events import Interval
@@ -72,3 +72,27 @@ def link_extra(iv: Interval, trace_id: int, span_id: int) -> bytes:
                 f"{native.function} ({os.path.basename(native.object)})")
         return spanwire.link_attributes(attrs)
     return b""
+
+
+def holder_top(waits: Sequence[Any]) -> Optional[Dict[str, str]]:
+    """From exported gil.wait spans (receiver records with .attributes): the
+    holder's top Python line and native function of the longest one that
+    carries a stack (the demo's slowest requests show these)."""
+    best: Optional[Dict[str, str]] = None
+    longest = -1
+    for w in waits:
+        a = w.attributes
+        funcs = a.get(names.STACK_PY_FUNCTIONS.name) or []
+        native = [n for n in a.get(names.STACK_NATIVE_FUNCTIONS.name) or [] if n != "?"]
+        if not (funcs or native) or a.get(names.WAIT_NS.name, 0) <= longest:
+            continue
+        longest = a.get(names.WAIT_NS.name, 0)
+        top: Dict[str, str] = {}
+        if funcs:
+            files = a.get(names.STACK_PY_FILES.name) or ["?"]
+            lines = a.get(names.STACK_PY_LINES.name) or [0]
+            top["python"] = f"{funcs[0]} ({files[0]}:{lines[0]})"
+        if native:
+            top["native"] = native[0]
+        best = top
+    return best

@@ -144,6 +144,7 @@ class ProcessStacks:
         self._raw: "OrderedDict[int, Tuple[events.GilStack, Tuple[int, ...]]]" = OrderedDict()
         self._decoded: "OrderedDict[int, HolderStack]" = OrderedDict()
         self.evicted = 0  # records dropped before any hold named them
+        self.undecodable = 0  # stacks whose decoding failed
 
     def close(self) -> None:
         if self.code is not None:
@@ -166,7 +167,12 @@ class ProcessStacks:
         if raw is None or raw[0].tid != tid:
             return None
         if hit is None:
-            hit = self._decoded[seq] = self._decode(*raw)
+            try:
+                hit = self._decode(*raw)
+            except Exception:  # noqa: BLE001 - the target's data: never the sidecar's end
+                self.undecodable += 1
+                return None
+            self._decoded[seq] = hit
             while len(self._decoded) > RECORDS_KEPT:
                 self._decoded.popitem(last=False)
         return hit
@@ -200,6 +206,17 @@ class StackStore:
         self.remove(target.pid)
         self._procs[target.pid] = ProcessStacks(
             target.pid, target.root, frame_layout(target), code_type_address(target))
+
+    def counts(self, pid: int, state: events.Target) -> Dict[str, int]:
+        """What became of the process's stacks, for the record (nothing lost silently)."""
+        proc = self._procs.get(pid)
+        return {
+            "taken": state.stacks_taken,
+            "lost": state.stacks_lost,  # ring buffer full
+            "evicted": proc.evicted if proc else 0,  # no hold named them in time
+            "undecodable": proc.undecodable if proc else 0,
+            "python_frames_unreadable": proc.code.unreadable if proc and proc.code else 0,
+        }
 
     def remove(self, pid: int) -> None:
         proc = self._procs.pop(pid, None)

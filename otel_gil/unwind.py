@@ -31,8 +31,10 @@ from typing import Dict, List, Optional, Tuple
 
 from otel_gil.elfsyms import STT_FUNC, ElfObject, debug_file_candidates, minidebuginfo
 from otel_gil.errors import TargetError
+from otel_gil.trust import printable
 
 MAX_NATIVE_FRAMES = 64
+MAX_SYMBOL = 256  # characters of a symbol name kept
 MAX_CFI_STEPS = 512  # CFA instructions run per frame
 RSP, RBP, RIP = 7, 6, 16  # DWARF x86-64 register numbers
 
@@ -130,8 +132,8 @@ class ObjectInfo:
                 return None
             fde, start, _size = entry
             return _run_fde(self.obj, fde, start, vaddr, self._cie_cache)
-        except (TargetError, IndexError, struct.error, ValueError):
-            return None
+        except (TargetError, IndexError, struct.error, ValueError, KeyError):
+            return None  # CFI this walk does not read (or a corrupt one): the walk stops
 
 
 @dataclass
@@ -338,8 +340,10 @@ def object_info(host_path: str, roots: Tuple[str, ...]) -> Optional[ObjectInfo]:
             info = ObjectInfo(host_path, roots)
             if bid:
                 _BY_BUILD_ID[bid] = info
-    except (TargetError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a corrupt or hostile object: no frames from it
         info = None
+    if len(_OBJECTS) > 4096:
+        _OBJECTS.clear()
     _OBJECTS[key] = info
     return info
 
@@ -382,9 +386,12 @@ class Unwinder:
         where = self._locate(address - 1 if is_return else address)
         if where is None:
             m = self._mapping(address)
-            return NativeFrame("?", m.path if m else "?", address - m.start if m else address)
+            return NativeFrame("?", printable(m.path) if m else "?",
+                               address - m.start if m else address)
         m, info, vaddr = where
-        return NativeFrame(info.symbol(vaddr), m.path, vaddr + (1 if is_return else 0))
+        # Symbol names and paths come from the target's files: made printable.
+        return NativeFrame(printable(info.symbol(vaddr)[:MAX_SYMBOL]), printable(m.path),
+                           vaddr + (1 if is_return else 0))
 
     def unwind(self, ip: int, sp: int, bp: int, stack: bytes) -> List[int]:
         """Program counters, innermost first, by the CFI, from the copied stack."""

@@ -86,18 +86,9 @@ def _unmatched(a: List[Tuple[int, int, int]], b: List[Tuple[int, int, int]],
     return missing
 
 
-# Known gap, kept visible: on CPython 3.15 the contended set's waits come without
-# their holders (a waiter's read of gil->last_holder does not resolve to a
-# thread there), so they disagree with the all set's. strict: the day they
-# agree, this fails and the mark goes.
-KNOWN_315_HOLDER_GAP = pytest.mark.xfail(
-    strict=True, reason="contended set: no holders resolved on CPython 3.15 yet")
-
-
 @pytest.mark.ebpf
-@pytest.mark.parametrize("target", [
-    pytest.param(t, marks=KNOWN_315_HOLDER_GAP) if t.version == (3, 15) else t
-    for t in all_targets() if t.expect_gil], ids=lambda t: t.name)
+@pytest.mark.parametrize("target", [t for t in all_targets() if t.expect_gil],
+                         ids=lambda t: t.name)
 def test_contended_and_all_agree_on_cpu_bound_threads(target: PythonTarget) -> None:
     require(target)
     # GIVEN a child with 4 CPU-bound threads, traced by both probe sets at once
