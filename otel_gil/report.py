@@ -215,13 +215,22 @@ def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
     return "\n".join(lines)
 
 
-def _short_path(stack: views.Stack, frames: int = 4) -> str:
-    """A holder stack, outermost first: its thread, then its innermost frames
-    (a captured stack is tens of frames; the flame graph has them all)."""
-    inner = stack[:-1]
-    shown = list(reversed(inner[:frames])) if len(inner) > frames else list(reversed(inner))
-    parts = [stack[-1].label()] + (["…"] if len(inner) > frames else []) + [
-        f.label() for f in shown]
+def _short_path(stack: views.Stack, natives: int = 3) -> str:
+    """A holder stack in one line, outermost first: its thread, its innermost
+    Python frame and its innermost native frames (the C call), "…" where frames
+    are left out (a captured stack is tens of frames; the flame graph has them all)."""
+    inner = stack[:-1]  # innermost first; the thread is last
+    keep = {i for i, f in enumerate(inner) if f.kind == "native"}
+    keep = set(sorted(keep)[:natives])
+    keep |= {next((i for i, f in enumerate(inner) if f.kind == "python"), len(inner))}
+    keep |= {i for i, f in enumerate(inner) if f.kind in ("span", "missing")}
+    parts = [stack[-1].label()]
+    last = len(inner)
+    for i in sorted((i for i in keep if i < len(inner)), reverse=True):
+        if i != last - 1:
+            parts.append("…")
+        parts.append(inner[i].label())
+        last = i
     return " > ".join(parts)
 
 
