@@ -43,7 +43,7 @@
  * the one the sidecar sees, not the host's.
  */
 #include <uapi/linux/ptrace.h> /* struct pt_regs: the stable x86-64 uapi layout */
-#include <uapi/linux/bpf_perf_event.h> /* struct bpf_perf_event_data: on_sample */
+
 #include "gil.h"
 
 #ifndef WAIT_THRESHOLD_NS
@@ -742,6 +742,7 @@ static __always_inline u32 read_pyframes(struct target *t, u64 tstate, struct gi
         bpf_probe_read_user(&f, 8, (void *)(f + t->off_frame2)))
         return 0;
     u32 n = 0;
+#pragma clang loop unroll(disable) /* a bounded loop (Linux 5.3+): compiles in a fraction */
     for (int i = 0; i < GIL_MAX_PYFRAMES; i++) {
         if (!f)
             break;
@@ -760,6 +761,7 @@ static __always_inline u32 read_pyframes(struct target *t, u64 tstate, struct gi
 static __always_inline u32 copy_user_stack(struct gil_stack *s, u64 sp)
 {
     u32 len = 0;
+#pragma clang loop unroll(disable)
     for (int i = 0; i < GIL_STACK_CHUNKS; i++) {
         if (bpf_probe_read_user(&s->stack[i * GIL_STACK_CHUNK], GIL_STACK_CHUNK,
                                 (void *)(sp + i * GIL_STACK_CHUNK)))
@@ -862,7 +864,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 }
 
 /* A CPU-clock sample: the interrupted thread, if it holds a GIL long. */
-int on_sample(struct bpf_perf_event_data *ctx)
+int on_sample(struct pt_regs *ctx) /* a perf-event program: ctx only passed on */
 {
     FLOOR_ONLY();
     capture_stack(ctx, 0);

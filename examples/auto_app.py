@@ -23,7 +23,7 @@ def burn(seconds: float) -> None:
 
 def work(name: str) -> None:
     with tracer.start_as_current_span(name):
-        burn(3.0)
+        burn(5.0)  # outlasts the sidecar's start (BPF compile: seconds on a busy machine)
 
 
 threads = [threading.Thread(target=work, args=(f"work-{i}",)) for i in range(3)]
