@@ -5,6 +5,10 @@
 `opentelemetry-instrument` finds otel-gil through its `opentelemetry_instrumentor`
 entry point and calls `otel_gil.instrument()`; the GIL waits of these threads
 then show up as `gil.wait` spans under their `work-N` spans.
+
+The sidecar takes a few seconds to start (it compiles its BPF program), and
+instrument() never makes the app wait for it: so the threads run ten rounds of
+one-second spans, and the spans that begin once it traces get their waits.
 """
 
 import threading
@@ -22,8 +26,9 @@ def burn(seconds: float) -> None:
 
 
 def work(name: str) -> None:
-    with tracer.start_as_current_span(name):
-        burn(5.0)  # outlasts the sidecar's start (BPF compile: seconds on a busy machine)
+    for _ in range(10):
+        with tracer.start_as_current_span(name):
+            burn(1.0)
 
 
 threads = [threading.Thread(target=work, args=(f"work-{i}",)) for i in range(3)]

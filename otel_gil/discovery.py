@@ -54,7 +54,7 @@ from otel_gil.layout import (
 )
 
 CACHE_FORMAT = 4  # 2: keyed by build-id and symbol table; no pid-specific paths; 3: probe sites;
-# 4: 3.15 thread ids from the debug offsets
+# 4: 3.15's PyThreadState thread ids at their debug-offsets index
 FALLBACK_SOURCE = "no symbols: call target of PyEval_AcquireLock (capstone)"
 ROOT_REMEDY = "run as root (reading another process's maps and memory needs CAP_SYS_PTRACE)"
 

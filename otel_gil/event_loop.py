@@ -113,7 +113,10 @@ def _patch_asyncio() -> None:
                 record = invalid
             else:
                 hit = cache.get(id(span))
-                record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                if hit is not None and hit[0] is span.get_span_context():
+                    record = hit[1]
+                else:
+                    record = remember(span)
             try:
                 tls.view[:] = record
             except AttributeError:
@@ -130,7 +133,10 @@ def _patch_asyncio() -> None:
                     record = invalid
                 else:
                     hit = cache.get(id(span))
-                    record = hit[1] if hit is not None and hit[0] is span else remember(span)
+                    if hit is not None and hit[0] is span.get_span_context():
+                        record = hit[1]
+                    else:
+                        record = remember(span)
                 tls.view[:] = record
             except Exception:  # noqa: BLE001 - never raise into the app
                 failed()
@@ -181,7 +187,10 @@ class _Callback:
                 record = _INVALID
             else:
                 hit = _CACHE.get(id(span))
-                record = hit[1] if hit is not None and hit[0] is span else context._remember(span)
+                if hit is not None and hit[0] is span.get_span_context():
+                    record = hit[1]
+                else:
+                    record = context._remember(span)
             try:
                 _TLS.view[:] = record
             except AttributeError:

@@ -131,10 +131,15 @@ _INTERP_TABLE: dict[tuple[int, int], tuple[int, int]] = {
 }
 # In 3.15's thread_state table: holds_gil and gil_requested (indices).
 _TSTATE_GIL_FIELDS: dict[tuple[int, int], tuple[int, int]] = {(3, 15): (12, 13)}
-# In the thread_state table: thread_id and native_thread_id (indices), where
-# the version's table was read (sid's 3.15: three fields between current_frame
-# and thread_id, where the pair search below finds several candidates).
-_TSTATE_ID_FIELDS: dict[tuple[int, int], tuple[int, int]] = {(3, 15): (8, 9)}
+# thread_id and native_thread_id in the thread_state table (indices), per
+# header read: 3.13 and 3.14 {size, prev, next, interp, current_frame,
+# thread_id, native_thread_id, ...}; 3.15 puts base_frame, last_profiled_frame
+# and last_profiled_frame_seq before them (checked against the -dbg DWARF of
+# sid's 3.15.2: 176 and 184, where 80 and 88 are base_frame and
+# last_profiled_frame, an 8-apart pair too).
+_TSTATE_ID_FIELDS: dict[tuple[int, int], tuple[int, int]] = {
+    (3, 13): (5, 6), (3, 14): (5, 6), (3, 15): (8, 9),
+}
 _DEBUG_WORDS = 64  # enough uint64s to reach 3.15's thread_state table, and a newer search
 
 
@@ -167,12 +172,7 @@ def read_debug_offsets(obj: ElfObject, runtime: int) -> DebugOffsets | None:
         )
         if _self_check(offsets, interp[0]):
             offsets = _with_tstate_fields(offsets, q, known)
-            ids = _thread_state_ids(q, 5 + gil_at + 5)
-            at = _TSTATE_ID_FIELDS.get(version[:2])
-            if ids is None and known is not None and at is not None:
-                tstate = q[5 + known[1]:]
-                ids = (tstate[at[0]], tstate[at[1]]) if max(tstate[at[0]], tstate[at[1]]) < \
-                    tstate[0] else None
+            ids = _thread_state_ids(q, 5 + gil_at + 5, _TSTATE_ID_FIELDS.get(version[:2]))
             return offsets if ids is None else replace(
                 offsets, tstate_thread_id=ids[0], tstate_native_thread_id=ids[1])
     raise TargetError(
@@ -205,22 +205,26 @@ def _with_tstate_fields(offsets: DebugOffsets, q: tuple[int, ...],
     return replace(offsets, tstate_holds_gil=holds, tstate_gil_requested=requested)
 
 
-def _thread_state_ids(q: tuple[int, ...], start: int) -> tuple[int, int] | None:
+def _thread_state_ids(q: tuple[int, ...], start: int,
+                      known: tuple[int, int] | None = None) -> tuple[int, int] | None:
     """thread_id and native_thread_id from the debug offsets' thread_state table.
 
     It follows the interpreter_state table, which gains fields between
     versions (3.14: code_object_generation, tlbc_generation), so it is found
     by its own head {size, prev, next, interp, current_frame} with prev, next
-    and interp at 0, 8 and 16 (Include/cpython/pystate.h). In 3.13 and 3.14
-    thread_id and native_thread_id follow, 8 bytes apart; a later version may
-    put other fields between, so the pair is taken only if it is the one such
-    pair in the next 10 fields. probes.holder_tid_source checks the result on
-    the live process either way.
+    and interp at 0, 8 and 16 (Include/cpython/pystate.h). A known version's
+    fields are taken at their indices in the table (_TSTATE_ID_FIELDS). For a
+    later version, the pair (8 bytes apart) is taken only if it is the one
+    such pair in the next 10 fields after current_frame: 3.15 alone has three.
+    probes.holder_tid_source checks the result on the live process either way.
     """
     for i in range(start, len(q) - 6):
         size, prev, nxt, interp = q[i:i + 4]
         if (prev, nxt, interp) != (0, 8, 16):
             continue
+        if known is not None:
+            tid, native = q[i + known[0]], q[i + known[1]]
+            return (tid, native) if 0 < tid < size and 0 < native < size else None
         tail = q[i + 5:i + 15]
         pairs = [(a, b) for a, b in zip(tail, tail[1:]) if 0 < a < size and b == a + 8]
         return pairs[0] if len(pairs) == 1 else None

@@ -361,12 +361,33 @@ def holder_tid_source(target: Target) -> Tuple[int, int, int]:
                 return events.GIL_TID_NATIVE, layout.tstate_native_thread_id, 0
             if layout.tstate_thread_id is not None and pthread(layout.tstate_thread_id):
                 return events.GIL_TID_PTHREAD, layout.tstate_thread_id, pthread_tid or 0
-            found = [off for off in range(0, len(raw) - 7, 8) if native(off)]
+            found = _tid_offsets(mem, tstate, raw, tids)
             if len(found) == 1:
                 return events.GIL_TID_NATIVE, found[0], 0
     except (OSError, ValueError):
         pass
     return 0, 0, 0
+
+
+def _tid_offsets(mem: Any, tstate: int, raw: bytes, tids: set[int]) -> list[int]:
+    """Offsets in PyThreadState where this thread state and the others after it
+    (its `next`, 8 bytes in, every version) each hold a distinct tid of the
+    process. One thread state alone is ambiguous in a PID namespace, where the
+    main thread's tid is 1 and small ints abound; a few threads settle it."""
+    states = [raw]
+    address = _u64(raw, 8) if len(raw) >= 16 else 0
+    while address and len(states) < 8:
+        more = _peek_some(mem, address)
+        if len(more) < len(raw):
+            break
+        states.append(more)
+        address = _u64(more, 8)
+    found = []
+    for off in range(0, len(raw) - 7, 8):
+        values = [_u64(state, off) for state in states]
+        if all(v in tids for v in values) and len(set(values)) == len(values):
+            found.append(off)
+    return found
 
 
 def _peek(mem: Any, address: int, size: int) -> bytes:

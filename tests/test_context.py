@@ -306,3 +306,36 @@ def test_process_context_payload_decodes_with_opentelemetry_proto() -> None:
     assert decoded == list(attributes.items())
     # and our own reader agrees
     assert pc.decode_process_context(pc.encode_process_context(attributes)) == attributes
+
+
+SPANS_NOT_KEPT = r"""
+import gc, json, weakref
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from otel_gil import context
+trace.set_tracer_provider(TracerProvider())
+context.install(); context.watch_span_ends(None)
+tracer = trace.get_tracer("t")
+refs = []
+for _ in range(50):
+    with tracer.start_as_current_span("s") as span:
+        refs.append(weakref.ref(span))
+    del span
+# a span id reused by a new span must not hit the dead span's cache entry
+with tracer.start_as_current_span("last") as last:
+    record = bytes(context._tls.view[:26])
+    ids = last.get_span_context()
+    want = context._ids_record(ids.trace_id, ids.span_id, int(ids.trace_flags))
+print(json.dumps({"alive": sum(r() is not None for r in refs), "right_record": record == want}))
+"""
+
+
+def test_published_spans_are_not_kept_alive() -> None:
+    # GIVEN the hook installed WHEN 50 spans are entered, left and dropped
+    out = json.loads(subprocess.run([sys.executable, "-c", SPANS_NOT_KEPT], check=True,
+                                    capture_output=True, text=True).stdout)
+    # THEN the publishing cache kept none of them alive (kept spans cost the
+    # app GC work: bench/span_cost.py)
+    assert out["alive"] == 0
+    # AND a new span, maybe at a dead one's address, publishes its own ids
+    assert out["right_record"]

@@ -443,3 +443,54 @@ def test_stripped_311_copy() -> None:
     assert interp.symbol_source == discovery.FALLBACK_SOURCE
     assert interp.take_gil[0].address == truth.take_gil[0].address
     assert interp.take_gil[0].ret_addresses == truth.take_gil[0].ret_addresses
+
+
+# sid's 3.15.2 thread_state table in _Py_DebugOffsets, as read from the file:
+# {size, prev, next, interp, current_frame, base_frame, last_profiled_frame,
+# last_profiled_frame_seq, thread_id, native_thread_id, ...}; the -dbg DWARF
+# puts thread_id at 176 and native_thread_id at 184.
+TSTATE_315 = (888, 0, 8, 16, 72, 80, 88, 96, 176, 184, 256, 32, 36, 40, 136, 288)
+
+
+def test_thread_ids_of_315_are_read_at_their_index() -> None:
+    from otel_gil.layout import _TSTATE_ID_FIELDS, _thread_state_ids
+    # GIVEN the table after 3 unrelated words WHEN read as 3.15's
+    q = (1, 2, 3) + TSTATE_315
+    # THEN the ids are 176/184, not the first 8-apart pair (base_frame's)
+    assert _thread_state_ids(q, 0, _TSTATE_ID_FIELDS[(3, 15)]) == (176, 184)
+    # AND an unknown version's search refuses the ambiguous table
+    assert _thread_state_ids(q, 0) is None
+
+
+class _FakeMem:
+    """A process's memory for probes._tid_offsets: {address: bytes}."""
+
+    def __init__(self, pages: dict[int, bytes]) -> None:
+        self.pages, self.at = pages, 0
+
+    def seek(self, at: int) -> None:
+        self.at = at
+
+    def read(self, size: int) -> bytes:
+        for base, data in self.pages.items():
+            if base <= self.at < base + len(data):
+                return data[self.at - base:self.at - base + size]
+        raise OSError("unmapped")
+
+
+def test_holder_tid_offset_search_uses_several_thread_states() -> None:
+    from otel_gil.probes import _tid_offsets
+
+    def tstate(nxt: int, tid: int) -> bytes:
+        # prev, next, then a flag word of 1 everywhere, the tid at 40
+        words = [0, nxt, 1, 0, 0, tid] + [0] * 26
+        return struct.pack("<32Q", *words)
+    # GIVEN a PID namespace: the main thread is tid 1, like the flag word
+    mem = _FakeMem({0x1000: tstate(0x2000, 1), 0x2000: tstate(0x3000, 2),
+                    0x3000: tstate(0, 3)})
+    raw = mem.pages[0x1000]
+    # WHEN searched from the main thread's state alone, two offsets fit...
+    assert [off for off in range(0, len(raw) - 7, 8)
+            if int.from_bytes(raw[off:off + 8], "little") in {1, 2, 3}] == [16, 40]
+    # THEN with the states after it, only the tid's offset does
+    assert _tid_offsets(mem, 0x1000, raw, {1, 2, 3}) == [40]

@@ -86,6 +86,10 @@ def _unmatched(a: List[Tuple[int, int, int]], b: List[Tuple[int, int, int]],
     return missing
 
 
+# Known gap, kept visible: on CPython 3.15 the contended set's waits come without
+# their holders (a waiter's read of gil->last_holder does not resolve to a
+# thread there), so they disagree with the all set's. strict: the day they
+# agree, this fails and the mark goes.
 @pytest.mark.ebpf
 @pytest.mark.parametrize("target", [t for t in all_targets() if t.expect_gil],
                          ids=lambda t: t.name)
