@@ -185,7 +185,11 @@ class ProcessStacks:
         stack = bytes(rec.stack)[: min(rec.stack_len, len(rec.stack))]
         pcs = self.unwinder.unwind(rec.ip, rec.sp, rec.bp, stack) if rec.ip else []
         how = "cfi"
-        if len(pcs) < 2 and len(fp_stack) > len(pcs):
+        if not pcs and fp_stack:
+            # No registers or stack copy: the kernel's frame-pointer walk, exact
+            # only where the objects keep frame pointers. Where the CFI walk
+            # itself stops at once, its one frame is kept rather than that
+            # walk's frames, which without frame pointers are garbage.
             pcs, how = list(fp_stack), "frame pointers"
         if not pcs:
             how = "none"

@@ -220,9 +220,11 @@ def test_uncontended_hand_offs_take_no_stack(probes: str) -> None:
     # WHEN traced with holder stacks on (a 1 ms stack threshold)
     traced = _record(target, UNCONTENDED, "100000",
                      ProbeConfig(probes=probes, stack_threshold_ns=1_000_000))
-    # THEN no stack was taken: capture runs only for a thread that blocks
-    # holding the GIL, or a long hold at a CPU sample
-    assert traced.stacks_taken == 0
+    # THEN (almost) no stack was taken: capture runs only for a thread that
+    # blocks holding the GIL, or at a CPU sample in a hold past the threshold;
+    # never per hand-off. (A few: start-up and exit hold the GIL for
+    # milliseconds, and a sample may land there.)
+    assert traced.stacks_taken < 5, traced.stacks_taken
 
 
 # ------------------------------------------------------------------ spans
