@@ -35,13 +35,15 @@
  * defaults the ones below repeat, for compiling this file on its own;
  * tests/test_probe_config.py keeps the two equal): PROBES_ALL, WAIT_THRESHOLD_NS,
  * HOLD_THRESHOLD_NS, MAX_THREADS, MAX_TARGETS, RINGBUF_PAGES, and
- * EMPTY_PROBES, which makes every uprobe return at once: the cost floor that
+ * STACK_THRESHOLD_NS, NO_STACKS (no holder stacks: no sched_switch or
+ * perf-sample program), EMPTY_PROBES, which makes every uprobe return at once: the cost floor that
  * bench/overhead.py compares the real probes against, and SIDECAR_PIDNS_DEV /
  * SIDECAR_PIDNS_INO when the sidecar runs in a child PID namespace (a sidecar
  * container sharing the app pod's namespace): then every pid and tid here is
  * the one the sidecar sees, not the host's.
  */
 #include <uapi/linux/ptrace.h> /* struct pt_regs: the stable x86-64 uapi layout */
+
 #include "gil.h"
 
 #ifndef WAIT_THRESHOLD_NS
@@ -49,6 +51,12 @@
 #endif
 #ifndef HOLD_THRESHOLD_NS
 #define HOLD_THRESHOLD_NS 50000000ULL
+#endif
+#ifndef STACK_THRESHOLD_NS
+#define STACK_THRESHOLD_NS 10000000ULL
+#endif
+#ifndef MAX_STACKS
+#define MAX_STACKS 1024
 #endif
 #ifndef MAX_THREADS
 #define MAX_THREADS 8192
@@ -77,6 +85,8 @@ BPF_HASH(holders, u64, struct holder_stats, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 /* Scratch for building a new thread's entry: too large for the BPF stack. */
 BPF_PERCPU_ARRAY(zero_thread, struct thread_stats, 1);
+/* The kernel's frame-pointer walks of holder stacks (struct gil_stack.user_stack_id). */
+BPF_STACK_TRACE(stacks, MAX_STACKS);
 
 /* The current process and thread, as the sidecar sees them. -1: a task the
  * sidecar cannot see, so not one of its targets. */
@@ -236,6 +246,8 @@ static __always_inline void emit_wait(struct target *t, struct thread_stats *th,
     ev->probe_set = PROBE_SET;
     ev->flags = 0;
     ev->pad = 0;
+    ev->stack_seq = 0;
+    ev->pad2 = 0;
     __builtin_memset(&ev->ctx, 0, sizeof(ev->ctx));
     read_ctx(t, tid, &ev->ctx);
     u32 n = 0;
@@ -339,6 +351,9 @@ static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
     h->start_ns = t->obs_start;
     h->end_ns = end;
     __builtin_memcpy(&h->ctx, &t->obs_ctx, sizeof(h->ctx));
+    /* The holder's own stack, if it took one in this hold (capture_stack):
+     * the same thread and switch number. */
+    h->stack_seq = t->stack_tid == holder && t->stack_switch == t->obs_switch ? t->stack_seq : 0;
     t->releases++;
     u64 held = end - t->obs_start;
     u64 key = (u64)pid << 32 | holder;
@@ -372,6 +387,8 @@ static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
     ev->probe_set = PROBE_SET;
     ev->flags = h->flags;
     ev->pad = 0;
+    ev->stack_seq = h->stack_seq;
+    ev->pad2 = 0;
     __builtin_memset(&ev->ctx, 0, sizeof(ev->ctx));
     read_ctx_of(t, holder, 1, &ev->ctx);
     u64 x, y;
@@ -592,6 +609,7 @@ int on_held(struct pt_regs *ctx)
         th->free_at = 0;
     }
     th->hold_start = now;
+    th->stack_seq = 0;
     if (t->ctx_table) {
         __builtin_memset(&th->hold_ctx, 0, sizeof(th->hold_ctx));
         read_ctx(t, tid, &th->hold_ctx);
@@ -646,6 +664,8 @@ static __always_inline void emit_hold(struct target *t, struct gil_hold *h, u32 
     ev->probe_set = PROBE_SET;
     ev->flags = 0;
     ev->pad = 0;
+    ev->stack_seq = h->stack_seq;
+    ev->pad2 = 0;
     __builtin_memcpy(&ev->ctx, at_release, sizeof(ev->ctx));
     ev->span_changed = span_changed(&h->ctx, at_release);
     events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
@@ -679,12 +699,175 @@ int on_release(struct pt_regs *ctx)
     h->start_ns = th->hold_start;
     h->end_ns = now;
     __builtin_memcpy(&h->ctx, &th->hold_ctx, sizeof(h->ctx));
+    h->stack_seq = th->stack_seq;
     t->releases++;
     if (end_hold(th, now) >= HOLD_THRESHOLD_NS) {
         struct thread_ctx at_release = {};
         read_ctx(t, tid, &at_release);
         emit_hold(t, h, pid, &at_release);
     }
+    return 0;
+}
+#endif
+
+/* ------------------------------------------------ holder stacks */
+
+#ifndef NO_STACKS
+
+/* How long the calling thread, the GIL's holder, is known to have held it
+ * (0: not known). all: from on_held. contended: since a waiter first saw the
+ * hold (later than its start), so never more than the truth. */
+static __always_inline u64 known_hold_ns(struct target *t, u32 tid, u32 me, u64 sw, u64 now)
+{
+#ifdef PROBES_ALL
+    struct thread_stats *th = threads.lookup(&tid);
+    return th && th->hold_start ? now - th->hold_start : 0;
+#else
+    return t->obs_holder == me && t->obs_switch == sw ? now - t->obs_start : 0;
+#endif
+}
+
+/* The Python frames of the holder's thread state, innermost first. The
+ * holder reads its own frames, stopped in the kernel: the chain is the one
+ * it runs on (Python/ceval.c pushes and pops frames only in that thread).
+ * Each pointer is the target's data: a failed read ends the walk, and the
+ * walk ends after GIL_MAX_PYFRAMES. */
+static __always_inline u32 read_pyframes(struct target *t, u64 tstate, struct gil_stack *s)
+{
+    u64 f = 0;
+    if (t->off_frame == GIL_NO_OFFSET ||
+        bpf_probe_read_user(&f, 8, (void *)(tstate + t->off_frame)))
+        return 0;
+    if (f && t->off_frame2 != GIL_NO_OFFSET &&
+        bpf_probe_read_user(&f, 8, (void *)(f + t->off_frame2)))
+        return 0;
+    u32 n = 0;
+#pragma clang loop unroll(disable) /* a bounded loop (Linux 5.3+): compiles in a fraction */
+    for (int i = 0; i < GIL_MAX_PYFRAMES; i++) {
+        if (!f)
+            break;
+        struct gil_pyframe *out = &s->frames[i];
+        if (bpf_probe_read_user(&out->code, 8, (void *)(f + t->off_code)) ||
+            bpf_probe_read_user(&out->instr, 8, (void *)(f + t->off_instr)) ||
+            bpf_probe_read_user(&f, 8, (void *)(f + t->off_prev)))
+            break;
+        n = i + 1;
+    }
+    return n;
+}
+
+/* The user stack above sp, in chunks, as far as it is mapped (a thread's
+ * stack may end less than GIL_STACK_CHUNKS KiB above sp). */
+static __always_inline u32 copy_user_stack(struct gil_stack *s, u64 sp)
+{
+    u32 len = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < GIL_STACK_CHUNKS; i++) {
+        if (bpf_probe_read_user(&s->stack[i * GIL_STACK_CHUNK], GIL_STACK_CHUNK,
+                                (void *)(sp + i * GIL_STACK_CHUNK)))
+            break;
+        len = (i + 1) * GIL_STACK_CHUNK;
+    }
+    return len;
+}
+
+#define GIL_SYNC_BYTES 176 /* 2 x (pthread_cond_t 48 + pthread_mutex_t 40) */
+
+/* Take the stack of the calling thread if it holds the GIL of a target:
+ * at most one per hold (thread, switch number), except that a stack taken
+ * as the holder blocks replaces one taken at a sample (the thread blocked
+ * holding the GIL: that is the stack that kept the others waiting).
+ * blocked: called from sched_switch as the thread blocks (any hold length:
+ * how long it will block is not known yet); else from a perf sample, only
+ * once the hold is known to have lasted STACK_THRESHOLD_NS. */
+static __always_inline void capture_stack(void *ctx, u32 blocked)
+{
+    u32 pid, tid;
+    if (current_ids(&pid, &tid))
+        return;
+    struct target *t = targets.lookup(&pid);
+    if (!t || !t->stacks)
+        return;
+    u64 now = bpf_ktime_get_ns();
+    u64 sw = 0, holder = 0;
+    u32 locked = 0;
+    /* The holder's own reads: no other thread changes these while it holds. */
+    if (bpf_probe_read_user(&locked, 4, (void *)(t->gil_addr + t->off_locked)) || !locked ||
+        bpf_probe_read_user(&holder, 8, (void *)(t->gil_addr + t->off_holder)) ||
+        bpf_probe_read_user(&sw, 8, (void *)(t->gil_addr + t->off_switch)))
+        return;
+    u32 me = own_ns_tid(t, tid);
+    if (!me || tstate_tid(t, holder) != me)
+        return;
+    if (t->stack_tid == me && t->stack_switch == sw && (t->stack_blocked || !blocked))
+        return;
+    if (!blocked && known_hold_ns(t, tid, me, sw, now) < STACK_THRESHOLD_NS)
+        return;
+    /* The user registers, saved at kernel entry (syscall or interrupt). */
+    struct pt_regs regs = {};
+    struct pt_regs *uregs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    bpf_probe_read_kernel(&regs, sizeof(regs), uregs);
+    /* Blocked on the GIL's own mutex (drop_gil locks gil->mutex before it
+     * clears locked): the hold is ending, the stack says nothing. The futex
+     * word is in the GIL struct's cond/mutex/switch_cond/switch_mutex, which
+     * follow each other from cond (Include/internal/pycore_gil.h). */
+    if (blocked && regs.orig_ax == 202 /* __NR_futex */ &&
+        regs.di - t->cond_addr < GIL_SYNC_BYTES) {
+        return;
+    }
+    struct gil_stack *s = events.ringbuf_reserve(sizeof(struct gil_stack));
+    if (!s) {
+        __sync_fetch_and_add(&t->stacks_lost, 1);
+        return;
+    }
+    u32 seq = t->stack_seq + 1;
+    if (!seq)
+        seq = 1;
+    t->stack_seq = seq;
+    t->stack_tid = me;
+    t->stack_switch = sw;
+    t->stack_blocked = blocked;
+    t->stacks_taken++;
+#ifdef PROBES_ALL
+    struct thread_stats *th = threads.lookup(&tid);
+    if (th && th->hold_start)
+        th->stack_seq = seq;
+#endif
+    s->kind = GIL_EVENT_STACK;
+    s->pid = pid;
+    s->tid = tid;
+    s->seq = seq;
+    s->when_ns = now;
+    s->switch_number = sw;
+    s->blocked = blocked;
+    s->user_stack_id = stacks.get_stackid(ctx, BPF_F_USER_STACK);
+    s->ip = PT_REGS_IP(&regs);
+    s->sp = PT_REGS_SP(&regs);
+    s->bp = PT_REGS_FP(&regs);
+    s->stack_len = copy_user_stack(s, s->sp);
+    s->nframes = read_pyframes(t, holder, s);
+    events.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
+}
+
+/* A thread is switched out (it runs this: prev is current). Only a block
+ * (a sleep or wait, not a preemption) takes a stack; on_sample covers
+ * threads that keep the CPU. prev_state carries TASK_REPORT_MAX (0x100) on
+ * preemption (kernel/sched: __trace_sched_switch_state). */
+TRACEPOINT_PROBE(sched, sched_switch)
+{
+    FLOOR_ONLY();
+    long state = args->prev_state;
+    if ((state & 0x100) || !(state & 3)) /* TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE */
+        return 0;
+    capture_stack(args, 1);
+    return 0;
+}
+
+/* A CPU-clock sample: the interrupted thread, if it holds a GIL long. */
+int on_sample(struct pt_regs *ctx) /* a perf-event program: ctx only passed on */
+{
+    FLOOR_ONLY();
+    capture_stack(ctx, 0);
     return 0;
 }
 #endif

@@ -32,7 +32,17 @@
 enum gil_event_kind {
     GIL_EVENT_WAIT = 1, /* a wait at or above the wait threshold */
     GIL_EVENT_HOLD = 2, /* a hold at or above the hold threshold */
+    GIL_EVENT_STACK = 3, /* a holder's stack, taken in its own context (struct gil_stack) */
 };
+
+/* Holder stacks (otel_gil/stacks.py decodes them): Python frames read from
+ * the holder's thread state, and the top of its user stack, copied for the
+ * sidecar's unwinder (no frame pointers needed), beside the kernel's own
+ * frame-pointer walk (a BPF_STACK_TRACE id). */
+#define GIL_MAX_PYFRAMES 32
+#define GIL_STACK_CHUNK 1024
+#define GIL_STACK_CHUNKS 12   /* 12 KiB of stack from the user sp */
+#define GIL_NO_OFFSET 0xffffffffu
 
 /* Probe sets: what a program was compiled for (-DPROBES_ALL or not). */
 enum gil_probe_set {
@@ -72,7 +82,7 @@ struct gil_hold {
     __u64 start_ns;
     __u64 end_ns;
     struct thread_ctx ctx; /* the holder's context when it took the GIL */
-    __u8 pad[4];
+    __u32 stack_seq;      /* the holder's stack (struct gil_stack.seq), 0 = none taken */
 };
 
 struct gil_event {
@@ -89,6 +99,8 @@ struct gil_event {
     __u8 probe_set;       /* enum gil_probe_set */
     __u8 flags;           /* GIL_NS_TID, GIL_START_SEEN */
     __u8 pad;
+    __u32 stack_seq;      /* holds: the holder's stack (struct gil_stack.seq), 0 = none */
+    __u32 pad2;
     struct gil_hold holds[GIL_MAX_HOLDERS];
 };
 
@@ -125,7 +137,7 @@ struct thread_stats {
     __u32 wait_hist[GIL_HIST_BUCKETS];
     __u32 hold_hist[GIL_HIST_BUCKETS];
     struct thread_ctx hold_ctx; /* the thread's context when its current hold began */
-    __u8 pad[4];
+    __u32 stack_seq;      /* all: the stack taken during its current hold, 0 = none */
 };
 
 /* Contended set: how long a thread held the GIL while another waited, as
@@ -183,6 +195,43 @@ struct target {
     __u64 wakeups;        /* timed waits that returned */
     __u64 switch_first;   /* switch_number + 1 at the first wait or wake seen, 0 = none */
     __u64 switch_last;    /* switch_number at the last one */
+    /* holder stacks: configuration (off_frame GIL_NO_OFFSET: no Python frames) */
+    __u32 stacks;         /* 1: take holder stacks in this target */
+    __u32 off_frame;      /* in PyThreadState: frame (3.8-3.10), cframe (3.11, 3.12), current_frame */
+    __u32 off_frame2;     /* then in that: current_frame (_PyCFrame, 3.11, 3.12), else GIL_NO_OFFSET */
+    __u32 off_prev;       /* in a frame: f_back / previous */
+    __u32 off_code;       /* f_code / f_executable */
+    __u32 off_instr;      /* f_lasti (an int, 3.8-3.10) / prev_instr / instr_ptr */
+    /* holder stacks: state, written by the holder itself while it holds the GIL */
+    __u32 stack_tid;      /* ns tid of the last stack taken */
+    __u32 stack_seq;      /* its seq (1, 2, ...) */
+    __u32 stack_blocked;  /* it was taken as the holder blocked (sched_switch) */
+    __u32 stack_pad;
+    __u64 stack_switch;   /* switch_number of the hold it was taken in */
+    __u64 stacks_taken;
+    __u64 stacks_lost;    /* stacks not sent: ring buffer full */
+};
+
+struct gil_pyframe {
+    __u64 code;           /* f_code / f_executable (3.14+: a tagged _PyStackRef) */
+    __u64 instr;          /* f_lasti (low 32 bits) / prev_instr / instr_ptr */
+};
+
+/* One holder stack, taken in the holder's own context while it held the GIL. */
+struct gil_stack {
+    __u32 kind;           /* GIL_EVENT_STACK */
+    __u32 pid;            /* host tgid */
+    __u32 tid;            /* host tid of the holder */
+    __u32 seq;            /* per target, from 1: what gil_hold.stack_seq names */
+    __u64 when_ns;
+    __u64 switch_number;  /* of the hold */
+    __s32 user_stack_id;  /* BPF_STACK_TRACE id of the kernel's frame-pointer walk, <0: none */
+    __u32 blocked;        /* 1: at sched_switch, blocking; 0: at a perf sample */
+    __u32 nframes;        /* Python frames read, innermost first */
+    __u32 stack_len;      /* bytes of stack[] copied from sp */
+    __u64 ip, sp, bp;     /* the user registers (task_pt_regs) */
+    struct gil_pyframe frames[GIL_MAX_PYFRAMES];
+    __u8 stack[GIL_STACK_CHUNK * GIL_STACK_CHUNKS];
 };
 
 #endif /* OTEL_GIL_H */

@@ -16,6 +16,7 @@ OTEL_PYTHON_GIL_SOCKET = "OTEL_PYTHON_GIL_SOCKET"
 OTEL_PYTHON_GIL_SIDECAR_PYTHON = "OTEL_PYTHON_GIL_SIDECAR_PYTHON"
 OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS = "OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS"
 OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS = "OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS"
+OTEL_PYTHON_GIL_STACK_THRESHOLD_MS = "OTEL_PYTHON_GIL_STACK_THRESHOLD_MS"
 OTEL_PYTHON_GIL_START_TIMEOUT_S = "OTEL_PYTHON_GIL_START_TIMEOUT_S"
 OTEL_PYTHON_GIL_PROMETHEUS_PORT = "OTEL_PYTHON_GIL_PROMETHEUS_PORT"
 OTEL_PYTHON_GIL_MAX_THREAD_LABELS = "OTEL_PYTHON_GIL_MAX_THREAD_LABELS"
@@ -37,6 +38,9 @@ DOCS: Dict[str, str] = {
         "`bcc` module (python3-bpfcc) made importable for it.",
     OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS: "Waits at least this long become `gil.wait` spans.",
     OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS: "Holds at least this long become `gil.hold` spans.",
+    OTEL_PYTHON_GIL_STACK_THRESHOLD_MS: "Holder stacks: a holder that keeps the CPU has its "
+    "stack taken once its hold lasts this long, and `gil.wait` spans at least this long carry "
+    "their holder's stack (`code.stacktrace`). 0: no holder stacks.",
     OTEL_PYTHON_GIL_START_TIMEOUT_S:
         "How long the background start (sidecar compile and attach) may take.",
     OTEL_PYTHON_GIL_PROMETHEUS_PORT:
@@ -68,6 +72,7 @@ DEFAULT_PROBE_SET = "contended"
 # these; bpf/gil.bpf.c repeats them for compiling it alone (tests/test_probe_config.py).
 DEFAULT_WAIT_THRESHOLD_MS = 1.0
 DEFAULT_HOLD_THRESHOLD_MS = 50.0
+DEFAULT_STACK_THRESHOLD_MS = 10.0  # holder stacks (otel_gil/stacks/store.py)
 # 4 MiB: ~2 s of events at the 64-thread soak's rate, for a sidecar that
 # shares a busy machine's CPUs (kernel memory, not RssAnon).
 DEFAULT_RINGBUF_PAGES = 1024
@@ -80,6 +85,7 @@ class Options:
     sidecar_python: str = ""
     wait_threshold_ms: float = DEFAULT_WAIT_THRESHOLD_MS
     hold_threshold_ms: float = DEFAULT_HOLD_THRESHOLD_MS
+    stack_threshold_ms: float = DEFAULT_STACK_THRESHOLD_MS
     start_timeout_s: float = 30.0
     prometheus_port: int = 9464
     max_thread_labels: int = 20
@@ -98,6 +104,7 @@ ENV: Dict[str, str] = {
     "sidecar_python": OTEL_PYTHON_GIL_SIDECAR_PYTHON,
     "wait_threshold_ms": OTEL_PYTHON_GIL_WAIT_THRESHOLD_MS,
     "hold_threshold_ms": OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS,
+    "stack_threshold_ms": OTEL_PYTHON_GIL_STACK_THRESHOLD_MS,
     "start_timeout_s": OTEL_PYTHON_GIL_START_TIMEOUT_S,
     "prometheus_port": OTEL_PYTHON_GIL_PROMETHEUS_PORT,
     "max_thread_labels": OTEL_PYTHON_GIL_MAX_THREAD_LABELS,

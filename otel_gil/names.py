@@ -86,10 +86,64 @@ LINK_ROLE = Attribute(
 LINK_HELD_NS = Attribute(
     "otel_gil.link.held_ns", "int", "On a span link: how long that holder held the GIL.")
 
+# Holder stacks (otel_gil/stacks/store.py): on gil.hold, the holder's own stack; on
+# a gil.wait at or above the stack threshold, the stack of the hold that
+# overlapped it longest (of those whose stack was taken). Innermost first.
+CODE_STACKTRACE = Attribute(
+    "code.stacktrace", "string",
+    "The holder's stack as a Python traceback prints it (most recent call last), then "
+    "its native frames as `[native] function in object` lines, innermost last.")
+CODE_FUNCTION_NAME = Attribute(
+    "code.function.name", "string",
+    "On gil.hold: the innermost Python function (co_qualname) the holder was in.")
+CODE_FILE_PATH = Attribute(
+    "code.file.path", "string", "On gil.hold: that function's source file (co_filename).")
+CODE_LINE_NUMBER = Attribute(
+    "code.line.number", "int", "On gil.hold: the line the holder was on in it.")
+STACK_PY_FUNCTIONS = Attribute(
+    "otel_gil.holder.stack.python.functions", "string[]",
+    "The holder's Python frames' functions (co_qualname), innermost first.")
+STACK_PY_FILES = Attribute(
+    "otel_gil.holder.stack.python.files", "string[]", "Their source files, same order.")
+STACK_PY_LINES = Attribute(
+    "otel_gil.holder.stack.python.lines", "int[]",
+    "Their current lines, same order (the first line, co_firstlineno, where the line "
+    "table has none for the instruction).")
+STACK_NATIVE_FUNCTIONS = Attribute(
+    "otel_gil.holder.stack.native.functions", "string[]",
+    "The holder's native frames' functions, innermost first ('?' where no symbol covers "
+    "the address).")
+STACK_NATIVE_OBJECTS = Attribute(
+    "otel_gil.holder.stack.native.objects", "string[]",
+    "The ELF object (path as mapped) of each native frame, same order.")
+STACK_TAKEN = Attribute(
+    "otel_gil.holder.stack.taken", "string",
+    "When the stack was taken: 'blocked' (as the holder blocked holding the GIL) or "
+    "'sample' (a CPU sample while it held it).")
+STACK_UNWIND = Attribute(
+    "otel_gil.holder.stack.native_unwind", "string",
+    "How the native frames were found: 'cfi' (.eh_frame, exact), 'frame pointers' "
+    "(the kernel's walk), or 'none'.")
+STACK_THREAD = Attribute(
+    "otel_gil.holder.stack.thread_id", "int",
+    "On gil.wait: the host thread id of the holder whose stack this is.")
+LINK_PY_FUNCTION = Attribute(
+    "otel_gil.link.python.function", "string",
+    "On a holder link: the holder's innermost Python function, as `function (file:line)`.")
+LINK_NATIVE_FUNCTION = Attribute(
+    "otel_gil.link.native.function", "string",
+    "On a holder link: the holder's innermost native function with a symbol.")
+STACK_ATTRIBUTES: Tuple[Attribute, ...] = (
+    CODE_STACKTRACE, CODE_FUNCTION_NAME, CODE_FILE_PATH, CODE_LINE_NUMBER,
+    STACK_PY_FUNCTIONS, STACK_PY_FILES, STACK_PY_LINES, STACK_NATIVE_FUNCTIONS,
+    STACK_NATIVE_OBJECTS, STACK_TAKEN, STACK_UNWIND, STACK_THREAD, LINK_PY_FUNCTION,
+    LINK_NATIVE_FUNCTION,
+)
+
 ATTRIBUTES: Tuple[Attribute, ...] = (
     THREAD_ID, THREAD_NAME, PROCESS_PID, THREAD_NATIVE_ID, THREAD_HOST_ID, PROCESS_HOST_PID,
     WAIT_NS, HOLD_NS, HOLDER_TIDS, HOLDER_NAMES, HOLDER_HELD_NS, HOLDERS_TRUNCATED,
-    CLOCK_UNCERTAINTY_NS, LINK_ROLE, LINK_HELD_NS,
+    CLOCK_UNCERTAINTY_NS, LINK_ROLE, LINK_HELD_NS, *STACK_ATTRIBUTES,
 )
 
 # ------------------------------------------------------------------------- metrics

@@ -123,6 +123,12 @@ def test_demo_slowest_requests_name_their_waits_and_holders(demo_run: Any) -> No
     assert by_handlers >= 0.8 * sum(ms for _, ms in held), held
     assert any(s["name"] == "GET /cpu" and s["thread"] and HANDLER.match(s["thread"])
                for r in waited for s in r["holder_spans"])
+    # AND some name the holder's Python line: /cpu's work, in demo_app.py
+    # (a stack is taken when a CPU sample lands in a hold past the demo's 2 ms
+    # stack threshold: not every hold has one)
+    tops = [r["holder_stack"] for r in waited if r.get("holder_stack")]
+    assert any("cpu_work" in t.get("python", "") and "demo_app.py:" in t["python"]
+               for t in tops), tops
 
 
 @pytest.mark.ebpf

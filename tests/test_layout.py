@@ -18,11 +18,12 @@ MAY_IMPORT: Dict[str, Set[str]] = {
     "abi": set(),
     "app": {"abi"},
     "target": {"abi"},
-    "probes": {"abi", "target"},
-    "sidecar": {"abi", "app", "target", "probes", "export"},
+    "stacks": {"abi", "target"},
+    "probes": {"abi", "target", "stacks"},
+    "sidecar": {"abi", "app", "target", "stacks", "probes", "export"},
     "export": {"abi"},
     "views": set(),
-    "cli": {"abi", "app", "target", "probes", "sidecar", "export", "views", "dev"},
+    "cli": {"abi", "app", "target", "stacks", "probes", "sidecar", "export", "views", "dev"},
     "dev": {"abi", "app", "target", "views"},
 }
 TOP_LEVEL = {"otel_gil.config", "otel_gil.errors", "otel_gil.names", "otel_gil.trust"}

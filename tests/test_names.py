@@ -22,7 +22,8 @@ def test_names_are_unique_and_prefixed() -> None:
     attrs = [a.name for a in names.ATTRIBUTES]
     assert len(set(attrs)) == len(attrs)
     # Our own attributes carry the prefix; the rest are semantic conventions.
-    own = {a.name for a in names.ATTRIBUTES} - {"thread.id", "thread.name", "process.pid"}
+    own = {a.name for a in names.ATTRIBUTES} - {"thread.id", "thread.name", "process.pid"} - {
+        "code.stacktrace", "code.function.name", "code.file.path", "code.line.number"}
     assert all(n.startswith("otel_gil.") for n in own)
 
 

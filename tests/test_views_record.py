@@ -8,9 +8,8 @@ times; two other threads sleep 1 ms in a loop and so wait behind it each time.
 checked for what it must show: the holder thread named with the wait it
 caused, the three tracks with hold and wait slices and the arrows between them.
 
-Holder stacks are not captured yet (issue 11's BPF half): a holder's stack is
-its thread. `assert_holder_stack_is_its_thread` says what exists today; when
-stack capture lands, it becomes "hold_in_c and usleep are in the stack".
+Holder stacks are captured (otel_gil/stacks/store.py): the holder's stack is its
+thread, hold_in_c's Python frame, and the C call below it down to usleep.
 """
 
 from __future__ import annotations
@@ -102,10 +101,16 @@ def _tids(record: Dict[str, Any]) -> Dict[str, int]:
     return {t["name"]: t["tid"] for t in record["threads"]}
 
 
-def assert_holder_stack_is_its_thread(frames: List[str]) -> None:
-    """What a holder's stack is today, with no stack capture: its thread alone.
-    (With capture: hold_in_c's Python frame and libc's usleep on top of it.)"""
-    assert frames == [f"thread {HOLDER}"]
+def assert_holder_stack_is_the_c_call(frames: List[str]) -> None:
+    """A holder's stack, outermost first: its thread, hold_in_c's Python frame,
+    then the C call inside it down to libc's usleep."""
+    assert frames[0] == f"thread {HOLDER}", frames
+    # labels (folded, the timeline): "hold_in_c (<string>:9)", "usleep [libc.so.6]";
+    # speedscope names the function alone (its file and line are fields of the frame)
+    python = [i for i, f in enumerate(frames)
+              if re.fullmatch(r"hold_in_c( \(<string>:\d+\))?", f)]
+    native = [i for i, f in enumerate(frames) if re.fullmatch(r"usleep( \[libc\.so.*\])?", f)]
+    assert python and native and python[0] < native[0], frames
 
 
 @pytest.mark.ebpf
@@ -114,7 +119,8 @@ def test_record_prints_top_holders_and_writes_every_view(recorded: Dict[str, Any
     # THEN the table's top holder is the thread in usleep, and each view was written
     lines = recorded["stdout"].splitlines()
     top = lines.index(next(ln for ln in lines if ln.startswith("Top holders while others")))
-    assert lines[top + 1].endswith(f"thread {HOLDER}"), lines[top:]
+    assert f"thread {HOLDER} > " in lines[top + 1], lines[top:]
+    assert "hold_in_c (<string>:" in lines[top + 1] and "usleep" in lines[top + 1], lines[top:]
     for kind, name in VIEWS.items():
         assert f"{kind} written to {recorded['dir'] / name}" in recorded["stderr"]
     assert set(_tids(recorded["record"])) >= {HOLDER, *WAITERS}
@@ -129,7 +135,7 @@ def test_folded_and_flame_graph_name_the_holder(recorded: Dict[str, Any]) -> Non
     # THEN the heaviest stack is the holder's: both waiters waited behind each
     # 300 ms hold for most of it (at least 2 x 3 x 200 ms, generously)
     heaviest = max(weights, key=lambda k: weights[k])
-    assert_holder_stack_is_its_thread(heaviest.split(";"))
+    assert_holder_stack_is_the_c_call(heaviest.split(";"))
     assert weights[heaviest] >= 2 * HOLDS * 200_000
     assert weights[heaviest] >= 0.9 * sum(weights.values())
     # AND the SVG flame graph has that frame, as wide as that share of the whole
@@ -148,7 +154,7 @@ def test_speedscope_names_the_holder(recorded: Dict[str, Any]) -> None:
     assert profile["type"] == "sampled" and profile["unit"] == "microseconds"
     frames = [f["name"] for f in doc["shared"]["frames"]]
     heaviest = profile["samples"][profile["weights"].index(max(profile["weights"]))]
-    assert_holder_stack_is_its_thread([frames[i] for i in heaviest])
+    assert_holder_stack_is_the_c_call([frames[i] for i in heaviest])
     schema = Path("/var/cache/otel-gil/speedscope-1.25.0/file-format-schema.json")
     if schema.exists():  # scripts/test.sh fetches it; test_views.py insists on it in CI
         import jsonschema
@@ -172,7 +178,8 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
                   and e["dur"] >= 0.95 * HOLD_US]
     assert len(long_holds) == HOLDS
     for h in long_holds:
-        assert_holder_stack_is_its_thread(h["args"][names.VIEW_ARG_STACK.name])
+        # (innermost first in the args)
+        assert_holder_stack_is_the_c_call(h["args"][names.VIEW_ARG_STACK.name][::-1])
         assert h["args"][names.VIEW_ARG_CAUSED.name] > 0
     # AND both waiters' tracks have waits, each one a wait of the record, to the ns
     waits = [e for e in slices if e["name"] == names.GIL_WAIT.name]
@@ -248,6 +255,8 @@ def test_html_view_renders_in_headless_chromium(recorded: Dict[str, Any],
     assert len(re.findall(r'class="flow"', dom)) >= 2 * HOLDS
     # AND the flame graph's frames are there, the holder's among them
     assert f"<title>thread {HOLDER}\n" in dom
+    assert "<title>hold_in_c (&lt;string&gt;:" in dom or "<title>hold_in_c (<string>:" in dom
+    assert "<title>usleep [libc.so" in dom
     assert len(re.findall(r'<g class="frame"', dom)) >= 2
     # AND the screenshot is the window's size and not blank
     assert _png_size(shot) == (1400, 900)
@@ -262,12 +271,13 @@ BURNERS = {"burner-0", "burner-1", "burner-2", "burner-3"}
 
 
 def _folded_threads(path: Path) -> Dict[str, int]:
-    """thread name -> µs others waited behind it, from a folded file of today's
-    (thread-only) stacks."""
-    out = {}
+    """thread name -> µs others waited behind it, from a folded file (the
+    thread is every stack's outermost frame)."""
+    out: Dict[str, int] = {}
     for line in path.read_text().splitlines():
         stack, weight = line.rsplit(" ", 1)
-        out[stack.split(";")[0].removeprefix("thread ")] = int(weight)
+        thread = stack.split(";")[0].removeprefix("thread ")
+        out[thread] = out.get(thread, 0) + int(weight)
     return out
 
 

@@ -11,7 +11,7 @@ decode_event() turns it into an Interval, what every later stage works on.
 from __future__ import annotations
 
 import ctypes
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 from otel_gil.abi.slots import ThreadCtx
 
@@ -22,6 +22,11 @@ GIL_MAX_HOLDERS = 16
 GIL_HOLD_RING = 16
 GIL_EVENT_WAIT = 1
 GIL_EVENT_HOLD = 2
+GIL_EVENT_STACK = 3
+GIL_MAX_PYFRAMES = 32
+GIL_STACK_CHUNK = 1024
+GIL_STACK_CHUNKS = 12
+GIL_NO_OFFSET = 0xFFFFFFFF
 GIL_SET_CONTENDED = 1
 GIL_SET_ALL = 2
 GIL_NS_TID = 1
@@ -38,7 +43,7 @@ class GilHold(ctypes.Structure):
         ("start_ns", ctypes.c_uint64),
         ("end_ns", ctypes.c_uint64),
         ("ctx", ThreadCtx),
-        ("pad", ctypes.c_uint8 * 4),
+        ("stack_seq", ctypes.c_uint32),
     ]
 
 
@@ -56,6 +61,8 @@ class GilEvent(ctypes.Structure):
         ("probe_set", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
+        ("stack_seq", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
         ("holds", GilHold * GIL_MAX_HOLDERS),
     ]
 
@@ -82,7 +89,7 @@ class ThreadStats(ctypes.Structure):
         ("wait_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
         ("hold_hist", ctypes.c_uint32 * GIL_HIST_BUCKETS),
         ("hold_ctx", ThreadCtx),
-        ("pad", ctypes.c_uint8 * 4),
+        ("stack_seq", ctypes.c_uint32),
     ]
 
 
@@ -127,6 +134,46 @@ class TargetState(ctypes.Structure):
         ("wakeups", ctypes.c_uint64),
         ("switch_first", ctypes.c_uint64),
         ("switch_last", ctypes.c_uint64),
+        ("stacks", ctypes.c_uint32),
+        ("off_frame", ctypes.c_uint32),
+        ("off_frame2", ctypes.c_uint32),
+        ("off_prev", ctypes.c_uint32),
+        ("off_code", ctypes.c_uint32),
+        ("off_instr", ctypes.c_uint32),
+        ("stack_tid", ctypes.c_uint32),
+        ("stack_seq", ctypes.c_uint32),
+        ("stack_blocked", ctypes.c_uint32),
+        ("stack_pad", ctypes.c_uint32),
+        ("stack_switch", ctypes.c_uint64),
+        ("stacks_taken", ctypes.c_uint64),
+        ("stacks_lost", ctypes.c_uint64),
+    ]
+
+
+class GilPyFrame(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint64),
+        ("instr", ctypes.c_uint64),
+    ]
+
+
+class GilStack(ctypes.Structure):
+    _fields_ = [
+        ("kind", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("seq", ctypes.c_uint32),
+        ("when_ns", ctypes.c_uint64),
+        ("switch_number", ctypes.c_uint64),
+        ("user_stack_id", ctypes.c_int32),
+        ("blocked", ctypes.c_uint32),
+        ("nframes", ctypes.c_uint32),
+        ("stack_len", ctypes.c_uint32),
+        ("ip", ctypes.c_uint64),
+        ("sp", ctypes.c_uint64),
+        ("bp", ctypes.c_uint64),
+        ("frames", GilPyFrame * GIL_MAX_PYFRAMES),
+        ("stack", ctypes.c_uint8 * (GIL_STACK_CHUNK * GIL_STACK_CHUNKS)),
     ]
 
 
@@ -197,6 +244,11 @@ class Interval(NamedTuple):
     span_changed: bool = False  # holds: the thread entered another span during the hold
     probe_set: str = "all"  # which probe set saw it ("contended" or "all")
     start_seen: bool = False  # contended holds: start is when a waiter first saw it
+    # Holder stacks (otel_gil/stacks/store.py): the seq of the stack taken in the hold
+    # (a hold: one; a wait: one per entry of holds, 0 = none), and once the
+    # sidecar has matched them, the HolderStack (or None) of each.
+    stack_seqs: Tuple[int, ...] = ()
+    stacks: Tuple[Any, ...] = ()
 
     @property
     def duration_ns(self) -> int:
@@ -220,17 +272,20 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None)
     def tid(raw: int, flags: int) -> int:
         return host_tid(ev.pid, raw) if host_tid is not None and flags & GIL_NS_TID else raw
 
+    raw_holds = ev.holds[: min(ev.nholds, GIL_MAX_HOLDERS)]
     holds = tuple(
         Hold(tid(h.tid, h.flags), h.start_ns, h.end_ns, decode_ctx(h.ctx),
              bool(h.flags & GIL_START_SEEN))
-        for h in ev.holds[: min(ev.nholds, GIL_MAX_HOLDERS)]
+        for h in raw_holds
     )
+    seqs = (ev.stack_seq,) if ev.kind == GIL_EVENT_HOLD else tuple(h.stack_seq for h in raw_holds)
     return Interval(
         kind="wait" if ev.kind == GIL_EVENT_WAIT else "hold",
         pid=ev.pid, tid=tid(ev.tid, ev.flags), start_ns=ev.start_ns, end_ns=ev.end_ns,
         span=decode_ctx(ev.ctx), holds=holds, holds_total=ev.holds_total,
         span_changed=bool(ev.span_changed), probe_set=PROBE_SETS[ev.probe_set],
         start_seen=bool(ev.flags & GIL_START_SEEN),
+        stack_seqs=seqs if any(seqs) else (),
     )
 
 

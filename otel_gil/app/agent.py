@@ -61,6 +61,7 @@ def sidecar_command(options: Options, owner_fd: int, listen_fd: int) -> List[str
     return [python, "-c", BOOTSTRAP, package_parent(), "sidecar", "--owner-fd", str(owner_fd),
             "--listen-fd", str(listen_fd), "--wait-threshold-ms", str(options.wait_threshold_ms),
             "--hold-threshold-ms", str(options.hold_threshold_ms),
+            "--stack-threshold-ms", str(options.stack_threshold_ms),
             "--prometheus-port", str(options.prometheus_port),
             "--max-thread-labels", str(options.max_thread_labels),
             "--ringbuf-pages", str(options.ringbuf_pages), "--probes", options.probes]

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 from otel_gil import views
 from otel_gil.cli import report
 from otel_gil.cli.base import pid_arg, positive_float
+from otel_gil.cli.stack_options import add_stack_threshold_option, stack_settings
 from otel_gil.cli.views import write_views
 from otel_gil.config import DEFAULT_HOLD_THRESHOLD_MS, DEFAULT_WAIT_THRESHOLD_MS
 from otel_gil.errors import OtelGilError
@@ -33,6 +34,7 @@ def add_probe_options(parser: argparse.ArgumentParser, pids: bool = True) -> Non
                         default=DEFAULT_HOLD_THRESHOLD_MS,
                         help="holds at least this long are recorded one by one "
                              f"(default {DEFAULT_HOLD_THRESHOLD_MS:g})")
+    add_stack_threshold_option(parser)
     add_probe_set_option(parser)
     parser.add_argument("--dump-bpf", action="store_true",
                         help="print the BPF program as it would be compiled, and exit")
@@ -49,7 +51,7 @@ def add_probe_set_option(parser: argparse.ArgumentParser,
 
 def probe_config(args: argparse.Namespace) -> ProbeConfig:
     return ProbeConfig.from_ms(args.wait_threshold_ms, args.hold_threshold_ms,
-                               probes=args.probes)
+                               probes=args.probes, **stack_settings(args.stack_threshold_ms))
 
 
 def announce(target: Target, how: str = "Ctrl-C to stop", probes: str = DEFAULT_PROBE_SET) -> None:

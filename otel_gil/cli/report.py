@@ -11,6 +11,7 @@ from otel_gil.abi import buckets, events
 from otel_gil.probes.points import Point
 from otel_gil.probes.session import Session, ThreadTotals
 from otel_gil.sidecar import timeline
+from otel_gil.stacks import store as stacks
 from otel_gil.target.disasm import Function
 from otel_gil.target.process import Target
 
@@ -137,6 +138,8 @@ def _interval(iv: events.Interval) -> Dict[str, Any]:
         out["holders"] = [{"tid": b.tid, "held_ns": b.held_ns} for b in timeline.blame(iv)]
         out["holders_truncated"] = timeline.holds_truncated(iv)
         out["holds"] = [_hold(h) for h in iv.holds]
+    if iv.stacks:
+        stacks.record_stacks(out, iv)  # holder stacks (otel_gil/stacks/store.py)
     out.update(_span_ids(iv.span))
     return out
 
@@ -169,6 +172,7 @@ def to_json(session: Session) -> Dict[str, Any]:
                     switch_number={"at_attach": info.switch_start, "last": info.switch_now},
                     torn_context_reads=st.torn_reads, gil_read_errors=st.read_errors,
                     lost_events=st.lost, untracked_threads=st.untracked)
+        proc["holder_stacks"] = session.probes.stacks.counts(pid, st)  # otel_gil/stacks/store.py
         processes.append(proc)
     cfg = session.probes.config
     return {
@@ -205,13 +209,32 @@ def holders_table(rec: views.Recording, rows: int = TOP_HOLDERS) -> str:
     if not blamed:
         lines.append("  (no wait over the threshold)")
     for b in blamed[:rows]:
-        path = " > ".join(f.label() for f in reversed(b.stack))
+        path = _short_path(b.stack)
         lines.append(f"  {b.waited_ns / 1e9:9.4f} s  {100 * b.waited_ns / total:5.1f}%  "
                      f"{b.waits:>6} waits  {path}")
     if len(blamed) > rows:
         lines.append(f"  +{len(blamed) - rows} more holder stacks (see --flamegraph)")
     lines += [f"  note: {n}" for n in rec.notes]
     return "\n".join(lines)
+
+
+def _short_path(stack: views.Stack, natives: int = 3) -> str:
+    """A holder stack in one line, outermost first: its thread, its innermost
+    Python frame and its innermost native frames (the C call), "…" where frames
+    are left out (a captured stack is tens of frames; the flame graph has them all)."""
+    inner = stack[:-1]  # innermost first; the thread is last
+    keep = {i for i, f in enumerate(inner) if f.kind == "native"}
+    keep = set(sorted(keep)[:natives])
+    keep |= {next((i for i, f in enumerate(inner) if f.kind == "python"), len(inner))}
+    keep |= {i for i, f in enumerate(inner) if f.kind in ("span", "missing")}
+    parts = [stack[-1].label()]
+    last = len(inner)
+    for i in sorted((i for i in keep if i < len(inner)), reverse=True):
+        if i != last - 1:
+            parts.append("…")
+        parts.append(inner[i].label())
+        last = i
+    return " > ".join(parts)
 
 
 def table(doc: Dict[str, Any]) -> str:

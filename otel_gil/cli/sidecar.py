@@ -13,6 +13,7 @@ from otel_gil import config
 from otel_gil.app.plan import OWNER_TOKEN
 from otel_gil.cli.base import Command, positive_float, power_of_two, require_root
 from otel_gil.cli.common import add_probe_set_option
+from otel_gil.cli.stack_options import add_stack_threshold_option, stack_settings
 from otel_gil.probes.config import ProbeConfig
 
 
@@ -38,6 +39,7 @@ class SidecarCommand(Command):
         parser.add_argument("--hold-threshold-ms", type=positive_float,
                             default=opts.hold_threshold_ms,
                             help="holds at least this long become gil.hold spans")
+        add_stack_threshold_option(parser, opts.stack_threshold_ms)
         parser.add_argument("--prometheus-port", type=int, default=opts.prometheus_port,
                             help=f"Prometheus metrics endpoint port (default "
                                  f"{opts.prometheus_port}; 0: none)")
@@ -60,7 +62,8 @@ class SidecarCommand(Command):
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
         cfg = ProbeConfig.from_ms(args.wait_threshold_ms, args.hold_threshold_ms,
-                                  ringbuf_pages=args.ringbuf_pages, probes=args.probes)
+                                  ringbuf_pages=args.ringbuf_pages, probes=args.probes,
+                                  **stack_settings(args.stack_threshold_ms))
         from otel_gil.export.readers import default_readers  # noqa: PLC0415
 
         # The socket first: a refusal (an untrusted directory) is one line and

@@ -118,6 +118,10 @@ def app_env(receiver_endpoint: Optional[str], probes: str = "contended") -> Dict
     running the given probe set."""
     env = dict(os.environ)
     env["OTEL_PYTHON_GIL_PROBES"] = probes
+    # /cpu holds last one switch interval (5 ms) before a waiter forces a switch:
+    # a stack threshold below it, so that the slowest requests name the holder's
+    # Python line and native function (otel_gil/stacks/store.py).
+    env.setdefault("OTEL_PYTHON_GIL_STACK_THRESHOLD_MS", "2")
     if receiver_endpoint is not None:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver_endpoint,
                    OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true",

@@ -59,6 +59,7 @@ def _request(req: Any, waits: Sequence[Any], by_id: Dict[str, Any],
                           "name": by_id[s].name if s in by_id else None,
                           "thread": threads.get(s)}
                          for (t, s), ns in sorted(linked.items(), key=lambda kv: -kv[1])],
+        "holder_stack": holder_top(waits),  # top Python line, native function
     }
 
 
@@ -157,6 +158,10 @@ def _slow_lines(i: int, r: Dict[str, Any], holders: int = 3) -> List[str]:
         where = f"   in {spans[0]['name']} trace {spans[0]['trace_id']}" if spans else ""
         more = f" (+{len(spans) - 1} more)" if len(spans) > 1 else ""
         lines.append(f"       {h['thread']:<34} held it {h['held_ms']:5.1f} ms{where}{more}")
+    top = r.get("holder_stack")
+    if top:
+        where = " in ".join(x for x in (top.get("python"), top.get("native")) if x)
+        lines.append(f"       the holder was at {where}")
     rest = r["holders"][holders:]
     if rest:
         lines.append(f"       +{len(rest)} more holder{'s' if len(rest) > 1 else ''}, "
@@ -183,3 +188,27 @@ def render(result: Dict[str, Any]) -> str:
     out += ["", "Sidecar metrics (OTLP):" if result["metrics"] else "no metrics received"]
     out += [_metric_line(m) for m in result["metrics"]]
     return "\n".join(out)
+
+
+def holder_top(waits: Sequence[Any]) -> Optional[Dict[str, str]]:
+    """From exported gil.wait spans (receiver records with .attributes): the
+    holder's top Python line and native function of the longest one that
+    carries a stack (the demo's slowest requests show these)."""
+    best: Optional[Dict[str, str]] = None
+    longest = -1
+    for w in waits:
+        a = w.attributes
+        funcs = a.get(names.STACK_PY_FUNCTIONS.name) or []
+        native = [n for n in a.get(names.STACK_NATIVE_FUNCTIONS.name) or [] if n != "?"]
+        if not (funcs or native) or a.get(names.WAIT_NS.name, 0) <= longest:
+            continue
+        longest = a.get(names.WAIT_NS.name, 0)
+        top: Dict[str, str] = {}
+        if funcs:
+            files = a.get(names.STACK_PY_FILES.name) or ["?"]
+            lines = a.get(names.STACK_PY_LINES.name) or [0]
+            top["python"] = f"{funcs[0]} ({files[0]}:{lines[0]})"
+        if native:
+            top["native"] = native[0]
+        best = top
+    return best

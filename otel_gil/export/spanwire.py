@@ -128,11 +128,12 @@ class LinkEncoder:
         self._constant = b"".join([_ld(b"\x22", key_value(k, v)) for k, v in constant.items()])
         self._key = _ld(b"\x0a", int_key.encode()) + b"\x12"
 
-    def encode(self, trace_id: int, span_id: int, value: int) -> bytes:
+    def encode(self, trace_id: int, span_id: int, value: int, extra: bytes = b"") -> bytes:
+        """extra: more attributes of this link, from link_attributes()."""
         any_int = b"\x18" + _varint(value & 0xFFFFFFFFFFFFFFFF)
         kv = self._key + _SMALL[len(any_int)] + any_int  # an int AnyValue is < 128 bytes
         body = (b"\x0a\x10" + trace_id.to_bytes(16, "big") + b"\x12\x08"
-                + span_id.to_bytes(8, "big") + self._constant + _ld(b"\x22", kv)
+                + span_id.to_bytes(8, "big") + self._constant + _ld(b"\x22", kv) + extra
                 + b"\x35" + _FLAGS)
         return _ld(b"\x6a", body)
 
@@ -164,6 +165,11 @@ class SpanData(NamedTuple):
         parts += self.links
         parts += [b"\x7a\x00", b"\x85\x01", _FLAGS]  # status {} (unset); flags (16, fixed32)
         return b"".join(parts)
+
+
+def link_attributes(attributes: Mapping[str, Any]) -> bytes:
+    """Link.attributes (4) entries, for LinkEncoder.encode's extra."""
+    return b"".join([_ld(b"\x22", key_value(k, v)) for k, v in attributes.items()])
 
 
 def encode_attributes(attributes: Mapping[str, Any]) -> bytes:

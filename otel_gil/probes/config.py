@@ -14,6 +14,7 @@ from otel_gil.config import (
     DEFAULT_HOLD_THRESHOLD_MS,
     DEFAULT_PROBE_SET,
     DEFAULT_RINGBUF_PAGES,
+    DEFAULT_STACK_THRESHOLD_MS,
     DEFAULT_WAIT_THRESHOLD_MS,
     PROBE_SETS,
 )
@@ -39,6 +40,12 @@ class ProbeConfig:
     ringbuf_pages: int = DEFAULT_RINGBUF_PAGES
     empty: bool = False  # probes that return at once: the overhead floor (bench/)
     probes: str = DEFAULT_PROBE_SET  # "contended" or "all" (bpf/gil.bpf.c)
+    # Holder stacks (otel_gil/stacks/store.py): a holder's stack is taken as it blocks
+    # holding the GIL, or at a CPU sample once its hold lasted stack_threshold_ns;
+    # waits at or above it carry their holders' stacks on spans.
+    stacks: bool = True
+    stack_threshold_ns: int = _ns(DEFAULT_STACK_THRESHOLD_MS)
+    stack_sample_hz: int = 99  # CPU-clock samples per CPU (0: only blocked holders)
 
     def __post_init__(self) -> None:
         if self.probes not in PROBE_SETS:
@@ -56,12 +63,15 @@ class ProbeConfig:
         flags = ["-DEMPTY_PROBES"] if self.empty else []
         if self.probes == "all":
             flags.append("-DPROBES_ALL")
+        if not self.stacks:
+            flags.append("-DNO_STACKS")
         pidns = own_pid_namespace()
         if pidns is not None:
             flags += [f"-DSIDECAR_PIDNS_DEV={pidns[0]}ULL", f"-DSIDECAR_PIDNS_INO={pidns[1]}ULL"]
         return flags + [
             f"-DWAIT_THRESHOLD_NS={self.wait_threshold_ns}ULL",
             f"-DHOLD_THRESHOLD_NS={self.hold_threshold_ns}ULL",
+            f"-DSTACK_THRESHOLD_NS={self.stack_threshold_ns}ULL",
             f"-DMAX_THREADS={self.max_threads}",
             f"-DMAX_TARGETS={self.max_targets}",
             f"-DRINGBUF_PAGES={self.ringbuf_pages}",

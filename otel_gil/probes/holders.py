@@ -69,6 +69,19 @@ def target_config(target: Target, ctx_table: Optional[TableLocation]) -> events.
     return cfg
 
 
+def stack_config(cfg: events.TargetState, target: Target) -> None:
+    """Holder stacks' part of struct target: on, and where the frames are."""
+    from otel_gil.stacks.store import frame_layout  # noqa: PLC0415
+
+    cfg.stacks = 1 if cfg.tid_how else 0  # a holder is known by its tstate's tid
+    layout = frame_layout(target)
+    if layout is None:
+        cfg.off_frame = cfg.off_frame2 = events.GIL_NO_OFFSET
+        return
+    cfg.off_frame, cfg.off_frame2 = layout.off_frame, layout.off_frame2
+    cfg.off_prev, cfg.off_code, cfg.off_instr = layout.off_prev, layout.off_code, layout.off_instr
+
+
 def holder_tid_source(target: Target) -> Tuple[int, int, int]:
     """(GIL_TID_*, offset in PyThreadState, glibc's tid offset) to name a holder
     from gil->last_holder, checked on the live process; (0, 0, 0) if unknown.

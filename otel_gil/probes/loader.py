@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,15 @@ from otel_gil.abi import events
 from otel_gil.abi.slots import TableLocation
 from otel_gil.errors import EnvironmentProblem, ProbeError
 from otel_gil.probes.config import ProbeConfig, bpf_dir
-from otel_gil.probes.holders import target_config
+from otel_gil.probes.holders import stack_config, target_config
 from otel_gil.probes.points import PROBE_FUNCTIONS, Point, plan
+from otel_gil.stacks.store import StackStore
 from otel_gil.target import procfs
 
 if TYPE_CHECKING:
     from otel_gil.target.process import Target
+
+STACK_KIND = struct.pack("<I", events.GIL_EVENT_STACK)  # a ring record that is a holder stack
 
 
 def _import_bcc() -> Any:
@@ -115,11 +119,28 @@ class Probes:
         except Exception as exc:
             raise ProbeError(f"the kernel's verifier rejected the BPF program: {exc}",
                              "report this with the output of `otel-gil doctor`") from None
+        self._attach_stack_sampler(bcc)
         self._targets = self._bpf["targets"]
         self._threads = self._bpf["threads"]
         self._holders = self._bpf["holders"]
         self._batch: Optional[_BatchReader] = _BatchReader(bcc, self._threads.map_fd)
+        self.stacks = StackStore(self._fp_walk)
         self._bpf["events"].open_ring_buffer(self._ring_callback)
+
+    def _attach_stack_sampler(self, bcc: Any) -> None:
+        """The CPU-clock sampler that takes the stacks of holders that keep the
+        CPU (bpf/gil.bpf.c on_sample); holders that block are seen at
+        sched_switch, attached with the program."""
+        if not self.config.stacks or not self.config.stack_sample_hz:
+            return
+        try:
+            self._bpf.attach_perf_event(
+                ev_type=bcc.PerfType.SOFTWARE, ev_config=bcc.PerfSWConfig.CPU_CLOCK,
+                fn_name="on_sample", sample_freq=self.config.stack_sample_hz)
+        except Exception as exc:
+            raise ProbeError(f"attaching the stack sampler (a CPU-clock perf event) failed: {exc}",
+                             "run with --no-stacks, or check perf_event_open is allowed "
+                             "(kernel.perf_event_paranoid, seccomp)") from None
 
     # ----------------------------------------------------------------- targets
 
@@ -127,7 +148,11 @@ class Probes:
         """Configure the target in the kernel, then attach its probes (pid-filtered,
         so other processes using the same libpython pay nothing)."""
         points = plan(target, self.config.probes)
-        self._targets[ctypes.c_uint32(target.pid)] = target_config(target, ctx_table)
+        cfg = target_config(target, ctx_table)
+        if self.config.stacks:
+            self.stacks.add_target(target)
+            stack_config(cfg, target)
+        self._targets[ctypes.c_uint32(target.pid)] = cfg
         self._ns_translate[target.pid] = len(target.nspid) > 1
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
@@ -170,6 +195,7 @@ class Probes:
             pass
         self._ns_translate.pop(pid, None)
         self._host_tids.pop(pid, None)
+        self.stacks.remove(pid)
 
     def target_state(self, pid: int) -> Optional[events.TargetState]:
         try:
@@ -195,13 +221,27 @@ class Probes:
         return known.get(ns_tid, ns_tid)
 
     def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:
+        raw = ctypes.string_at(data, size)
+        if raw[:4] == STACK_KIND:
+            self.stacks.on_record(raw)
+            return 0
         try:
-            interval = events.decode_event(ctypes.string_at(data, size), self.host_tid)
+            interval = events.decode_event(raw, self.host_tid)
         except ValueError:
             self.undecodable += 1
             return 0
-        self._on_event(interval)
+        self._on_event(self.stacks.attach(interval) if interval.stack_seqs else interval)
         return 0
+
+    def _fp_walk(self, stack_id: int) -> Tuple[int, ...]:
+        """The kernel's frame-pointer walk of a holder stack, freed once read."""
+        table = self._bpf["stacks"]
+        try:
+            pcs = tuple(table.walk(stack_id))
+            del table[ctypes.c_int(stack_id)]
+        except (KeyError, OSError):
+            return ()
+        return pcs
 
     def poll(self, timeout_ms: int) -> None:
         """Wait timeout_ms, then deliver every pending event to on_event.

@@ -89,6 +89,7 @@ class Sidecar:
         self.clock = Clock()
         self.export = export if export is not None else SpanExport(
             self.clock, spans=delivery.SpanDelivery(default_exporter, queue_bytes=span_queue_bytes))
+        self.export.stack_threshold_ns = config.stack_threshold_ns  # waits with holder stacks
         self.session = Session(config, self._on_interval, refresh_interval_s=REFRESH_S)
         trim_heap()
         self._loop_thread = threading.current_thread()

@@ -27,6 +27,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from otel_gil import names
 from otel_gil.abi.events import Interval, SpanRef
 from otel_gil.export import delivery, otlp, spanwire
+from otel_gil.sidecar import stack_attrs as stack_export
 from otel_gil.sidecar import timeline
 from otel_gil.sidecar.clock import Clock
 from otel_gil.sidecar.threads import ThreadDirectory, ThreadInfo
@@ -84,6 +85,8 @@ class SpanExport:
         self._processes: Dict[int, ProcessExport] = {}
         self._links: Dict[Tuple[int, int, int], bytes] = {}
         self._common_attrs: Dict[int, Tuple[ThreadInfo, int, bytes]] = {}
+        # Waits at or above this carry their holder's stack (ProbeConfig.stack_threshold_ns).
+        self.stack_threshold_ns = stack_export.DEFAULT_STACK_THRESHOLD_NS
 
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
                     threads: ThreadDirectory) -> None:
@@ -179,6 +182,11 @@ class SpanExport:
                  names.HOLDER_NAMES.name: proc.threads.names([tid for tid, _ in blame]),
                  names.HOLDER_HELD_NS.name: [ns for _, ns in blame],
                  names.HOLDERS_TRUNCATED.name: timeline.holds_truncated(iv)}
+        if iv.stacks:  # holder stacks (otel_gil/sidecar/stack_attrs.py)
+            attrs.update(stack_export.wait_attributes(iv, self.stack_threshold_ns))
+            return self._emit(proc, name, iv.span, iv, common, attrs, [
+                HOLDER_LINK.encode(t, s, ns, stack_export.link_extra(iv, t, s))
+                for t, s, ns in links])
         return self._emit(proc, name, iv.span, iv, common, attrs,
                           [self._link(*x) for x in links])
 
@@ -196,5 +204,7 @@ class SpanExport:
             self._skip(iv, name, ACROSS_SPANS)
             return None
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
-        return self._emit(proc, name, iv.span, iv, common, {names.HOLD_NS.name: iv.duration_ns},
-                          [])
+        attrs = {names.HOLD_NS.name: iv.duration_ns}
+        if iv.stacks:
+            attrs.update(stack_export.hold_attributes(iv))
+        return self._emit(proc, name, iv.span, iv, common, attrs, [])

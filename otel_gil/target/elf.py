@@ -72,6 +72,7 @@ class ElfObject:
                 remedy="run the app with a 64-bit x86-64 Python",
             )
         self._symcache: dict[str, list[Symbol]] = {}
+        self._eh_frame_hdr: bytes | None = None  # fde_entry's table, read once
 
     def __enter__(self) -> ElfObject:  # noqa: PYI034
         return self
@@ -217,11 +218,18 @@ class ElfObject:
         Uses the sorted table in ``.eh_frame_hdr`` (binary search), so it costs
         one FDE parse instead of walking every CFI entry with pyelftools.
         """
+        entry = self.fde_entry(address)
+        return None if entry is None else entry[1:]
+
+    def fde_entry(self, address: int) -> tuple[int, int, int] | None:
+        """(FDE address, start, size) of the FDE covering ``address`` (unwind.py)."""
         hdr = self.section_range(".eh_frame_hdr")
         if hdr is None:
             return None
         base, size = hdr
-        data = self.read(base, size)
+        if self._eh_frame_hdr is None:
+            self._eh_frame_hdr = self.read(base, size)
+        data = self._eh_frame_hdr
         version, _ptr_enc, count_enc, table_enc = data[:4]
         if version != 1 or count_enc != 0x03 or table_enc != 0x3B:
             return None  # only GCC/LLVM's usual udata4 / datarel|sdata4 table is read
@@ -239,7 +247,7 @@ class ElfObject:
             return None
         _loc, fde_rel = struct.unpack_from("<ii", data, 12 + 8 * found)
         start, length = self._parse_fde(base + fde_rel)
-        return (start, length) if start <= address < start + length else None
+        return (base + fde_rel, start, length) if start <= address < start + length else None
 
     def _parse_fde(self, fde: int) -> tuple[int, int]:
         length, cie_rel = struct.unpack("<Ii", self.read(fde, 8))

@@ -206,6 +206,33 @@ def maps(pid: int) -> List[Mapping]:
     return out
 
 
+@dataclass(frozen=True)
+class ExecMapping:
+    """An executable file mapping (holder stacks: otel_gil/stacks/unwind.py)."""
+
+    start: int
+    end: int
+    file_offset: int
+    path: str
+
+
+def executable_maps(pid: int) -> List[ExecMapping]:
+    """The process's executable file mappings (/proc/PID/maps)."""
+    out = []
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    for line in lines[:65536]:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
+            continue
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        out.append(ExecMapping(lo, hi, int(parts[2], 16), parts[5].rstrip("\n")))
+    return sorted(out, key=lambda m: m.start)
+
+
 def exe_path(pid: int) -> str:
     """/proc/PID/exe's target, as the process sees it."""
     try:

@@ -9,11 +9,10 @@ A *holder stack* is a tuple of Frames, innermost first. A frame is one of:
 - ``thread``: synthetic, the holder's thread, always the outermost frame;
 - ``missing``: synthetic, the only frame of a share whose holder is not known.
 
-Stack capture (the holder's Python and native frames) is not built yet: today a
-holder's stack is its thread, topped by the span it was in where that span's
-name is known (the demo's spans; a record knows span ids, not names). The
-record format has room for captured frames (a ``stack`` list on a hold, see
-docs/record-json.md); once they arrive, every view shows them with no change.
+Captured frames (otel_gil/stacks/store.py, docs/stacks.md) come from the record's
+``stack`` list on a hold (docs/record-json.md); a hold without one is its
+thread, topped by the span it was in where that span's name is known (the
+demo's spans; a record knows span ids, not names).
 """
 
 from __future__ import annotations
