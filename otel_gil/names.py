@@ -224,6 +224,13 @@ CONTEXT_ERRORS = Metric(
     "otel_gil.context.errors", "counter", "{error}",
     "Exceptions the app's context publishing swallowed (the app carried on; that thread "
     "published no context until its next switch).")
+STACKS_LOST = Metric(
+    "otel_gil.stacks.lost", "counter", "{stack}",
+    "Holder stacks taken or wanted but not attached to a hold, by `reason`: `ring_full` "
+    "(the kernel could not send it), `evicted` (no hold named it before newer ones "
+    "replaced it), `undecodable` (a record or the target's memory could not be "
+    "decoded), `unknown_process` (its process was no longer traced). The hold and its "
+    "spans are still exported, without the stack.")
 CONTENTION_RATIO = Metric(
     "otel_gil.contention.ratio", "gauge", "1",
     "Per process: time threads spent waiting for the GIL over wall time, since the last "
@@ -232,7 +239,7 @@ CONTENTION_RATIO = Metric(
 METRICS: Tuple[Metric, ...] = (
     WAIT_DURATION, HOLD_DURATION, HELD_TIME, WAITED_TIME, ACQUISITIONS, HANDOFFS,
     FORCED_SWITCHES, LOST_EVENTS, SPANS_EXPORTED, SPANS_DROPPED, SPANS_SKIPPED,
-    CONTEXT_UNPLACED, CONTEXT_ERRORS, CONTENTION_RATIO,
+    CONTEXT_UNPLACED, CONTEXT_ERRORS, STACKS_LOST, CONTENTION_RATIO,
 )
 
 # Metric attribute (label) keys. Thread names are bounded by
@@ -241,7 +248,7 @@ LABEL_SERVICE = "service.name"
 LABEL_PID = "process.pid"
 LABEL_THREAD = "thread.name"
 LABEL_SPAN = "span.name"  # the span pipeline's counters: gil.wait or gil.hold
-LABEL_REASON = "reason"  # why a span was dropped or skipped
+LABEL_REASON = "reason"  # why a span (or a holder stack) was dropped or skipped
 LABELS: Tuple[str, ...] = (LABEL_SERVICE, LABEL_PID, LABEL_THREAD, LABEL_SPAN, LABEL_REASON)
 OTHER_THREADS = "other"
 

@@ -347,3 +347,47 @@ def test_frame_layout_from_debug_offsets(name: str, expected: tuple[int, ...]) -
 def test_interval_without_stacks_has_none() -> None:
     iv = Interval("hold", 1, 2, 0, 10, None)
     assert main_holder_stack(iv) is None
+
+
+def test_stack_losses_are_counted_by_reason_and_survive_the_process() -> None:
+    from otel_gil.abi import events
+    from otel_gil.stacks.store import RECORDS_KEPT, ProcessStacks, StackStore
+
+    store = StackStore(lambda _id: ())
+    # GIVEN a traced process whose kernel could not send 3 stacks, and which
+    # took more stacks than are kept before any hold named them
+    pid = os.getpid()
+    store._procs[pid] = ProcessStacks(pid, "/", None, None)
+    state = events.TargetState()
+    state.stacks_lost = 3
+    for seq in range(1, RECORDS_KEPT + 6):
+        rec = events.GilStack()
+        rec.seq, rec.pid = seq, pid
+        store._procs[pid].add(rec, ())
+    # AND a record of another process, and one too short to decode
+    other = events.GilStack()
+    other.pid = 1
+    store.on_record(bytes(other))
+    store.on_record(b"\0" * 8)
+    # THEN each loss has its reason
+    assert store.losses({pid: state}) == {
+        "ring_full": 3, "evicted": 5, "undecodable": 1, "unknown_process": 1}
+    # AND once the process is gone (its last state: 4 not sent), they stay counted
+    state.stacks_lost = 4
+    store.remove(pid, state)
+    lost = store.losses({})
+    assert lost == {"ring_full": 4, "evicted": 5, "undecodable": 1, "unknown_process": 1}
+
+
+class _NoSpans:
+    def counts(self) -> Dict[Any, int]:
+        return {}
+
+
+def test_stack_losses_are_in_the_loss_line_totals() -> None:
+    from otel_gil.sidecar.losses import sidecar_totals
+    # GIVEN stack losses WHEN the sidecar sums its losses THEN they are named
+    totals = sidecar_totals(_NoSpans(), 0, (0, 0),  # type: ignore[arg-type]
+                            {"ring_full": 2, "evicted": 0})
+    assert totals["holder stacks lost (ring_full)"] == 2
+    assert totals["holder stacks lost (evicted)"] == 0

@@ -189,13 +189,13 @@ class Probes:
                 self._bpf.detach_uprobe(name=path, addr=addr, pid=pid)
             except Exception:  # noqa: S110 - the process is gone: nothing left to detach
                 pass
+        self.stacks.remove(pid, self.target_state(pid))  # its last stack counts first
         try:
             del self._targets[ctypes.c_uint32(pid)]
         except KeyError:
             pass
         self._ns_translate.pop(pid, None)
         self._host_tids.pop(pid, None)
-        self.stacks.remove(pid)
 
     def target_state(self, pid: int) -> Optional[events.TargetState]:
         try:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, FrozenSet, List, Optional
 
 from otel_gil.abi import buckets, events
@@ -124,6 +124,7 @@ class Snapshot:
     states: Dict[int, events.TargetState]  # pid -> kernel state, targets that have one
     live: FrozenSet[int]  # pids still traced
     sidecar_lost: int  # undecodable records and probe runs the kernel skipped
+    stacks_lost: Dict[str, int] = field(default_factory=dict)  # reason -> holder stacks
 
 
 # How often a GIL-less free-threaded target's _gil_runtime_state.enabled is read
@@ -359,7 +360,8 @@ class Session:
                   for pid, info in self.targets.items() if info.state is not None}
         live = frozenset(pid for pid, info in self.targets.items() if not info.ended_ns)
         return Snapshot(dict(self.threads), states, live,
-                        int(self.probes.undecodable + self.skipped_runs))
+                        int(self.probes.undecodable + self.skipped_runs),
+                        self.probes.stacks.losses(states))
 
     @property
     def active(self) -> bool:

@@ -61,9 +61,11 @@ class LossLog:
         return True
 
 
-def sidecar_totals(spans: SpanDelivery, lost_events: int, context: Tuple[int, int]) -> Totals:
+def sidecar_totals(spans: SpanDelivery, lost_events: int, context: Tuple[int, int],
+                   stacks_lost: Optional[Dict[str, int]] = None) -> Totals:
     """The sidecar's losses: spans not delivered (by reason), kernel events lost,
-    and the app-side context table's (unplaced threads, errors)."""
+    the app-side context table's (unplaced threads, errors), and holder stacks
+    not attached (by reason)."""
     totals: Totals = {}
     for (_, _, outcome), n in spans.counts().items():
         if outcome != EXPORTED:
@@ -71,6 +73,8 @@ def sidecar_totals(spans: SpanDelivery, lost_events: int, context: Tuple[int, in
             totals[key] = totals.get(key, 0) + n
     totals["kernel events lost"] = lost_events
     totals["app threads without a context slot"], totals["app context errors"] = context
+    for reason, n in (stacks_lost or {}).items():
+        totals[f"holder stacks lost ({reason})"] = n
     return totals
 
 

@@ -107,7 +107,8 @@ class GilMetrics:
                            (names.SPANS_DROPPED, self._observe_dropped),
                            (names.SPANS_SKIPPED, self._observe_skipped),
                            (names.CONTEXT_UNPLACED, self._context_counter(0)),
-                           (names.CONTEXT_ERRORS, self._context_counter(1))):
+                           (names.CONTEXT_ERRORS, self._context_counter(1)),
+                           (names.STACKS_LOST, self._observe_stacks_lost)):
             meter.create_observable_counter(metric.name, callbacks=[fn], unit=metric.unit,
                                             description=metric.doc)
         meter.create_observable_gauge(
@@ -261,6 +262,16 @@ class GilMetrics:
         if own:
             total.append(Observation(own, {names.LABEL_SERVICE: "otel-gil-sidecar"}))
         return total
+
+    def _observe_stacks_lost(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """Sidecar-wide, one series per reason, zeros included."""
+        lost = self._snapshot.stacks_lost
+        return [Observation(n, {names.LABEL_SERVICE: "otel-gil-sidecar", names.LABEL_REASON: r})
+                for r, n in sorted(lost.items())]
+
+    def stacks_lost(self) -> Dict[str, int]:
+        """otel_gil.stacks.lost as of the last snapshot, by reason."""
+        return dict(self._snapshot.stacks_lost)
 
     def _sidecar_lost(self) -> int:
         """Losses not tied to one process: undecodable records, skipped probe runs."""

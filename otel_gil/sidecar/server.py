@@ -105,7 +105,7 @@ class Sidecar:
                                   before_collect=self._before_collect)
         self.losses = LossLog(
             lambda: sidecar_totals(self.export.spans, self.metrics.lost_events_total(),
-                                   self.metrics.context_totals()),
+                                   self.metrics.context_totals(), self.metrics.stacks_lost()),
             lambda new: exporter_detail(self.export.spans, new), time.monotonic_ns())
         self._trimmed_ns = time.monotonic_ns()
         self._trimmed_targets = 0

@@ -206,6 +206,8 @@ class StackStore:
         self._fp_walk = fp_walk  # BPF_STACK_TRACE id -> addresses (and frees it)
         self.undecodable = 0
         self.unknown_process = 0
+        self._ring_full: Dict[int, int] = {}  # pid -> the kernel's stacks_lost, last read
+        self._gone: Dict[str, int] = {}  # the losses of processes no longer traced
 
     def add_target(self, target: "Target") -> None:
         self.remove(target.pid)
@@ -223,10 +225,32 @@ class StackStore:
             "python_frames_unreadable": proc.code.unreadable if proc and proc.code else 0,
         }
 
-    def remove(self, pid: int) -> None:
+    def losses(self, states: Dict[int, events.TargetState]) -> Dict[str, int]:
+        """Every stack lost so far, by reason (otel_gil.stacks.lost), processes
+        gone included; states: the kernel's state of the traced ones."""
+        for pid, state in states.items():
+            self._ring_full[pid] = int(state.stacks_lost)
+        out = {"ring_full": sum(self._ring_full.values()) + self._gone.get("ring_full", 0),
+               "evicted": sum(p.evicted for p in self._procs.values()),
+               "undecodable": self.undecodable + sum(p.undecodable for p in self._procs.values()),
+               "unknown_process": self.unknown_process}
+        for reason in ("evicted", "undecodable"):
+            out[reason] += self._gone.get(reason, 0)
+        return out
+
+    def remove(self, pid: int, state: Optional[events.TargetState] = None) -> None:
+        """Forget a process's stacks, keeping its losses (state: its kernel
+        state's last copy, for the stacks the kernel could not send)."""
+        if state is not None:
+            self._ring_full[pid] = int(state.stacks_lost)
         proc = self._procs.pop(pid, None)
         if proc is not None:
+            self._gone["evicted"] = self._gone.get("evicted", 0) + proc.evicted
+            self._gone["undecodable"] = self._gone.get("undecodable", 0) + proc.undecodable
             proc.close()
+        lost = self._ring_full.pop(pid, 0)
+        if lost:
+            self._gone["ring_full"] = self._gone.get("ring_full", 0) + lost
 
     def on_record(self, data: bytes) -> None:
         if len(data) < _STACK_SIZE:
