@@ -176,7 +176,7 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
     slices = [e for e in events if e["ph"] == "X"]
     long_holds = [e for e in slices if e["name"] == names.GIL_HOLD.name and e["tid"] == holder
                   and e["dur"] >= 0.95 * HOLD_US]
-    assert len(long_holds) == HOLDS
+    assert len(long_holds) == HOLDS, [(h["ts"], h["dur"]) for h in long_holds]
     for h in long_holds:
         # (innermost first in the args)
         assert_holder_stack_is_the_c_call(h["args"][names.VIEW_ARG_STACK.name][::-1])
