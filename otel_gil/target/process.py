@@ -292,8 +292,8 @@ def _walk_to_gil(mem: procfs.Memory, pid: int, layout: GilLayout, runtime: int) 
     if layout.inline_offset is not None and (locked, interval) == (0, 0):
         # 3.8 to 3.11: _PyRuntime is all zeros until _PyRuntime_Initialize()
         # sets interval (5000 µs) and locked (-1) in _gil_initialize().
-        raise TargetError(f"pid {pid}: the interpreter is not initialised yet (its GIL, "
-                          "inline in _PyRuntime, is all zeros)", remedy=NOT_YET_REMEDY)
+        raise TargetNotReady(f"pid {pid}: the interpreter is not initialised yet (its GIL, "
+                             "inline in _PyRuntime, is all zeros)", remedy=NOT_YET_REMEDY)
     if locked == -1:  # -1 until create_gil() (Python/ceval_gil.c _gil_initialize)
         raise TargetNotReady(f"pid {pid}: the GIL is not created yet (gil->locked is -1)",
                           remedy=NOT_YET_REMEDY)
