@@ -3,7 +3,11 @@
 Times N pairs of ``context.attach(ctx)`` / ``context.detach(token)`` of a
 context holding a recording SDK span, with and without the hook, and the same
 through ``trace.use_span(span)`` (what ``start_as_current_span`` does after
-creating the span). The two variants run interleaved, several repetitions each,
+creating the span), and a whole ``with tracer.start_as_current_span()`` of a
+new span each time (what an app pays per span: the hook's first sight of a
+span, and whatever the spans it remembers cost the garbage collector; the
+span-end hook otel-gil adds to an SDK provider is on in both variants). The
+two variants run interleaved, several repetitions each,
 and the minimum per variant is kept, so that noisy neighbours on a shared VM
 inflate neither side more than the other.
 
@@ -38,13 +42,24 @@ def use_span(span: trace.Span, n: int) -> int:
     return time.perf_counter_ns() - start
 
 
+def new_spans(tracer: trace.Tracer, n: int) -> int:
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        with tracer.start_as_current_span("bench"):
+            pass
+    return time.perf_counter_ns() - start
+
+
 def measure(n: int, repeats: int) -> dict[str, dict[bool, float]]:
-    tracer = TracerProvider().get_tracer("bench")
+    provider = TracerProvider()
+    otel_gil_context.watch_span_ends(provider)
+    tracer = provider.get_tracer("bench")
     span = tracer.start_span("bench")
     ctx = trace.set_span_in_context(span)
     cases: dict[str, Callable[[int], int]] = {
         "attach+detach": lambda k: attach_detach(ctx, k),
         "use_span enter+exit": lambda k: use_span(span, k),
+        "new span, as current": lambda k: new_spans(tracer, max(k // 10, 1)) * 10,
     }
     best: dict[str, dict[bool, float]] = {name: {} for name in cases}
     for name, run in cases.items():

@@ -42,4 +42,4 @@ if [ ! -s "$SPEEDSCOPE_SCHEMA" ]; then
     rm -rf "$tmp"
 fi
 bash scripts/targets.sh
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=25 "$@"

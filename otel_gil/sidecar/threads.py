@@ -28,7 +28,7 @@ from otel_gil.abi.slots import (
     parse_slots,
 )
 from otel_gil.errors import OtelGilError
-from otel_gil.target.procfs import read_memory
+from otel_gil.target.procfs import read_memory, thread_alive, thread_identity
 
 log = logging.getLogger("otel_gil.sidecar")
 
@@ -108,6 +108,10 @@ class ThreadDirectory:
     def _lookup(self, tid: int, published: bool) -> ThreadInfo:
         """Its Python ident and name from the app's table, else its OS name."""
         known = self._os_identity(tid)  # read on its own if new since the last refresh
+        if known is None and thread_alive(self.pid, tid):
+            # not in the kernel's thread map (yet): /proc says, in the app's
+            # PID namespace too, where its tid is not ours
+            known = thread_identity(self.pid, tid)
         name, ns_tid = known if known is not None else ("?", tid)
         ident = None
         if self.table is not None:
