@@ -150,7 +150,7 @@ def test_loop_thread_waits_go_to_the_running_task(target: PythonTarget, sidecar_
         assert parent["start"] - slack <= w.start_ns < w.end_ns <= parent["end"] + slack
         # AND the holder's waits are the holder's, the loop's never are
         on_holder = w.attributes[names.THREAD_NATIVE_ID.name] == info["holder_tid"]
-        assert on_holder == (parent["name"] == "holder"), (parent["name"], on_holder)
+        assert on_holder == (parent["name"] == "holder"), (parent["name"], on_holder, w.attributes)
     # AND each loop's waits went to the task whose step was running, or to the
     # loop itself, and there were enough of both to mean something
     for loop in ("asyncio", "uvloop"):

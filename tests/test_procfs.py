@@ -140,3 +140,18 @@ def test_thread_directory_survives_an_invalid_table(caplog: pytest.LogCaptureFix
     assert directory(5, published=True).name == "os-name"
     assert directory(5, published=True).name == "os-name"
     assert sum("context table is invalid" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_thread_directory_keeps_what_it_knew_of_an_exited_thread() -> None:
+    # GIVEN a thread the directory met while it lived (remember(), as an
+    # interval arrives), at tid 5 in the app's PID namespace
+    table = ContextTable(slots=8)
+    known = {4242: ("worker", 5)}
+    directory = threads.ThreadDirectory(os.getpid(), TableLocation(table.address, table.slots),
+                                        lambda tid: known.get(tid))
+    directory.remember(4242)
+    # WHEN it has exited (nothing knows it now) and its span is exported later
+    known.clear()
+    info = directory(4242, published=True)
+    # THEN it keeps its name and namespace tid, not "?" and our tid
+    assert (info.name, info.ns_tid) == ("worker", 5)

@@ -135,6 +135,7 @@ class Sidecar:
         if len(self._pending) >= MAX_PENDING:  # the loop has fallen far behind
             self.export.spans.count_drop(iv.pid, export_name(iv), delivery.QUEUE_FULL)
             return
+        self.export.seen(iv)
         self._pending.append((time.monotonic_ns(), iv))
 
     def _export_settled(self, everything: bool = False) -> None:

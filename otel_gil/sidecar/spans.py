@@ -88,6 +88,14 @@ class SpanExport:
         # Waits at or above this carry their holder's stack (ProbeConfig.stack_threshold_ns).
         self.stack_threshold_ns = stack_export.DEFAULT_STACK_THRESHOLD_NS
 
+    def seen(self, iv: Interval) -> None:
+        """An interval just arrived: its thread is looked up while it lives."""
+        proc = self._processes.get(iv.pid)
+        if proc is not None:
+            proc.threads.remember(iv.tid)
+            for hold in iv.holds:  # the holders, named on the links
+                proc.threads.remember(hold.tid)
+
     def add_process(self, pid: int, ns_pid: int, resource: Mapping[str, Any],
                     threads: ThreadDirectory) -> None:
         # Resource.create adds the SDK's defaults and OTEL_RESOURCE_ATTRIBUTES,

@@ -102,8 +102,17 @@ class ThreadDirectory:
         if hit is not None and not published and now - hit[1] < RETRY_NS:
             return hit[0]
         info = self._lookup(host_tid, published)
+        if hit is not None and info.name == "?" and info.ident is None:
+            info = hit[0]  # the thread has exited since: what was known of it stands
         self._threads[host_tid] = (info, now)
         return info
+
+    def remember(self, host_tid: int) -> None:
+        """Look a thread up now, while it lives, if it is new: its interval is
+        exported a little later (sidecar/server.py), when it may have exited,
+        and then neither the kernel's map nor /proc knows it any more."""
+        if host_tid not in self._threads:
+            self(host_tid)
 
     def _lookup(self, tid: int, published: bool) -> ThreadInfo:
         """Its Python ident and name from the app's table, else its OS name."""
