@@ -74,6 +74,11 @@ def test_threads_are_named_and_mapped_to_their_namespace_tid() -> None:
     finally:
         stop.set()
         worker.join()
+    # AND once the kernel has reaped it (join returns as the thread exits, the
+    # task goes a moment later), it has no name
+    deadline = time.monotonic() + 5
+    while procfs.thread_alive(os.getpid(), tid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert procfs.thread_name(os.getpid(), tid) == "?"
 
 
