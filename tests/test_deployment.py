@@ -109,6 +109,7 @@ REAL_SERIES = {
     "otel_gil.spans.skipped": "otel_gil_spans_skipped_total",
     "otel_gil.context.unplaced_threads": "otel_gil_context_unplaced_threads_total",
     "otel_gil.context.errors": "otel_gil_context_errors_total",
+    "otel_gil.stacks.lost": "otel_gil_stacks_lost_total",
 }
 PIPELINE_SERIES = {"otel_gil_spans_exported_total", "otel_gil_spans_dropped_total",
                    "otel_gil_spans_skipped_total"}
