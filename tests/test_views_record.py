@@ -174,8 +174,11 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
     assert tracks[holder] == HOLDER
     # AND the holder's track has its three 300 ms holds, with its stack in their args
     slices = [e for e in events if e["ph"] == "X"]
+    # (the contended set ends a hold it saw at the next timed wait: after the
+    # last usleep, with the waiters taking the GIL uncontended, the holder's
+    # brief holds can read as one long one, so only holds of about 300 ms count)
     long_holds = [e for e in slices if e["name"] == names.GIL_HOLD.name and e["tid"] == holder
-                  and e["dur"] >= 0.95 * HOLD_US]
+                  and 0.95 * HOLD_US <= e["dur"] <= 1.2 * HOLD_US]
     assert len(long_holds) == HOLDS, [(h["ts"], h["dur"]) for h in long_holds]
     for h in long_holds:
         # (innermost first in the args)
