@@ -122,6 +122,13 @@ class SpanExport:
             return self._wait(proc, iv)
         return self._hold(proc, iv)
 
+    def _skipped_for_parent(self, iv: Interval, name: str) -> bool:
+        """No span to parent it (outside_span), or an unsampled one: counted, skipped."""
+        if iv.span is None or not iv.span.sampled:
+            self._skip(iv, name, OUTSIDE_SPAN if iv.span is None else UNSAMPLED)
+            return True
+        return False
+
     def _skip(self, iv: Interval, name: str, reason: str) -> None:
         key = (iv.pid, name, reason)
         self.skipped[key] = self.skipped.get(key, 0) + 1
@@ -177,11 +184,7 @@ class SpanExport:
 
     def _wait(self, proc: ProcessExport, iv: Interval) -> Optional[SpanRef]:
         name = names.GIL_WAIT.name
-        if iv.span is None:
-            self._skip(iv, name, OUTSIDE_SPAN)
-            return None
-        if not iv.span.sampled:
-            self._skip(iv, name, UNSAMPLED)
+        if self._skipped_for_parent(iv, name) or iv.span is None:
             return None
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
         blame, links = timeline.holders_of(iv)
@@ -200,11 +203,7 @@ class SpanExport:
 
     def _hold(self, proc: ProcessExport, iv: Interval) -> Optional[SpanRef]:
         name = names.GIL_HOLD.name
-        if iv.span is None:
-            self._skip(iv, name, OUTSIDE_SPAN)
-            return None
-        if not iv.span.sampled:
-            self._skip(iv, name, UNSAMPLED)
+        if self._skipped_for_parent(iv, name) or iv.span is None:
             return None
         if iv.span_changed:
             # It began under another span: no single span contains it, so it
