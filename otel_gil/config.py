@@ -61,7 +61,9 @@ DOCS: Dict[str, str] = {
         "Sidecar: memory bound of its span export queue (MiB of encoded spans, ~2.4 KB "
         "per `gil.wait` with 16 holders). When the OTLP endpoint is slow, down or "
         "black-holed, spans beyond it are dropped and counted (`otel_gil.spans.dropped`, "
-        "reason `queue_full`).",
+        "reason `queue_full`). Events decoded but not yet exported (a sidecar short of "
+        "CPU) are bounded with it, at up to 4 times as much memory (~4 KB each), and "
+        "dropped and counted the same way beyond.",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"

