@@ -282,6 +282,10 @@ static __always_inline void end_wait(struct target *t, struct thread_stats *th,
     if (wait >= WAIT_THRESHOLD_NS)
         emit_wait(t, th, pid, tid, start, now, seq_now);
     th->wait_start = 0;
+#ifndef PROBES_ALL
+    if (t->waiting)
+        __sync_fetch_and_add(&t->waiting, -1);
+#endif
 }
 
 /* What a waiter reads of the GIL struct, holding gil->mutex. */
@@ -497,6 +501,7 @@ int on_wait(struct pt_regs *ctx)
         th->wait_seq = t->acq_seq;
 #else
         th->wait_seq = sw;
+        __sync_fetch_and_add(&t->waiting, 1);
 #endif
         th->wait_start = now;
     }
@@ -547,6 +552,13 @@ int on_wake(struct pt_regs *ctx)
     struct seen next = {};
     if (locked) {
         saw_locked(t, &next, holder, sw, !timed_out);
+    } else if (t->waiting <= 1) {
+        /* The hold seen before ended with the release that woke us, and we,
+         * the last waiter, take the GIL: nobody waits behind us, so our hold
+         * is not followed (this set times holds only while another thread
+         * waits; we may drop and re-take the GIL unseen meanwhile). The next
+         * waiter's look opens it, as first seen then. */
+        close_seen_hold(t, pid, now);
     } else {
         /* The hold seen before ended with the release that woke us; ours
          * begins (switch_number moves on if we were not the last holder). */
@@ -888,6 +900,13 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
     /* A thread can die inside take_gil (finalization, PyThread_exit_thread):
      * that wait never ends, so it is not counted. */
+#ifndef PROBES_ALL
+    if (th->wait_start) {
+        struct target *t = targets.lookup(&pid);
+        if (t && t->waiting)
+            __sync_fetch_and_add(&t->waiting, -1);
+    }
+#endif
     th->exited = 1;
     th->wait_start = 0;
     th->in_timed_wait = 0;

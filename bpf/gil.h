@@ -174,7 +174,7 @@ struct target {
     __u32 off_pthread_tid; /* GIL_TID_PTHREAD: glibc's tid in struct pthread */
     /* state of the acquisition and release probes (all set) */
     __u32 holder_tid;
-    __u32 reserved;
+    __u32 waiting;        /* contended: threads in a wait (wait_start set) */
     __u64 acq_seq;        /* acquisitions so far */
     __u64 handoffs;       /* acquisitions by another thread than the last holder */
     __u64 forced_switches; /* holds asked to drop (wake probes, both sets) */

@@ -55,9 +55,11 @@ MATCH_NS = 20_000  # start and end of the same wait, as the two sets time it
 # Both sets time a wait at the same probe hits, each program reading the clock
 # as it starts, one after the other. Between the two, the thread can lose its
 # CPU (uprobe programs run preemptible) and, in a VM, the vCPU its host CPU
-# (steal time): on a loaded machine a few pairs are further apart. Every wait
-# must pair within PAIR_NS, and all but OUTLIERS of them within MATCH_NS.
-PAIR_NS = 1_000_000
+# (steal time): on a loaded machine a few pairs are further apart, by up to a
+# scheduler slice of whatever ran meanwhile (1.7 and 2.0 ms seen in CI, the
+# counts and totals still equal). Every wait must pair within PAIR_NS, and all
+# but OUTLIERS of them within MATCH_NS.
+PAIR_NS = 10_000_000
 OUTLIERS = 0.05
 
 

@@ -174,12 +174,13 @@ def test_timeline_has_three_tracks_holds_waits_and_flows(recorded: Dict[str, Any
     assert tracks[holder] == HOLDER
     # AND the holder's track has its three 300 ms holds, with its stack in their args
     slices = [e for e in events if e["ph"] == "X"]
-    # (the contended set ends a hold it saw at the next timed wait: after the
-    # last usleep, with the waiters taking the GIL uncontended, the holder's
-    # brief holds can read as one long one, so only holds of about 300 ms count)
+    # (and no other long one: the contended set follows a hold only while
+    # another thread waits, so the holder's brief holds after the last usleep,
+    # once the waiters are done, do not read as one long hold)
     long_holds = [e for e in slices if e["name"] == names.GIL_HOLD.name and e["tid"] == holder
-                  and 0.95 * HOLD_US <= e["dur"] <= 1.2 * HOLD_US]
+                  and e["dur"] >= 0.95 * HOLD_US]
     assert len(long_holds) == HOLDS, [(h["ts"], h["dur"]) for h in long_holds]
+    assert all(h["dur"] <= 1.2 * HOLD_US for h in long_holds), long_holds
     for h in long_holds:
         # (innermost first in the args)
         assert_holder_stack_is_the_c_call(h["args"][names.VIEW_ARG_STACK.name][::-1])

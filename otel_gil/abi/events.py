@@ -114,7 +114,7 @@ class TargetState(ctypes.Structure):
         ("off_tid", ctypes.c_uint32),
         ("off_pthread_tid", ctypes.c_uint32),
         ("holder_tid", ctypes.c_uint32),
-        ("reserved", ctypes.c_uint32),
+        ("waiting", ctypes.c_uint32),
         ("acq_seq", ctypes.c_uint64),
         ("handoffs", ctypes.c_uint64),
         ("forced_switches", ctypes.c_uint64),

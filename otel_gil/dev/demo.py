@@ -122,6 +122,10 @@ def app_env(receiver_endpoint: Optional[str], probes: str = "contended") -> Dict
     # a stack threshold below it, so that the slowest requests name the holder's
     # Python line and native function (otel_gil/stacks/store.py).
     env.setdefault("OTEL_PYTHON_GIL_STACK_THRESHOLD_MS", "2")
+    # and a hold threshold below it too: those holds are the demo's story, as
+    # gil.hold spans and in the hold-duration histogram (the default 50 ms
+    # would keep only a holder preempted for that long)
+    env.setdefault("OTEL_PYTHON_GIL_HOLD_THRESHOLD_MS", "4")
     if receiver_endpoint is not None:
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=receiver_endpoint,
                    OTEL_EXPORTER_OTLP_PROTOCOL="grpc", OTEL_EXPORTER_OTLP_INSECURE="true",

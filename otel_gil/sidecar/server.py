@@ -64,16 +64,11 @@ ORPHAN_GRACE_S = 1.0
 POLL_MS = 100  # the loop's longest sleep: events wake it sooner
 MIN_TURN_S = 0.02  # and its shortest turn (see serve); the ring buffer holds seconds of events
 EXPORT_BUDGET_NS = 20_000_000  # export work per loop turn, so the ring buffer is drained
-# Intervals waiting for export (EXPORT_DELAY_NS, then the loop's export
-# budget) are bounded with the span queue: a decoded wait with 16 holds is ~4 KB
-# of Python objects (tracemalloc, tests/test_pipeline.py's app), and the backlog
-# may take PENDING_SHARE times the queue's bytes (8192 intervals, 32 MiB, for
-# the default 8 MiB queue: seconds of a 64-thread app when the sidecar is short
-# of CPU), never fewer than MIN_PENDING (the name delay at ~2500 intervals/s).
-# Beyond, dropped and counted (queue_full).
-PENDING_INTERVAL_BYTES = 4096
-PENDING_SHARE = 4
-MIN_PENDING = 512
+# Events awaiting export (EXPORT_DELAY_NS, then the export budget) are bounded
+# with the span queue: PENDING_SHARE x its bytes at PENDING_BYTES an event (a
+# wait with 16 holds, tracemalloc), so 8192 for the default 8 MiB; never fewer
+# than MIN_PENDING (the name delay at ~2500/s). Beyond, dropped and counted.
+PENDING_BYTES, PENDING_SHARE, MIN_PENDING = 4096, 4, 512
 REFRESH_S = 5.0  # kernel totals at least this often (reaping, the contention window)
 COLLECT_WAIT_S = 1.0  # how long a metrics collection waits for fresh totals
 TRIM_EVERY_NS = 10_000_000_000  # malloc_trim costs ~0.1 ms once the heap is trimmed
@@ -99,8 +94,7 @@ class Sidecar:
         self.export = export if export is not None else SpanExport(
             self.clock, spans=delivery.SpanDelivery(default_exporter, queue_bytes=span_queue_bytes))
         self.export.stack_threshold_ns = config.stack_threshold_ns  # waits with holder stacks
-        self._max_pending = max(MIN_PENDING,
-                                PENDING_SHARE * span_queue_bytes // PENDING_INTERVAL_BYTES)
+        self._max_pending = max(MIN_PENDING, PENDING_SHARE * span_queue_bytes // PENDING_BYTES)
         self.session = Session(config, self._on_interval, refresh_interval_s=REFRESH_S)
         trim_heap()
         self._loop_thread = threading.current_thread()
@@ -403,5 +397,3 @@ class Sidecar:
         if self._listener is not None:
             self._listener.close()
         self._selector.close()
-
-
