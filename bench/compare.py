@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare.py [--python PY] [--rounds R] [--seconds T]
                                       [--workloads hashlib,cpu4,zlib4,http]
-                                      [--setups none,contended,all,gilknocker,pyspy]
+                                      [--setups none,contended,nostacks,all,gilknocker,pyspy]
 
 Each workload runs in one child of PY (default: this interpreter) for the
 whole run; every round runs one batch of T seconds per setup, the order
@@ -10,6 +10,8 @@ rotated each round, so that no setup always follows the same one:
 
   none        nothing attached
   contended   otel-gil --probes contended, with a session consuming its events
+  nostacks    the same with holder stacks off (--stack-threshold-ms 0): no
+              sched_switch or CPU-sample program, what those cost
   all         otel-gil --probes all, likewise
   gilknocker  gilknocker.KnockKnock polling every 1 ms inside the child
   pyspy       py-spy record --gil at 100 Hz attached to the child
@@ -180,8 +182,12 @@ WORKLOADS = {
     "zlib4": "4 threads, `zlib.compress(4 KiB)` + Python work",
     "http": "ThreadingHTTPServer (TCP_NODELAY), 8 keep-alive clients in another process",
 }
-SETUPS = ("none", "contended", "all", "gilknocker", "pyspy")
+SETUPS = ("none", "contended", "nostacks", "all", "gilknocker", "pyspy")
+PROBE_SETUPS = {"contended": ProbeConfig(probes="contended"),
+                "nostacks": ProbeConfig(probes="contended", stack_threshold_ns=0),
+                "all": ProbeConfig(probes="all")}
 LABELS = {"none": "untraced", "contended": "otel-gil --probes contended",
+          "nostacks": "contended, --stack-threshold-ms 0",
           "all": "otel-gil --probes all", "gilknocker": "gilknocker (1 ms poll)",
           "pyspy": "py-spy record --gil (100 Hz)"}
 
@@ -338,8 +344,8 @@ def main() -> int:
         return 2
     python = args.python.split()
     setups = ["none"] + [s for s in args.setups.split(",") if s != "none"]
-    sessions = {s: Session(ProbeConfig(probes=s), lambda _iv: None)
-                for s in ("contended", "all") if s in setups}
+    sessions = {s: Session(config, lambda _iv: None)
+                for s, config in PROBE_SETUPS.items() if s in setups}
     results: Dict[str, Dict[str, List[float]]] = {}
     try:
         for kind in args.workloads.split(","):

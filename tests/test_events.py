@@ -159,3 +159,46 @@ def test_a_holds_context_decodes_from_its_own_place() -> None:
     iv = events.decode_event(bytes(ev))
     assert iv.holds == (events.Hold(7, 1, 2, events.SpanRef(0x1234, 0x5678, 1)),)
     assert iv.span is None
+
+
+def test_struct_formats_match_the_ctypes_mirrors() -> None:
+    # the fast decoder's formats lay the fields where gil.h (via ctypes) has them
+    assert events.EVENT_HEAD.size == events.GilEvent.holds.offset
+    assert events.EVENT_HOLD.size == ctypes.sizeof(events.GilHold)
+    assert events.EVENT_SIZE == events.EVENT_HEAD.size + \
+        events.GIL_MAX_HOLDERS * events.EVENT_HOLD.size
+
+
+def test_fast_decode_agrees_with_ctypes_on_random_events() -> None:
+    import random
+
+    def tr(pid: int, ns_tid: int) -> int:  # a namespace map: every ns tid moves
+        return ns_tid + 1_000_000
+
+    rng = random.Random(7)
+    for _ in range(200):
+        # GIVEN an event of random bytes, with a valid kind, probe set and count
+        raw = bytearray(rng.randbytes(events.EVENT_SIZE))
+        ev = events.GilEvent.from_buffer(raw)
+        ev.kind = rng.choice([events.GIL_EVENT_WAIT, events.GIL_EVENT_HOLD])
+        ev.probe_set = rng.choice(list(events.PROBE_SETS))
+        ev.nholds = rng.randrange(0, 40)
+        ev.ctx.valid = rng.randrange(2)
+        del ev
+        # WHEN decoded THEN every field is the ctypes mirror's
+        ref = events.GilEvent.from_buffer_copy(bytes(raw))
+        iv = events.decode_event(bytes(raw), tr)
+        own = ref.tid + 1_000_000 if ref.flags & events.GIL_NS_TID else ref.tid
+        assert (iv.pid, iv.tid, iv.start_ns, iv.end_ns, iv.holds_total) == \
+            (ref.pid, own, ref.start_ns, ref.end_ns, ref.holds_total)
+        assert iv.span == events.decode_ctx(ref.ctx)
+        assert iv.start_seen == bool(ref.flags & events.GIL_START_SEEN)
+        n = min(ref.nholds, events.GIL_MAX_HOLDERS)
+        assert len(iv.holds) == n
+        for h, r in zip(iv.holds, ref.holds[:n]):
+            tid = r.tid + 1_000_000 if r.flags & events.GIL_NS_TID else r.tid
+            assert h == events.Hold(tid, r.start_ns, r.end_ns, events.decode_ctx(r.ctx),
+                                    bool(r.flags & events.GIL_START_SEEN))
+        seqs = (ref.stack_seq,) if ref.kind == events.GIL_EVENT_HOLD else \
+            tuple(r.stack_seq for r in ref.holds[:n])
+        assert iv.stack_seqs == (seqs if any(seqs) else ())
