@@ -667,7 +667,7 @@ def test_record_keeps_at_most_max_intervals_and_counts_the_rest() -> None:
 def test_totals_read_whatever_fields_the_probe_set_keeps() -> None:
     import ctypes
 
-    from otel_gil.probes.session import ThreadTotals
+    from otel_gil.probes.totals import ThreadTotals
 
     class Contended(ctypes.Structure):  # a probe set keeping waits only
         _fields_ = [("pid", ctypes.c_uint32), ("exited", ctypes.c_uint32),

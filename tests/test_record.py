@@ -238,7 +238,7 @@ def test_record_cli_writes_documented_json(tmp_path, probes) -> None:  # type: i
         app.wait()
     # THEN the table names the threads and the JSON has the documented fields
     assert rec.returncode == 0
-    assert "burner-0" in stdout and "io" in stdout
+    assert "burner-0" in stdout and "io" in stdout, stdout.splitlines()
     doc = json.loads(out.read_text())
     assert doc["schema"] == "otel-gil/record/v1"
     names = {t["name"] for t in doc["threads"]}

@@ -9,7 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from otel_gil import views
 from otel_gil.abi import buckets, events
 from otel_gil.probes.points import Point
-from otel_gil.probes.session import Session, ThreadTotals
+from otel_gil.probes.session import Session
+from otel_gil.probes.totals import ThreadTotals
 from otel_gil.sidecar import timeline
 from otel_gil.stacks import store as stacks
 from otel_gil.target.disasm import Function

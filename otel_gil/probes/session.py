@@ -30,70 +30,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, FrozenSet, List, Optional
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
-from otel_gil.abi import buckets, events
+from otel_gil.abi import events
 from otel_gil.abi.slots import TableLocation
 from otel_gil.errors import ProbeError, TargetGone
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.loader import Probes
+from otel_gil.probes.totals import ThreadTotals
 from otel_gil.target import process, procfs
 from otel_gil.target.process import Target
 
 log = logging.getLogger("otel_gil.session")
 
 
-@dataclass
-class ThreadTotals:
-    """Everything known about one traced thread (host tid)."""
-
-    tid: int
-    pid: int
-    ns_tid: int = 0  # tid in the target's own PID namespace
-    name: str = "?"
-    acquisitions: int = 0
-    wait_ns: int = 0
-    hold_ns: int = 0
-    max_wait_ns: int = 0
-    max_hold_ns: int = 0
-    unmatched: int = 0
-    waits: int = 0  # waits ended (both sets count them alike)
-    timed_waits: int = 0  # timed waits on gil->cond begun
-    take_ns: int = 0  # all set: from finding the GIL free to holding it
-    holds: int = 0  # contended set: holds seen while another thread waited
-    exited: bool = False
-    # None: the probe set keeps no such histogram (see Session.histogram_kinds)
-    wait_hist: Optional[List[int]] = None
-    hold_hist: Optional[List[int]] = None
-
-    def update(self, raw: events.ThreadStats, contended: bool = False) -> None:
-        """Copy what the kernel's struct has; a probe set may keep fewer fields.
-        With the contended set, hold times come from update_holds instead."""
-        for name in _TOTALS:
-            if not (contended and name in _HOLD_TOTALS):
-                setattr(self, name, int(getattr(raw, name, 0)))
-        self.exited = bool(raw.exited)
-        for name in _HISTOGRAMS:
-            if contended and name == "hold_hist":
-                continue
-            hist = getattr(raw, name, None)
-            setattr(self, name, None if hist is None else list(hist))
-
-    def update_holds(self, raw: events.HolderStats) -> None:
-        """Contended set: the time this thread held the GIL while another waited."""
-        self.hold_ns = raw.hold_ns
-        self.max_hold_ns = raw.max_hold_ns
-        self.holds = raw.holds
-
-    @property
-    def p99_wait_ns(self) -> int:
-        return buckets.percentile(self.wait_hist or [], 0.99)
-
-
-_TOTALS = ("acquisitions", "wait_ns", "hold_ns", "max_wait_ns", "max_hold_ns", "unmatched",
-           "waits", "timed_waits", "take_ns")
-_HOLD_TOTALS = ("hold_ns", "max_hold_ns")  # the contended set's come from its holder map
-_HISTOGRAMS = ("wait_hist", "hold_hist")
 DEFAULT_MAX_INTERVALS = 20_000
 EXIT_CHECK_NS = 250_000_000  # how often step() looks for targets that exited
 
@@ -148,6 +98,7 @@ class Session:
         self.threads: Dict[int, ThreadTotals] = {}
         self._start_times: Dict[int, Optional[str]] = {}
         self._names_read_ns = 0
+        self._young: Dict[int, Tuple[int, int]] = {}  # tid: (first seen, name last read) ns
         self._refreshed_ns = 0
         self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
@@ -163,14 +114,29 @@ class Session:
         # Name each thread at its first event, while it still lives: the kernel's
         # totals are copied only now and then, and a short program's threads are
         # gone by the next copy (a holder the contended set saw has no entry).
+        now = time.monotonic_ns()
         for tid in (iv.tid, *(h.tid for h in iv.holds)):
             if tid not in self.threads:
                 self._totals(tid, iv.pid, False)
+            elif tid in self._young:
+                self._rename_young(tid, now)
         if len(self.intervals) < self.max_intervals:
             self.intervals.append(iv)
         else:
             self.intervals_dropped += 1
 
+
+    def _rename_young(self, tid: int, now: int) -> None:
+        """A thread names itself after it starts, often after its first wait
+        (PR_SET_NAME): for 2 s its name is read again at its events, 10/s at most."""
+        first, last = self._young[tid]
+        totals = self.threads.get(tid)
+        if totals is None or now - first > 2_000_000_000:
+            del self._young[tid]
+        elif now - last > 100_000_000:
+            self._young[tid] = (first, now)
+            name = procfs.thread_name(totals.pid, tid)
+            totals.name = name if name != "?" else totals.name
 
     def add(self, pid: int, ctx_table: Optional[TableLocation] = None) -> Target:
         """Inspect and attach to a running Python process. Raises TargetError
@@ -294,6 +260,8 @@ class Session:
             if raw.exited:
                 reaped.append(tid)
         self.probes.forget_threads(reaped)
+        for tid in reaped:
+            self._young.pop(tid, None)
         if contended:
             self._refresh_holders(reread)
         for pid, info in self.targets.items():
@@ -320,6 +288,7 @@ class Session:
         if totals is None:
             totals = ThreadTotals(tid=tid, pid=pid)
             self.threads[tid] = totals
+            self._young[tid] = (time.monotonic_ns(),) * 2
         if totals.name == "?" or rename:
             name, totals.ns_tid = procfs.thread_identity(pid, tid)
             totals.name = name if name != "?" else totals.name
@@ -341,6 +310,7 @@ class Session:
         totals = ThreadTotals(tid=tid, pid=raw.pid)
         totals.name, totals.ns_tid = procfs.thread_identity(raw.pid, tid)
         self.threads[tid] = totals
+        self._young[tid] = (time.monotonic_ns(),) * 2
         return totals
 
     def thread(self, tid: int) -> Optional[ThreadTotals]:
