@@ -114,17 +114,15 @@ class Session:
         # Name each thread at its first event, while it still lives: the kernel's
         # totals are copied only now and then, and a short program's threads are
         # gone by the next copy (a holder the contended set saw has no entry).
-        now = time.monotonic_ns()
         for tid in (iv.tid, *(h.tid for h in iv.holds)):
             if tid not in self.threads:
                 self._totals(tid, iv.pid, False)
             elif tid in self._young:
-                self._rename_young(tid, now)
+                self._rename_young(tid, time.monotonic_ns())
         if len(self.intervals) < self.max_intervals:
             self.intervals.append(iv)
         else:
             self.intervals_dropped += 1
-
 
     def _rename_young(self, tid: int, now: int) -> None:
         """A thread names itself after it starts, often after its first wait
