@@ -785,13 +785,59 @@ static __always_inline u32 copy_user_stack(struct gil_stack *s, u64 sp)
 
 #define GIL_SYNC_BYTES 176 /* 2 x (pthread_cond_t 48 + pthread_mutex_t 40) */
 
-/* Take the stack of the calling thread if it holds the GIL of a target:
- * at most one per hold (thread, switch number), except that a stack taken
- * as the holder blocks replaces one taken at a sample (the thread blocked
- * holding the GIL: that is the stack that kept the others waiting).
+/* A stack taken as its holder blocked, until the holder runs again
+ * (stack_blocks, keyed by the kernel's tid: sched_switch's next_pid). */
+struct stack_block {
+    u32 pid;              /* the target's key (current_ids) */
+    u32 tid;              /* the thread's key in threads (current_ids) */
+    u32 ns_tid;           /* the hold's owner, as struct target.stack_tid */
+    u32 seq;
+    u64 when_ns;
+    u64 switch_number;
+};
+BPF_TABLE("lru_hash", u32, struct stack_block, stack_blocks, MAX_THREADS);
+
+/* A hold blocks several times (an allocation's brief wait before a long
+ * sleep): stacks are taken at its first GIL_STACKS_PER_HOLD blocks, and the
+ * hold names the one at the longest block (block_ended). */
+#define GIL_STACKS_PER_HOLD 8
+
+/* The stack that names the holder's current hold. */
+static __always_inline void name_stack(struct target *t, u32 tid, u32 seq)
+{
+    t->stack_seq = seq;
+#ifdef PROBES_ALL
+    struct thread_stats *th = threads.lookup(&tid);
+    if (th && th->hold_start)
+        th->stack_seq = seq;
+#endif
+}
+
+/* A thread that blocked holding the GIL runs again (sched_switch, next):
+ * its block lasted from the stack's capture until now. */
+static __always_inline void block_ended(u32 next)
+{
+    struct stack_block *b = stack_blocks.lookup(&next);
+    if (!b)
+        return;
+    u64 len = bpf_ktime_get_ns() - b->when_ns;
+    struct target *t = targets.lookup(&b->pid);
+    if (t && t->stack_tid == b->ns_tid && t->stack_switch == b->switch_number &&
+        len > t->stack_block_ns) {
+        t->stack_block_ns = len;
+        name_stack(t, b->tid, b->seq);
+    }
+    stack_blocks.delete(&next);
+}
+
+/* Take the stack of the calling thread if it holds the GIL of a target.
  * blocked: called from sched_switch as the thread blocks (any hold length:
- * how long it will block is not known yet); else from a perf sample, only
- * once the hold is known to have lasted STACK_THRESHOLD_NS. */
+ * how long it will block is not known yet, block_ended measures it); else
+ * from a perf sample, only once the hold is known to have lasted
+ * STACK_THRESHOLD_NS. Per hold (thread, switch number): one stack at a
+ * sample, replaced by the first one taken at a block (the thread blocked
+ * holding the GIL: that is what kept the others waiting); then stacks at up
+ * to GIL_STACKS_PER_HOLD blocks, the longest block's naming the hold. */
 static __always_inline void capture_stack(void *ctx, u32 blocked)
 {
     u32 pid, tid;
@@ -811,7 +857,8 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
     u32 me = own_ns_tid(t, tid);
     if (!me || tstate_tid(t, holder) != me)
         return;
-    if (t->stack_tid == me && t->stack_switch == sw && (t->stack_blocked || !blocked))
+    int same = t->stack_tid == me && t->stack_switch == sw;
+    if (same && (!blocked || t->stack_blocks >= GIL_STACKS_PER_HOLD))
         return;
     if (!blocked && known_hold_ns(t, tid, me, sw, now) < STACK_THRESHOLD_NS)
         return;
@@ -832,19 +879,28 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
         __sync_fetch_and_add(&t->stacks_lost, 1);
         return;
     }
-    u32 seq = t->stack_seq + 1;
+    u32 seq = t->stack_next + 1;
     if (!seq)
         seq = 1;
-    t->stack_seq = seq;
-    t->stack_tid = me;
-    t->stack_switch = sw;
-    t->stack_blocked = blocked;
+    t->stack_next = seq;
+    if (!same || !t->stack_blocked) {
+        /* The hold's first stack, or its first at a block (over a sample's):
+         * it names the hold until a longer block's. */
+        t->stack_tid = me;
+        t->stack_switch = sw;
+        t->stack_blocked = blocked;
+        t->stack_blocks = 0;
+        t->stack_block_ns = 0;
+        name_stack(t, tid, seq);
+    }
     t->stacks_taken++;
-#ifdef PROBES_ALL
-    struct thread_stats *th = threads.lookup(&tid);
-    if (th && th->hold_start)
-        th->stack_seq = seq;
-#endif
+    if (blocked) {
+        t->stack_blocks++;
+        struct stack_block b = {.pid = pid, .tid = tid, .ns_tid = me, .seq = seq,
+                                .when_ns = now, .switch_number = sw};
+        u32 ktid = (u32)bpf_get_current_pid_tgid();
+        stack_blocks.update(&ktid, &b);
+    }
     s->kind = GIL_EVENT_STACK;
     s->pid = pid;
     s->tid = tid;
@@ -868,6 +924,7 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     FLOOR_ONLY();
+    block_ended(args->next_pid);
     long state = args->prev_state;
     if ((state & 0x100) || !(state & 3)) /* TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE */
         return 0;

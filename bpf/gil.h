@@ -203,13 +203,16 @@ struct target {
     __u32 off_code;       /* f_code / f_executable */
     __u32 off_instr;      /* f_lasti (an int, 3.8-3.10) / prev_instr / instr_ptr */
     /* holder stacks: state, written by the holder itself while it holds the GIL */
-    __u32 stack_tid;      /* ns tid of the last stack taken */
-    __u32 stack_seq;      /* its seq (1, 2, ...) */
+    __u32 stack_tid;      /* ns tid of the hold the stacks are of */
+    __u32 stack_seq;      /* the seq of the stack that names this hold (1, 2, ...) */
     __u32 stack_blocked;  /* it was taken as the holder blocked (sched_switch) */
-    __u32 stack_pad;
+    __u32 stack_blocks;   /* stacks taken at blocks in this hold (GIL_STACKS_PER_HOLD at most) */
     __u64 stack_switch;   /* switch_number of the hold it was taken in */
     __u64 stacks_taken;
     __u64 stacks_lost;    /* stacks not sent: ring buffer full */
+    __u64 stack_block_ns; /* how long the holder stayed blocked at stack_seq's block (0: not known) */
+    __u32 stack_next;     /* the last seq given to a stack */
+    __u32 stack_pad;
 };
 
 struct gil_pyframe {

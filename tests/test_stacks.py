@@ -1,8 +1,9 @@
 """Holder stacks: the holder's Python and native frames on the holds and the
 waits it caused, taken by the real probes in real interpreters (otel_gil/stacks/store.py).
 
-The C-call case: a thread calls hold_in_c(), which calls libc's usleep(300 ms)
-through ctypes.PyDLL (which keeps the GIL) while other threads wait. The
+The C-call case: a thread calls hold_in_c(), which blocks briefly in libc's
+poll(2 ms), then in usleep(300 ms), through ctypes.PyDLL (which keeps the GIL)
+while other threads wait: the hold is named by its longest block. The
 pure-Python case: a long loop under a long switch interval."""
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ BY_NAME = {t.name: t for t in all_targets()}
 C_HOLDER = """\
 import ctypes, ctypes.util, json, sys, threading, time
 libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6")
+sys.setswitchinterval(0.02)  # poll's 2 ms and usleep are one hold
 
 def hold_in_c(us):
+    libc.poll(None, 0, 2)  # a brief block first, in the same hold
     libc.usleep(us)
 
 def spin(stop):
@@ -64,7 +67,7 @@ for w in waiters:
 print(json.dumps({"done": True}), flush=True)
 sys.stdin.readline()
 """
-USLEEP_LINE = 5  # `libc.usleep(us)` in C_HOLDER
+USLEEP_LINE = 7  # `libc.usleep(us)` in C_HOLDER
 
 PY_HOLDER = """\
 import json, sys, threading, time
@@ -181,7 +184,7 @@ def test_c_call_holder_stack_on_holds_waits_and_views(name: str, probes: str) ->
     rec = views.from_record(session.doc)
     folded = views.render("folded", rec)
     line = max(folded.splitlines(), key=lambda x: int(x.rsplit(" ", 1)[1]))
-    assert "hold_in_c (<string>:5)" in line and "usleep [libc.so.6]" in line, folded
+    assert f"hold_in_c (<string>:{USLEEP_LINE})" in line and "usleep [libc.so.6]" in line, folded
     svg = views.render("flamegraph", rec)
     assert "hold_in_c" in svg and "usleep" in svg
     table = report.holders_table(rec)

@@ -144,10 +144,13 @@ class TargetState(ctypes.Structure):
         ("stack_tid", ctypes.c_uint32),
         ("stack_seq", ctypes.c_uint32),
         ("stack_blocked", ctypes.c_uint32),
-        ("stack_pad", ctypes.c_uint32),
+        ("stack_blocks", ctypes.c_uint32),
         ("stack_switch", ctypes.c_uint64),
         ("stacks_taken", ctypes.c_uint64),
         ("stacks_lost", ctypes.c_uint64),
+        ("stack_block_ns", ctypes.c_uint64),
+        ("stack_next", ctypes.c_uint32),
+        ("stack_pad", ctypes.c_uint32),
     ]
 
 

@@ -11,10 +11,12 @@ holder's own context, never by the waiter and never in the app:
   the GIL, once the hold is known to have lasted the stack threshold: a holder
   that computes (a long C loop, or Python code under a long switch interval).
 
-At most one stack per hold (thread, switch number); one taken as the thread
-blocks replaces one taken at a sample. An uncontended hand-off runs none of
-this: the probes run at context switches and samples only, never at take_gil
-or drop_gil, and take nothing unless the thread holds the GIL.
+Per hold (thread, switch number): at most one stack at a sample, replaced by
+one taken as the thread blocks, then one at each of its first 8 blocks; the
+hold names the stack of its longest block (measured at switch-in). An
+uncontended hand-off runs none of this: the probes run at context switches
+and samples only, never at take_gil or drop_gil, and take nothing unless the
+thread holds the GIL.
 
 Each stack has the holder's Python frames (otel_gil/stacks/pyframes.py) and native
 frames (otel_gil/stacks/unwind.py), decoded here in the sidecar when the hold or wait
