@@ -1,6 +1,7 @@
 """The sidecar's own cost: CPU per exported span and per traced thread, and memory.
 
-    .venv/bin/python bench/sidecar.py [--seconds 60] [--threads 64] [--endpoint receiver]
+    .venv/bin/python bench/sidecar.py [--seconds 60] [--threads 64] [--pause-ms 0]
+                                      [--endpoint receiver]
     .venv/bin/python bench/sidecar.py --breakdown
 
 As root. A child app (PYTHON, default the one running this script) calls
@@ -13,7 +14,9 @@ receiver it runs itself. Phases, one after the other:
   idle-N     --idle-threads threads that took the GIL once, then parked
              (both measured from 6 s after start, the threads' start-up done)
   soak       --threads threads, each looping over short spans of Python work plus
-             zlib.compress (about 700 gil.wait spans/s at 64 threads here)
+             zlib.compress (about 700 gil.wait spans/s at 64 threads when the
+             goals were set; 1900/s now that the probes cost less); --pause-ms
+             sleeps between spans, to run the soak at a given load
 
 Printed: per phase the sidecar's CPU as % of one core, spans received, RssAnon
 (first, min, max, last, and the slope of a line fitted to the samples after the
@@ -66,6 +69,7 @@ from opentelemetry.sdk.trace import TracerProvider
 import otel_gil
 
 mode, threads, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+pause = float(sys.argv[4]) / 1000  # --pause-ms: each soak thread's sleep between spans
 # The app's own spans are sampled but go nowhere: only the sidecar's are measured.
 trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": "soak"})))
 tracer = trace.get_tracer("soak")
@@ -77,6 +81,8 @@ def work():
         with tracer.start_as_current_span("work"):
             sum(i * i for i in range(300))
             zlib.compress(payload, 6)
+        if pause:
+            time.sleep(pause)
 
 def park():
     with tracer.start_as_current_span("parked"):
@@ -287,7 +293,8 @@ class Phase:
 def run_phase(args: argparse.Namespace, name: str, mode: str, threads: int, seconds: float,
               env: Dict[str, str], counts: Counts, prom_port: int) -> Phase:
     cold = not any(Path(env["XDG_CACHE_HOME"]).rglob("*.json"))
-    app = subprocess.Popen([args.python, "-c", APP, mode, str(threads), str(seconds)],
+    app = subprocess.Popen([args.python, "-c", APP, mode, str(threads), str(seconds),
+                            str(args.pause_ms)],
                            env=env, stdout=subprocess.PIPE, text=True)
     assert app.stdout is not None
     try:
@@ -406,6 +413,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--endpoint", choices=("receiver", "down", "blackhole"),
                         default="receiver")
     parser.add_argument("--soak-only", action="store_true")
+    parser.add_argument("--pause-ms", type=float, default=0,
+                        help="each soak thread sleeps this long between spans (sets the load)")
     parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

@@ -207,6 +207,7 @@ class CodeReader:
         self._path = f"/proc/{pid}/mem"
         self._fd: Optional[int] = None
         self._code: Dict[int, Optional[Tuple[str, str, int, bytes]]] = {}
+        self._frames: Dict[Tuple[int, int], PyFrame] = {}  # (code, instr) -> its frame
         self.unreadable = 0  # frames left out: not a code object, or unreadable
 
     def close(self) -> None:
@@ -260,18 +261,26 @@ class CodeReader:
             found = None
         if len(self._code) > 65536:
             self._code.clear()
+            self._frames.clear()
         self._code[code] = found
         return found
 
     def frame(self, code: int, instr: int) -> Optional[PyFrame]:
         lay = self.layout
         code &= lay.stackref_mask
+        hit = self._frames.get((code, instr))
+        if hit is not None:
+            return hit
         fields = self._code_fields(code)
         if fields is None:
             self.unreadable += 1
             return None
         name, filename, first, table = fields
-        return PyFrame(name, filename, self._line(code, instr, first, table), first)
+        found = PyFrame(name, filename, self._line(code, instr, first, table), first)
+        if len(self._frames) > 65536:
+            self._frames.clear()
+        self._frames[(code, instr)] = found  # as long as its code object is cached
+        return found
 
     def _line(self, code: int, instr: int, first: int, table: bytes) -> Optional[int]:
         lay = self.layout

@@ -38,6 +38,7 @@ from otel_gil.trust import printable
 
 MAX_NATIVE_FRAMES = 64
 MAX_SYMBOL = 256  # characters of a symbol name kept
+MAX_RULES = 16384  # caller rules kept per object (cleared past it)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,9 @@ class ObjectInfo:
         self._starts = [s[0] for s in syms]
         self._syms = syms
         self._cie_cache: Dict[int, cfi.Cie] = {}
+        # vaddr -> its caller rule: the CFI is static, and stacks return
+        # through the same call sites again and again.
+        self._rules: Dict[int, Optional[cfi.Rule]] = {}
 
     def _symbols(self, roots: Tuple[str, ...]) -> List[Tuple[int, int, str]]:
         sources: List[ElfObject] = [self.obj]
@@ -102,6 +106,17 @@ class ObjectInfo:
 
     def caller_rule(self, vaddr: int) -> Optional[cfi.Rule]:
         """How to find the caller's registers at ``vaddr`` (None: no CFI)."""
+        try:
+            return self._rules[vaddr]
+        except KeyError:
+            pass
+        rule = self._parse_rule(vaddr)
+        if len(self._rules) >= MAX_RULES:
+            self._rules.clear()
+        self._rules[vaddr] = rule
+        return rule
+
+    def _parse_rule(self, vaddr: int) -> Optional[cfi.Rule]:
         try:
             entry = self.obj.fde_entry(vaddr)
             if entry is None:
@@ -153,6 +168,9 @@ class Unwinder:
         self.roots: Tuple[str, ...] = tuple(dict.fromkeys((root, "/")))
         self._maps: List[procfs.ExecMapping] = []
         self._starts: List[int] = []
+        # Each mapping's object, looked up once (a stat and the build-id cache).
+        self._infos: Dict[procfs.ExecMapping, Optional[ObjectInfo]] = {}
+        self._frames: Dict[Tuple[int, bool], NativeFrame] = {}  # (pc, is_return) -> frame
 
     def _mapping(self, address: int) -> Optional[procfs.ExecMapping]:
         for attempt in range(2):
@@ -168,9 +186,15 @@ class Unwinder:
         m = self._mapping(address)
         if m is None:
             return None
-        # The mapped file itself, wherever its path points from the process's
-        # mount namespace or chroot (maps shows the path as the kernel sees it).
-        info = object_info(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}", self.roots)
+        try:
+            info = self._infos[m]
+        except KeyError:
+            # The mapped file itself, wherever its path points from the process's
+            # mount namespace or chroot (maps shows the path as the kernel sees it).
+            info = object_info(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}", self.roots)
+            if len(self._infos) > 4096:
+                self._infos.clear()
+            self._infos[m] = info
         if info is None:
             return None
         vaddr = info.vaddr(address - m.start + m.file_offset)
@@ -179,6 +203,16 @@ class Unwinder:
     def frame(self, address: int, is_return: bool) -> NativeFrame:
         """The frame of a pc (a return address is looked up one byte back:
         the call may be a function's last instruction)."""
+        key = (address, is_return)
+        hit = self._frames.get(key)
+        if hit is None:
+            hit = self._frame(address, is_return)
+            if len(self._frames) > 16384:
+                self._frames.clear()
+            self._frames[key] = hit
+        return hit
+
+    def _frame(self, address: int, is_return: bool) -> NativeFrame:
         where = self._locate(address - 1 if is_return else address)
         if where is None:
             m = self._mapping(address)
