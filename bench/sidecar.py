@@ -307,7 +307,8 @@ def run_phase(args: argparse.Namespace, name: str, mode: str, threads: int, seco
         settle = 2.0 if mode == "soak" else 6.0
         time.sleep(settle)
         counts.take()
-        phase = Phase(name, seconds - settle, cold=cold)
+        # ...nor its end: the last scrape must find the sidecar still serving.
+        phase = Phase(name, seconds - settle - 2.0, cold=cold)
         start, cpu0 = time.monotonic(), cpu_s(pid)
         while time.monotonic() - start < phase.seconds:
             time.sleep(1)
