@@ -400,3 +400,42 @@ def test_stack_losses_are_in_the_loss_line_totals() -> None:
                             {"ring_full": 2, "evicted": 0})
     assert totals["holder stacks lost (ring_full)"] == 2
     assert totals["holder stacks lost (evicted)"] == 0
+
+
+def test_caller_rules_and_frames_are_parsed_once_per_address(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    from otel_gil.stacks import unwind
+
+    # GIVEN libc as this process maps it, and usleep's address in it
+    maps = [m for m in unwind.procfs.executable_maps(os.getpid()) if "libc.so" in m.path]
+    assert maps, "libc is not mapped"
+    info = unwind.object_info(maps[0].path, ("/",))
+    assert info is not None
+    start = next(s for s, _size, name in info._syms if name == "usleep")
+    parsed: List[int] = []
+    real = unwind.ObjectInfo._parse_rule
+
+    def counting(self: unwind.ObjectInfo, vaddr: int) -> Any:
+        parsed.append(vaddr)
+        return real(self, vaddr)
+
+    monkeypatch.setattr(unwind.ObjectInfo, "_parse_rule", counting)
+    # WHEN the rule at an address is asked for again and again
+    rules = [info.caller_rule(start + 4) for _ in range(3)]
+    # THEN the CFI is parsed once, and the rule is what a fresh parse gives
+    assert parsed == [start + 4] and rules[0] is not None
+    assert rules[0] == rules[1] == rules[2] == real(info, start + 4)
+    # AND the cache is bounded: past MAX_RULES it starts over
+    monkeypatch.setattr(unwind, "MAX_RULES", 2)
+    for a in (start + 1, start + 2, start + 3):
+        info.caller_rule(a)
+    assert len(info._rules) <= 2
+    # AND a pc's native frame is symbolised once, the same as uncached
+    unwinder = unwind.Unwinder(os.getpid(), "/")
+    pcs = [m.start + start - base for m in maps
+           for base in [info.vaddr(m.file_offset)]
+           if base is not None and base <= start < base + m.end - m.start]
+    assert pcs, "usleep is in no executable mapping of libc"
+    first, again = unwinder.frame(pcs[0] + 4, False), unwinder.frame(pcs[0] + 4, False)
+    assert first is again and first == unwinder._frame(pcs[0] + 4, False)
+    assert first.function == "usleep"
