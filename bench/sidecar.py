@@ -418,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="each soak thread sleeps this long between spans (sets the load)")
     parser.add_argument("--breakdown", action="store_true")
     args = parser.parse_args(argv)
+    if args.pause_ms < 0:
+        parser.error("--pause-ms must be 0 or more")
     if os.geteuid() != 0:
         print("bench: needs root (eBPF)", file=sys.stderr)
         return 1

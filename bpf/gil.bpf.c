@@ -794,8 +794,23 @@ struct stack_block {
     u32 seq;
     u64 when_ns;
     u64 switch_number;
+    u32 hold;             /* struct target.stack_hold */
+    u32 pad;
 };
 BPF_TABLE("lru_hash", u32, struct stack_block, stack_blocks, MAX_THREADS);
+
+/* Which hold of the thread this is, beyond (tid, switch number): in the all
+ * set, a thread that lets go and takes the GIL again with no other taker
+ * keeps the switch number but starts a new hold. */
+static __always_inline u32 hold_key(u32 tid)
+{
+#ifdef PROBES_ALL
+    struct thread_stats *th = threads.lookup(&tid);
+    return th ? (u32)th->hold_start : 0;
+#else
+    return 0;
+#endif
+}
 
 /* A hold blocks several times (an allocation's brief wait before a long
  * sleep): stacks are taken at its first GIL_STACKS_PER_HOLD blocks, and the
@@ -823,7 +838,7 @@ static __always_inline void block_ended(u32 next)
     u64 len = bpf_ktime_get_ns() - b->when_ns;
     struct target *t = targets.lookup(&b->pid);
     if (t && t->stack_tid == b->ns_tid && t->stack_switch == b->switch_number &&
-        len > t->stack_block_ns) {
+        t->stack_hold == b->hold && len > t->stack_block_ns) {
         t->stack_block_ns = len;
         name_stack(t, b->tid, b->seq);
     }
@@ -857,7 +872,8 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
     u32 me = own_ns_tid(t, tid);
     if (!me || tstate_tid(t, holder) != me)
         return;
-    int same = t->stack_tid == me && t->stack_switch == sw;
+    u32 hold = hold_key(tid);
+    int same = t->stack_tid == me && t->stack_switch == sw && t->stack_hold == hold;
     if (same && (!blocked || t->stack_blocks >= GIL_STACKS_PER_HOLD))
         return;
     if (!blocked && known_hold_ns(t, tid, me, sw, now) < STACK_THRESHOLD_NS)
@@ -888,6 +904,7 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
          * it names the hold until a longer block's. */
         t->stack_tid = me;
         t->stack_switch = sw;
+        t->stack_hold = hold;
         t->stack_blocked = blocked;
         t->stack_blocks = 0;
         t->stack_block_ns = 0;
@@ -897,7 +914,7 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
     if (blocked) {
         t->stack_blocks++;
         struct stack_block b = {.pid = pid, .tid = tid, .ns_tid = me, .seq = seq,
-                                .when_ns = now, .switch_number = sw};
+                                .when_ns = now, .switch_number = sw, .hold = hold};
         u32 ktid = (u32)bpf_get_current_pid_tgid();
         stack_blocks.update(&ktid, &b);
     }

@@ -212,7 +212,8 @@ struct target {
     __u64 stacks_lost;    /* stacks not sent: ring buffer full */
     __u64 stack_block_ns; /* how long the holder stayed blocked at stack_seq's block (0: not known) */
     __u32 stack_next;     /* the last seq given to a stack */
-    __u32 stack_pad;
+    __u32 stack_hold;     /* all: low 32 bits of the hold's start (a thread's new
+                             acquisition at the same switch number is a new hold) */
 };
 
 struct gil_pyframe {

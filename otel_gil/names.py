@@ -227,8 +227,8 @@ CONTEXT_ERRORS = Metric(
 STACKS_LOST = Metric(
     "otel_gil.stacks.lost", "counter", "{stack}",
     "Holder stacks taken or wanted but not attached to a hold, by `reason`: `ring_full` "
-    "(the kernel could not send it), `evicted` (no hold named it before newer ones "
-    "replaced it), `undecodable` (a record or the target's memory could not be "
+    "(the kernel could not send it), `evicted` (a hold named it after newer ones "
+    "had replaced it), `undecodable` (a record or the target's memory could not be "
     "decoded), `unknown_process` (its process was no longer traced). The hold and its "
     "spans are still exported, without the stack.")
 CONTENTION_RATIO = Metric(

@@ -150,7 +150,7 @@ class TargetState(ctypes.Structure):
         ("stacks_lost", ctypes.c_uint64),
         ("stack_block_ns", ctypes.c_uint64),
         ("stack_next", ctypes.c_uint32),
-        ("stack_pad", ctypes.c_uint32),
+        ("stack_hold", ctypes.c_uint32),
     ]
 
 

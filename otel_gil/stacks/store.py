@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 EVAL_LOOP_PREFIX = "_PyEval_EvalFrame"  # _PyEval_EvalFrameDefault (and .cold), 3.8 to 3.15
 RECORDS_KEPT = 256  # raw stacks kept per process until a hold names them
+PUSHED_OUT_KEPT = 4096  # seqs of stacks pushed out, remembered to count a late naming
 _STACK_SIZE = ctypes.sizeof(events.GilStack)
 
 
@@ -146,7 +147,11 @@ class ProcessStacks:
         self.unwinder = Unwinder(pid, root)
         self._raw: "OrderedDict[int, Tuple[events.GilStack, Tuple[int, ...]]]" = OrderedDict()
         self._decoded: "OrderedDict[int, HolderStack]" = OrderedDict()
-        self.evicted = 0  # records dropped before any hold named them
+        # Records pushed out of the window, by seq, until a hold names one (then
+        # it counts as evicted: wanted, but gone). Most are never named: a
+        # stack is taken at every block of a hold, short holds included.
+        self._pushed_out: "OrderedDict[int, None]" = OrderedDict()
+        self.evicted = 0  # stacks a hold named after newer ones had replaced them
         self.undecodable = 0  # stacks whose decoding failed
 
     def close(self) -> None:
@@ -157,17 +162,22 @@ class ProcessStacks:
         self._raw[rec.seq] = (rec, fp_stack)
         self._decoded.pop(rec.seq, None)
         while len(self._raw) > RECORDS_KEPT:
-            self._raw.popitem(last=False)
-            self.evicted += 1
+            self._pushed_out[self._raw.popitem(last=False)[0]] = None
+            if len(self._pushed_out) > PUSHED_OUT_KEPT:
+                self._pushed_out.popitem(last=False)
 
     def get(self, seq: int, tid: int) -> Optional[HolderStack]:
-        """The stack named seq, if it is the thread's (a hold names the last
-        stack taken in it; a mismatch is a stale or torn name: none)."""
+        """The stack named seq, if it is the thread's (a hold names the stack
+        of its longest block; a mismatch is a stale or torn name: none)."""
         if not seq:
             return None
         hit = self._decoded.get(seq)
         raw = self._raw.get(seq)
-        if raw is None or raw[0].tid != tid:
+        if raw is None:
+            if self._pushed_out.pop(seq, 0) is None:  # named once it was gone
+                self.evicted += 1
+            return None
+        if raw[0].tid != tid:
             return None
         if hit is None:
             try:
@@ -222,7 +232,7 @@ class StackStore:
         return {
             "taken": state.stacks_taken,
             "lost": state.stacks_lost,  # ring buffer full
-            "evicted": proc.evicted if proc else 0,  # no hold named them in time
+            "evicted": proc.evicted if proc else 0,  # named after they were replaced
             "undecodable": proc.undecodable if proc else 0,
             "python_frames_unreadable": proc.code.unreadable if proc and proc.code else 0,
         }

@@ -105,7 +105,8 @@ class ObjectInfo:
     # -------------------------------------------------------------- CFI
 
     def caller_rule(self, vaddr: int) -> Optional[cfi.Rule]:
-        """How to find the caller's registers at ``vaddr`` (None: no CFI)."""
+        """How to find the caller's registers at ``vaddr`` (None: no CFI). The
+        rule is cached and shared: callers only read it."""
         try:
             return self._rules[vaddr]
         except KeyError:
@@ -180,6 +181,9 @@ class Unwinder:
             if attempt == 0:  # new mappings since (dlopen): read them again
                 self._maps = procfs.executable_maps(self.pid)
                 self._starts = [m.start for m in self._maps]
+                live = set(self._maps)
+                self._infos = {m: i for m, i in self._infos.items() if m in live}
+                self._frames.clear()  # a pc may belong to another object now
         return None
 
     def _locate(self, address: int) -> Optional[Tuple[procfs.ExecMapping, ObjectInfo, int]]:
@@ -192,9 +196,10 @@ class Unwinder:
             # The mapped file itself, wherever its path points from the process's
             # mount namespace or chroot (maps shows the path as the kernel sees it).
             info = object_info(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}", self.roots)
-            if len(self._infos) > 4096:
-                self._infos.clear()
-            self._infos[m] = info
+            if info is not None:  # a failure (the file gone, EACCES) is tried again
+                if len(self._infos) > 4096:
+                    self._infos.clear()
+                self._infos[m] = info
         if info is None:
             return None
         vaddr = info.vaddr(address - m.start + m.file_offset)
@@ -207,9 +212,10 @@ class Unwinder:
         hit = self._frames.get(key)
         if hit is None:
             hit = self._frame(address, is_return)
-            if len(self._frames) > 16384:
-                self._frames.clear()
-            self._frames[key] = hit
+            if hit.function != "?":  # an unknown pc is looked up again next time
+                if len(self._frames) > 16384:
+                    self._frames.clear()
+                self._frames[key] = hit
         return hit
 
     def _frame(self, address: int, is_return: bool) -> NativeFrame:
