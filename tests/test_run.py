@@ -62,9 +62,12 @@ def test_run_traces_the_example_app(tmp_path: Path) -> None:
         assert f" {name} " in table
     assert f"tracing pid {pid} (CPython" in proc.stderr and "Traceback" not in proc.stderr
     # AND the JSON record has those threads, traced from their start: no
-    # burner held the GIL for less than its own CPU time (2% for clock and
-    # accounting granularity). Not an upper bound: a holder the OS preempts
-    # (2 busy cores) keeps holding without using CPU.
+    # burner held the GIL for much less than its own CPU time. 0.98 on an idle
+    # host; on a loaded one the host's delay in serving a probe's trap (a VM
+    # exit) is charged to the thread as CPU time outside its holds (0.94 seen
+    # in CI), as in test_probe_sets' four CPU-bound threads. A burner traced
+    # late would miss most of its holds. Not an upper bound: a holder the OS
+    # preempts (2 busy cores) keeps holding without using CPU.
     doc = json.loads(out.read_text())
     assert [p["pid"] for p in doc["processes"]] == [pid]
     threads = {t["tid"]: t for t in doc["threads"]}
@@ -72,7 +75,7 @@ def test_run_traces_the_example_app(tmp_path: Path) -> None:
         assert threads[tid]["name"] == seen["name"]
         if seen["name"].startswith("burner-"):
             held = threads[tid]["hold_ns"]
-            assert held >= 0.98 * seen["cpu_ns"], (seen, held)
+            assert held >= 0.85 * seen["cpu_ns"], (seen, held)
     assert sum(t["hold_ns"] for t in doc["threads"]) <= doc["duration_ns"]
     assert doc["lost_events"] == 0
 

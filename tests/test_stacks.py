@@ -139,6 +139,12 @@ def _native(stack: HolderStack) -> List[str]:
     return [n.function for n in stack.native]
 
 
+def _longest_overlap_ns(wait: Interval) -> int:
+    """The longest time one other thread's hold overlapped the wait."""
+    return max((min(h.end_ns, wait.end_ns) - max(h.start_ns, wait.start_ns)
+                for h in wait.holds if h.tid != wait.tid), default=0)
+
+
 def _c_call(stack: Optional[HolderStack]) -> bool:
     return (stack is not None and ("hold_in_c", "<string>", USLEEP_LINE) in _python(stack)
             and "usleep" in _native(stack))
@@ -178,8 +184,13 @@ def test_c_call_holder_stack_on_holds_waits_and_views(name: str, probes: str) ->
         assert stack.native_unwind == "cfi"
         if target.symbols != "none":  # stripped-3.15: no symbol for _ctypes' internals
             assert "_ctypes_callproc" in _native(stack)
-    # AND so does every wait spent behind it
-    assert all(_c_call(main_holder_stack(iv)) for iv in long_waits)
+    # AND so does every wait spent behind one (whose longest overlap is such a
+    # hold: on a loaded host a waiter may also be kept out by the others)
+    behind = [iv for iv in long_waits if _longest_overlap_ns(iv) >= 250_000_000]
+    assert behind, long_waits
+    for iv in behind:
+        stack = main_holder_stack(iv)
+        assert _c_call(stack), (iv, stack and stack.traceback())
     # AND the views, from the record, name both Python function and C function
     rec = views.from_record(session.doc)
     folded = views.render("folded", rec)
