@@ -170,7 +170,7 @@ class Unwinder:
         self._maps: List[procfs.ExecMapping] = []
         self._starts: List[int] = []
         # Each mapping's object, looked up once (a stat and the build-id cache).
-        self._infos: Dict[procfs.ExecMapping, ObjectInfo] = {}
+        self._infos: Dict[procfs.ExecMapping, Optional[ObjectInfo]] = {}
         self._frames: Dict[Tuple[int, bool], NativeFrame] = {}  # (pc, is_return) -> frame
 
     def _mapping(self, address: int) -> Optional[procfs.ExecMapping]:
@@ -190,16 +190,18 @@ class Unwinder:
         m = self._mapping(address)
         if m is None:
             return None
-        info = self._infos.get(m)
-        if info is None:  # a failure (the file gone, EACCES) is tried again next time
+        try:
+            info = self._infos[m]
+        except KeyError:
             # The mapped file itself, wherever its path points from the process's
             # mount namespace or chroot (maps shows the path as the kernel sees it).
             info = object_info(f"/proc/{self.pid}/map_files/{m.start:x}-{m.end:x}", self.roots)
-            if info is None:
-                return None
-            if len(self._infos) > 4096:
-                self._infos.clear()
-            self._infos[m] = info
+            if info is not None:  # a failure (the file gone, EACCES) is tried again
+                if len(self._infos) > 4096:
+                    self._infos.clear()
+                self._infos[m] = info
+        if info is None:
+            return None
         vaddr = info.vaddr(address - m.start + m.file_offset)
         return None if vaddr is None else (m, info, vaddr)
 
