@@ -113,8 +113,10 @@ def test_request_waits_name_the_hog_and_link_to_its_span(app_run: AppRun) -> Non
              and s.attributes[names.THREAD_NAME.name].startswith("request-")]
     assert len(waits) >= 10
     blamed = [w for w in waits if "hog" in w.attributes[names.HOLDER_NAMES.name]]
-    # THEN most request waits were spent behind the hog, and link to its span
-    assert len(blamed) >= 0.5 * len(waits)
+    # THEN most request waits were spent behind the hog, and link to its span.
+    # (The requesters want ~25% of the GIL together, so ~90% of their waits name
+    # the hog; with 2 ms bursts they wanted all of it and queued behind each other.)
+    assert len(blamed) >= 0.5 * len(waits), (len(blamed), len(waits))
     for w in blamed:
         i = list(w.attributes[names.HOLDER_NAMES.name]).index("hog")
         assert w.attributes[names.HOLDER_HELD_NS.name][i] > 0
