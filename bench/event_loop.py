@@ -6,11 +6,12 @@ step each: Handle._run on asyncio, a wrapped call_soon callback on uvloop),
 inside a recording SDK span, with and without otel_gil.context.install();
 interleaved repetitions, the minimum of each kept (noise only adds time).
 
-http: requests per second of a small asyncio HTTP/1.1 keep-alive server (a
-child process, each request in a span), plain, with the attach/detach hook
-only, and hooked (hook and loop patches), loaded from another child process
-over 8 loopback connections for a few seconds per run, runs interleaved; the
-best run of each is kept.
+http: a small asyncio HTTP/1.1 keep-alive server (a child process, each
+request in a span), plain, with the attach/detach hook only, and hooked (hook
+and loop patches), loaded from another child process over 8 loopback
+connections for a few seconds per run, runs interleaved: requests per second
+(best run kept) and the server's CPU time per request (utime + stime over the
+requests it served; least kept), which a noisy host disturbs far less.
 
     .venv/bin/python bench/event_loop.py steps [--loop asyncio|uvloop] [-n 200000] [-r 7]
     .venv/bin/python bench/event_loop.py http [--loop asyncio|uvloop] [--seconds 3] [-r 3]
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -128,8 +129,8 @@ async def _client(port: int, until: float, counts: List[int]) -> None:
     writer.close()
 
 
-def load(port: int, seconds: float, connections: int = 8) -> float:
-    """Requests per second over `connections` keep-alive connections."""
+def load(port: int, seconds: float, connections: int = 8) -> Tuple[int, float]:
+    """Requests made over `connections` keep-alive connections, and the seconds taken."""
     counts: List[int] = []
 
     async def main() -> None:
@@ -138,7 +139,14 @@ def load(port: int, seconds: float, connections: int = 8) -> float:
 
     start = time.monotonic()
     asyncio.run(main())
-    return sum(counts) / (time.monotonic() - start)
+    return sum(counts), time.monotonic() - start
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of process pid, in seconds (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -147,16 +155,20 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_run(kind: str, mode: str, seconds: float) -> float:
+def http_run(kind: str, mode: str, seconds: float) -> Tuple[float, float]:
+    """(requests per second, server CPU µs per request) of one run."""
     port = _free_port()
     me = os.path.abspath(__file__)
     server = subprocess.Popen([sys.executable, me, "_serve", kind, str(port), mode],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        cpu0 = cpu_s(server.pid)
         client = subprocess.run([sys.executable, me, "_load", str(port), str(seconds)],
                                 capture_output=True, text=True, check=True)
-        return float(client.stdout.strip())
+        cpu = cpu_s(server.pid) - cpu0
+        requests, elapsed = (float(x) for x in client.stdout.split())
+        return requests / elapsed, 1e6 * cpu / max(requests, 1.0)
     finally:
         server.kill()
         server.wait()
@@ -165,8 +177,9 @@ def http_run(kind: str, mode: str, seconds: float) -> float:
 MODES = ("plain", "attach", "hooked")
 
 
-def measure_http(kind: str, seconds: float, repeats: int) -> Dict[str, List[float]]:
-    results: Dict[str, List[float]] = {mode: [] for mode in MODES}
+def measure_http(kind: str, seconds: float, repeats: int
+                 ) -> Dict[str, List[Tuple[float, float]]]:
+    results: Dict[str, List[Tuple[float, float]]] = {mode: [] for mode in MODES}
     for _ in range(repeats):
         for mode in MODES:  # interleaved
             results[mode].append(http_run(kind, mode, seconds))
@@ -193,7 +206,8 @@ def main(argv: Any = None) -> None:
     server.add_argument("mode", choices=MODES)
     args = parser.parse_args(argv)
     if args.what == "_load":
-        print(load(args.port, args.seconds))
+        requests, elapsed = load(args.port, args.seconds)
+        print(requests, elapsed)
         return
     if args.what == "_serve":
         serve(args.kind, args.port, args.mode)
@@ -205,15 +219,20 @@ def main(argv: Any = None) -> None:
               f"added {r[True] - r[False]:6.1f} ns  ratio {r[True] / r[False]:.2f}")
     else:
         h = measure_http(args.loop, args.seconds, args.r)
+        rps = {mode: max(r for r, _ in runs) for mode, runs in h.items()}
+        cpu = {mode: min(c for _, c in runs) for mode, runs in h.items()}
         for mode in MODES:
-            print(f"http req/s {mode:7s} best {max(h[mode]):7.0f}  runs " +
-                  " ".join(f"{x:7.0f}" for x in h[mode]))
-        plain = max(h["plain"])
+            print(f"http {mode:7s} req/s best {rps[mode]:7.0f}  runs " +
+                  " ".join(f"{r:7.0f}" for r, _ in h[mode]) +
+                  f"   server CPU/request least {cpu[mode]:6.1f} µs  runs " +
+                  " ".join(f"{c:6.1f}" for _, c in h[mode]))
         for mode in MODES[1:]:
-            print(f"http {mode:7s} vs plain {100 * (max(h[mode]) - plain) / plain:+.1f}%")
-        attach, hooked = max(h["attach"]), max(h["hooked"])
-        print(f"http hooked vs attach {100 * (hooked - attach) / attach:+.1f}%"
-              "  (the loop patches alone)")
+            print(f"http {mode:7s} vs plain: req/s {100 * (rps[mode] / rps['plain'] - 1):+.1f}%"
+                  f"  CPU/request {cpu[mode] - cpu['plain']:+.1f} µs")
+        print(f"http hooked vs attach (the loop patches alone): req/s "
+              f"{100 * (rps['hooked'] / rps['attach'] - 1):+.1f}%  CPU/request "
+              f"{cpu['hooked'] - cpu['attach']:+.1f} µs "
+              f"({100 * (cpu['hooked'] / cpu['attach'] - 1):+.1f}%)")
 
 if __name__ == "__main__":
     main()

@@ -295,7 +295,7 @@ def run_phase(args: argparse.Namespace, name: str, mode: str, threads: int, seco
     cold = not any(Path(env["XDG_CACHE_HOME"]).rglob("*.json"))
     app = subprocess.Popen([args.python, "-c", APP, mode, str(threads), str(seconds),
                             str(args.pause_ms)],
-                           env=env, stdout=subprocess.PIPE, text=True)
+                           env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert app.stdout is not None
     try:
         hello = json.loads(app.stdout.readline())

@@ -41,7 +41,7 @@ from otel_gil import names
 from otel_gil.abi import buckets, events
 from otel_gil.app import context
 from otel_gil.export import delivery, spanwire
-from otel_gil.sidecar import histograms, threads, timeline
+from otel_gil.sidecar import histograms, host, threads, timeline
 from otel_gil.sidecar import spans as export
 from otel_gil.sidecar.losses import LossLog
 
@@ -241,6 +241,19 @@ def test_the_real_otlp_exporter_takes_the_fast_path(
 
 
 # ------------------------------------------------------------- the loss log
+
+
+def test_a_loop_turn_that_left_spans_due_is_followed_at_once() -> None:
+    # GIVEN a turn of the sidecar's loop that ran out of export budget with spans due
+    # THEN the next turn neither sleeps nor waits for events (a POLL_MS wait per
+    # budget capped delivery at ~1100 spans/s and dropped the rest)
+    assert host.pace(True, 0.001) == (0, 0.0)
+    assert host.pace(True, 1.0) == (0, 0.0)
+    # AND a turn that exported everything due waits for events, and lasts MIN_TURN_S
+    poll_ms, rest = host.pace(False, 0.005)
+    assert poll_ms == host.POLL_MS > 0
+    assert rest == pytest.approx(host.MIN_TURN_S - 0.005)
+    assert host.pace(False, host.MIN_TURN_S + 0.01) == (host.POLL_MS, 0.0)
 
 
 def test_losses_are_logged_at_most_once_a_minute_and_at_exit(caplog: Any) -> None:

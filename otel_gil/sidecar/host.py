@@ -1,5 +1,5 @@
 """The sidecar process's own resources and rules: its registration socket, who
-may register through it, and its heap.
+may register through it, its heap, and the pace of its loop.
 
 Memory: libbcc compiles the BPF program with clang/LLVM in this process and
 frees ~30 MB afterwards that glibc keeps (trim_heap returns it), and every
@@ -15,12 +15,28 @@ import hmac
 import os
 import socket
 import stat
-from typing import Optional
+from typing import Optional, Tuple
 
 from otel_gil import trust
 from otel_gil.app import protocol
 from otel_gil.errors import EnvironmentProblem
 from otel_gil.target import procfs
+
+# The loop (otel_gil/sidecar/server.py, see pace): a turn waits POLL_MS for events
+# (the probes do not wake it, see Probes.poll) and lasts MIN_TURN_S at least, so
+# that records pile up and are taken in one poll; it exports spans for at most
+# EXPORT_BUDGET_NS of CPU, so that the ring buffer is drained between exports.
+POLL_MS = 100
+MIN_TURN_S = 0.02  # the ring buffer holds seconds of events
+EXPORT_BUDGET_NS = 20_000_000
+
+
+def pace(behind: bool, turn_s: float) -> Tuple[int, float]:
+    """After a turn that took turn_s: the next turn's wait for events (ms), and the
+    sleep before it (s). A turn that ran out of budget with spans due (behind) is
+    followed at once: a POLL_MS wait per budget capped delivery at ~1100 spans/s,
+    and the rest was dropped once the backlog reached its bound (bench/README.md)."""
+    return (0, 0.0) if behind else (POLL_MS, max(0.0, MIN_TURN_S - turn_s))
 
 
 def refusal(reg: protocol.Registration, pid: int, owner_pid: Optional[int],

@@ -41,7 +41,7 @@ from otel_gil.export import delivery
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.sidecar.clock import Clock
-from otel_gil.sidecar.host import limit_arenas, refusal, trim_heap
+from otel_gil.sidecar.host import EXPORT_BUDGET_NS, POLL_MS, limit_arenas, pace, refusal, trim_heap
 from otel_gil.sidecar.losses import LossLog, exporter_detail, sidecar_totals
 from otel_gil.sidecar.metrics import GilMetrics
 from otel_gil.sidecar.spans import SpanExport, default_exporter, export_name
@@ -61,9 +61,6 @@ MAX_CLIENTS = 512
 # connects just after its parents exit).
 REGISTER_GRACE_S = 5.0
 ORPHAN_GRACE_S = 1.0
-POLL_MS = 100  # the loop's longest sleep: events wake it sooner
-MIN_TURN_S = 0.02  # and its shortest turn (see serve); the ring buffer holds seconds of events
-EXPORT_BUDGET_NS = 20_000_000  # export CPU per loop turn, so the ring buffer is drained
 # Events awaiting export (EXPORT_DELAY_NS, then the export budget) are bounded
 # with the span queue: PENDING_SHARE x its bytes at PENDING_BYTES an event (a
 # wait with 16 holds, tracemalloc), so 8192 for the default 8 MiB; never fewer
@@ -143,24 +140,26 @@ class Sidecar:
         self.export.seen(iv)
         self._pending.append((time.monotonic_ns(), iv))
 
-    def _export_settled(self, everything: bool = False) -> None:
+    def _export_settled(self, everything: bool = False) -> bool:
         """Export intervals once EXPORT_DELAY_NS old. A thread publishes its name
         at its first span, which can come just after it first held the GIL: the
         delay lets a holder's name reach the table before the wait naming it is
         exported. At most EXPORT_BUDGET_NS of it per turn of the loop: a backlog
-        (the sidecar was starved of CPU) must not keep it from the ring buffer."""
+        (the sidecar was starved of CPU) must not keep it from the ring buffer.
+        Returns whether it stopped on the budget with settled intervals left."""
         now = time.monotonic_ns()
         # (CPU time: a sidecar short of CPU would spend a wall budget descheduled)
         horizon, deadline = now - EXPORT_DELAY_NS, time.thread_time_ns() + EXPORT_BUDGET_NS
         while self._pending and (everything or self._pending[0][0] <= horizon):
             if not everything and time.thread_time_ns() > deadline:
-                return
+                return True
             _, iv = self._pending.popleft()
             try:
                 span = self.export.on_interval(iv)
                 self.metrics.record_interval(iv, span)
             except Exception:  # noqa: BLE001 - one bad span must not stop tracing
                 log.exception("otel-gil: exporting a GIL span failed")
+        return False
 
     # ------------------------------------------------------------------ the loop
 
@@ -168,21 +167,19 @@ class Sidecar:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle_signal)
         try:
+            poll_ms = POLL_MS
             while not self._stop:
                 turn = time.monotonic()
                 self._accept_and_read()
                 with self._refresh:
                     wanted = self._refresh_wanted
-                if self.session.step(POLL_MS, refresh=wanted):
+                if self.session.step(poll_ms, refresh=wanted):
                     self._after_refresh()
-                self._export_settled()
+                behind = self._export_settled()
                 self._retire_exited()
                 self._housekeeping()
                 self._stop = self._stop or self._orphaned()
-                # Under load the ring buffer wakes the loop for every event or two;
-                # a turn of at least MIN_TURN_S lets records pile up and be taken
-                # in one poll (the turn's own cost is then shared by dozens).
-                rest = MIN_TURN_S - (time.monotonic() - turn)
+                poll_ms, rest = pace(behind, time.monotonic() - turn)
                 if rest > 0 and not self._stop:
                     time.sleep(rest)
         finally:
