@@ -11,7 +11,7 @@ request in a span), plain, with the attach/detach hook only, and hooked (hook
 and loop patches), loaded from another child process over 8 loopback
 connections for a few seconds per run, runs interleaved: requests per second
 (best run kept) and the server's CPU time per request (utime + stime over the
-requests it served; least kept), which a noisy host disturbs far less.
+requests it served; least kept), which a noisy host disturbs less.
 
     .venv/bin/python bench/event_loop.py steps [--loop asyncio|uvloop] [-n 200000] [-r 7]
     .venv/bin/python bench/event_loop.py http [--loop asyncio|uvloop] [--seconds 3] [-r 3]

@@ -16,7 +16,7 @@ or every REFRESH_S (exited threads are reaped then). Spans go through one
 bounded queue (otel_gil/export/delivery.py); every loss is a metric and, at most once
 a minute, one log line (otel_gil/sidecar/losses.py).
 
-Its socket, who may register, and its heap: otel_gil/sidecar/host.py.
+Its socket, who may register, its heap and its pace: otel_gil/sidecar/host.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from otel_gil.export import delivery
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.sidecar.clock import Clock
-from otel_gil.sidecar.host import EXPORT_BUDGET_NS, POLL_MS, limit_arenas, pace, refusal, trim_heap
+from otel_gil.sidecar.host import EXPORT_BUDGET_NS, POLL_MS, Pace, limit_arenas, refusal, trim_heap
 from otel_gil.sidecar.losses import LossLog, exporter_detail, sidecar_totals
 from otel_gil.sidecar.metrics import GilMetrics
 from otel_gil.sidecar.spans import SpanExport, default_exporter, export_name
@@ -167,7 +167,7 @@ class Sidecar:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle_signal)
         try:
-            poll_ms = POLL_MS
+            pace, poll_ms = Pace(), POLL_MS
             while not self._stop:
                 turn = time.monotonic()
                 self._accept_and_read()
@@ -179,7 +179,7 @@ class Sidecar:
                 self._retire_exited()
                 self._housekeeping()
                 self._stop = self._stop or self._orphaned()
-                poll_ms, rest = pace(behind, time.monotonic() - turn)
+                poll_ms, rest = pace.after(behind, time.monotonic() - turn)
                 if rest > 0 and not self._stop:
                     time.sleep(rest)
         finally:
