@@ -217,6 +217,54 @@ print(json.dumps({"before": before, "span": sid(span), "after_end": after_end,
     assert out["after_end"] is None and out["after_child"] is None
 
 
+def test_a_span_ended_by_another_thread_while_it_is_cached_publishes_no_span() -> None:
+    out = run('''
+from otel_gil.app import publish
+context.install()
+context.watch_span_ends(None)
+
+class EndsDuringTheCheck:
+    """A span another thread ends just after _remember() saw it live, before
+    the entry is stored: span_ended() finds nothing to mark yet."""
+    def __init__(self, span):
+        self.span, self.looked = span, False
+    def get_span_context(self):
+        return self.span.get_span_context()
+    @property
+    def end_time(self):
+        if not self.looked:
+            self.looked = True
+            ended = threading.Thread(target=self.span.end)
+            ended.start(); ended.join()
+            return None
+        return self.span.end_time
+
+racing = EndsDuringTheCheck(tracer.start_span("racing"))
+with trace.use_span(racing):
+    during = slot()  # ended while it was being remembered
+with trace.use_span(racing):
+    after = slot()
+
+# the cache cleared (past _CACHE_MAX) by another thread, then the span ends
+kept = tracer.start_span("kept")
+with trace.use_span(kept):
+    cached = slot()
+def fill():
+    for i in range(publish._CACHE_MAX + 1):
+        with tracer.start_as_current_span(f"filler{i}"):
+            pass
+filler = threading.Thread(target=fill); filler.start(); filler.join()
+kept.end()
+with trace.use_span(kept):
+    after_clear = slot()
+print(json.dumps({"during": during, "after": after, "racing": sid(racing.span),
+                  "cached": cached, "kept": sid(kept), "after_clear": after_clear}))
+''')
+    # THEN once it has ended, the span is never published again
+    assert out["during"] is None and out["after"] is None
+    assert out["cached"] == out["kept"] and out["after_clear"] is None
+
+
 EAGER = '''
 import asyncio, json, threading
 from opentelemetry import trace

@@ -40,7 +40,6 @@ from otel_gil.abi.slots import INVALID
 from otel_gil.app import event_loop, publish
 from otel_gil.app.publish import (
     _cache,
-    _cached_ids,
     _claim_current,
     _failed,
     _publish,
@@ -96,11 +95,8 @@ class PublishingRuntimeContext(_RuntimeContext):
                 if span is None:
                     record = INVALID
                 else:
-                    hit = _cache.get(id(span))
-                    if hit is not None and hit[0] is span.get_span_context():
-                        record = hit[1]
-                    else:
-                        record = _remember(span)
+                    hit = _cache.get(id(span.get_span_context()))
+                    record = hit[1] if hit is not None else _remember(span)
                 try:
                     _tls.view[:] = record
                 except AttributeError:
@@ -120,11 +116,8 @@ class PublishingRuntimeContext(_RuntimeContext):
                 if span is None:
                     record = INVALID
                 else:
-                    hit = _cache.get(id(span))
-                    if hit is not None and hit[0] is span.get_span_context():
-                        record = hit[1]
-                    else:
-                        record = _remember(span)
+                    hit = _cache.get(id(span.get_span_context()))
+                    record = hit[1] if hit is not None else _remember(span)
                 try:
                     _tls.view[:] = record
                 except AttributeError:
@@ -185,6 +178,5 @@ def _after_fork() -> None:
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
     _cache.clear()  # in place: otel_gil/app/event_loop.py holds this dict
-    _cached_ids.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())

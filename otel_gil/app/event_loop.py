@@ -111,11 +111,8 @@ def _patch_asyncio() -> None:
             if span is None:
                 record = invalid
             else:
-                hit = cache.get(id(span))
-                if hit is not None and hit[0] is span.get_span_context():
-                    record = hit[1]
-                else:
-                    record = remember(span)
+                hit = cache.get(id(span.get_span_context()))
+                record = hit[1] if hit is not None else remember(span)
             try:
                 tls.view[:] = record
             except AttributeError:
@@ -131,11 +128,8 @@ def _patch_asyncio() -> None:
                 if span is None:
                     record = invalid
                 else:
-                    hit = cache.get(id(span))
-                    if hit is not None and hit[0] is span.get_span_context():
-                        record = hit[1]
-                    else:
-                        record = remember(span)
+                    hit = cache.get(id(span.get_span_context()))
+                    record = hit[1] if hit is not None else remember(span)
                 tls.view[:] = record
             except Exception:  # noqa: BLE001 - never raise into the app
                 failed()
@@ -185,11 +179,8 @@ class _Callback:
             if span is None:
                 record = _INVALID
             else:
-                hit = _CACHE.get(id(span))
-                if hit is not None and hit[0] is span.get_span_context():
-                    record = hit[1]
-                else:
-                    record = publish._remember(span)
+                hit = _CACHE.get(id(span.get_span_context()))
+                record = hit[1] if hit is not None else publish._remember(span)
             try:
                 _TLS.view[:] = record
             except AttributeError:

@@ -33,16 +33,17 @@ _EMPTY = Context()  # an OpenTelemetry Context with no span
 
 _table: ContextTable | None = None
 _tls = threading.local()  # .view: the thread's record (see ContextTable.view); .lease
-# id(span) -> (its SpanContext, record). A hit is one whose span returns that
-# very SpanContext object (an SDK span returns the one it was made with): a new
-# span that got a dead one's id has another, and the cached SpanContext, kept
-# alive here, cannot be reused meanwhile. The span itself is not kept: 256
-# spans (each a graph of attributes, events, links, locks) kept alive a little
-# longer are promoted through the GC's generations, which cost the app several
-# µs per new span (bench/span_cost.py); a SpanContext is one small tuple.
-# Cleared past _CACHE_MAX.
+# id(SpanContext) -> (that SpanContext, record): one dict, so that no other
+# thread can ever see it half updated (a clear between two dicts once left an
+# ended span cached as live). An SDK span returns the SpanContext it was made
+# with, and so does the ReadableSpan its span processors get at its end
+# (span_ended), so both find the same entry. The entry keeps that SpanContext
+# alive, so no other object can have its id meanwhile: a hit is always the
+# span's own. The span itself is not kept: 256 spans (each a graph of
+# attributes, events, links, locks) kept alive a little longer are promoted
+# through the GC's generations, which cost the app several µs per new span
+# (bench/span_cost.py); a SpanContext is one small tuple. Cleared past _CACHE_MAX.
 _cache: dict[int, tuple[object, bytes]] = {}
-_cached_ids: dict[int, int] = {}  # span_id -> its key in _cache (see EndedSpans)
 _CACHE_MAX = 256
 # The ContextVar that holds OpenTelemetry's current Context in each contextvars
 # Context (ContextVarsRuntimeContext._current_context), or None when the app
@@ -68,16 +69,19 @@ def _remember(span: Any) -> bytes:
     # An SDK span that has ended publishes "no span": work after its end
     # (an ASGI server span ends when the response is sent, and stays current
     # while the middleware finishes) would otherwise get a child outside it.
-    if span_context.is_valid and getattr(span, "end_time", None) is None:
-        record = ids_record(span_context.trace_id, span_context.span_id,
-                             int(span_context.trace_flags))
-    else:
-        record = INVALID
+    live = span_context.is_valid and getattr(span, "end_time", None) is None
+    record = ids_record(span_context.trace_id, span_context.span_id,
+                        int(span_context.trace_flags)) if live else INVALID
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
-        _cached_ids.clear()
-    _cache[id(span)] = (span_context, record)
-    _cached_ids[span_context.span_id] = id(span)
+    key = id(span_context)
+    _cache[key] = (span_context, record)
+    if live and getattr(span, "end_time", None) is not None:
+        # It ended on another thread since the check above, and span_ended
+        # may have run before the entry was there: the SDK sets end_time
+        # before it calls span processors, so this second look cannot miss it.
+        record = INVALID
+        _cache[key] = (span_context, record)
     return record
 
 
@@ -86,11 +90,11 @@ def span_ended(span: Any) -> None:
     there, inside Span.end): if it is cached, it publishes "no span" from then
     on; if it is this thread's published span, its slot says so now. Never raises."""
     try:
-        span_id = span.get_span_context().span_id
-        key = _cached_ids.pop(span_id, None)
-        hit = _cache.get(key) if key is not None else None
-        if hit is not None and key is not None:
-            _cache[key] = (hit[0], INVALID)
+        span_context = span.get_span_context()
+        key = id(span_context)
+        if key in _cache:
+            _cache[key] = (span_context, INVALID)
+        span_id = span_context.span_id
         view = getattr(_tls, "view", None)
         if view is not None and view[24] and bytes(view[16:24]) == span_id.to_bytes(8, "big"):
             view[:] = INVALID
@@ -146,11 +150,8 @@ def _publish(context: Context) -> None:
         if span is None:
             record = INVALID
         else:
-            hit = _cache.get(id(span))
-            if hit is not None and hit[0] is span.get_span_context():
-                record = hit[1]
-            else:
-                record = _remember(span)
+            hit = _cache.get(id(span.get_span_context()))
+            record = hit[1] if hit is not None else _remember(span)
         try:
             _tls.view[:] = record
         except AttributeError:
@@ -180,11 +181,8 @@ def publish_entered(entered: contextvars.Context) -> None:
         if span is None:
             record = INVALID
         else:
-            hit = _cache.get(id(span))
-            if hit is not None and hit[0] is span.get_span_context():
-                record = hit[1]
-            else:
-                record = _remember(span)
+            hit = _cache.get(id(span.get_span_context()))
+            record = hit[1] if hit is not None else _remember(span)
         try:
             _tls.view[:] = record
         except AttributeError:
