@@ -52,14 +52,14 @@ def capture(args: argparse.Namespace) -> Tuple[List[bytes], int, Any]:
     raw: List[bytes] = []
     decode = events.decode_event
 
-    def keep(data: bytes) -> events.Interval:
+    def keep(data: bytes, *args: Any) -> events.Interval:
         raw.append(bytes(data))
-        return decode(data)
+        return decode(data, *args)
 
     env = dict(os.environ, OTEL_PYTHON_GIL_MODE="connect",
                OTEL_PYTHON_GIL_SOCKET="/nonexistent/otel-gil-bench.sock")
     app = subprocess.Popen([args.python, "-c", APP, "soak", str(args.threads),
-                            str(args.seconds + 30)], env=env, stdout=subprocess.PIPE,
+                            str(args.seconds + 30), "0"], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.DEVNULL, text=True)
     assert app.stdout is not None
     try:

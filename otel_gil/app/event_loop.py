@@ -23,9 +23,10 @@ thread's current Context at those switches:
   inside create_task, in the caller's step; create_task republishes the
   caller's span when it returns.
 - uvloop: its Handle is Cython and enters the Context in C (uvloop/cbhandles.pyx),
-  so Loop.call_soon, call_soon_threadsafe, call_later and call_at wrap their
-  callback instead: every task step and timer, and every future callback, is
-  scheduled through them. Callbacks uvloop builds in Cython (add_reader,
+  so Loop.call_soon, call_soon_threadsafe, call_later and call_at schedule
+  _bracket with the callback as its first argument instead: every task step
+  and timer, and every future callback, is scheduled through them (a handle's
+  repr shows _bracket, then the callback). Callbacks uvloop builds in Cython (add_reader,
   add_writer, add_signal_handler, protocol callbacks) are not bracketed: they
   run with the loop's record (no span), and an attach/detach inside them is
   published as usual. Callbacks already scheduled when instrument() runs are
@@ -157,53 +158,38 @@ def _wrap_create_task(loop_class: Any) -> None:
 # -------------------------------------------------------------------- uvloop
 
 
-class _Callback:
-    """A callback scheduled on a uvloop loop. uvloop calls it inside the
-    callback's Context (uvloop/cbhandles.pyx, Handle._run: Context_Enter), so on
-    entry the current Context is the callback's; on exit, still inside it, the
-    loop's own record (taken when run_forever began, on this thread) is
-    written back."""
-
-    __slots__ = ("callback",)
-
-    def __init__(self, callback: Callable[..., Any]) -> None:
-        self.callback = callback
-
-    def __call__(self, *args: Any) -> Any:
-        var = _otel_var
-        if var is None:
-            return self.callback(*args)
-        try:  # publish_current(), inlined as in Handle._run above
-            otel = var.get(None)
-            span = None if otel is None else otel.get(_SPAN_KEY)
-            if span is None:
-                record = _INVALID
-            else:
-                hit = _CACHE.get(id(span.get_span_context()))
-                record = hit[1] if hit is not None else publish._remember(span)
-            try:
-                _TLS.view[:] = record
-            except AttributeError:
-                publish._claim_current()[:] = record
+def _bracket(callback: Callable[..., Any], *args: Any) -> Any:
+    """What a uvloop loop runs in place of a callback scheduled on it, with the
+    callback as its first argument. uvloop calls it inside the callback's
+    Context (uvloop/cbhandles.pyx, Handle._run: Context_Enter), so on entry the
+    current Context is the callback's; on exit, still inside it, the loop's own
+    record (taken when run_forever began, on this thread) is written back.
+    A function, not an object holding the callback: no allocation per
+    callback, and uvloop calls it by vectorcall (bench/README.md)."""
+    var = _otel_var
+    if var is None:
+        return callback(*args)
+    try:  # publish_current(), inlined as in Handle._run above
+        otel = var.get(None)
+        span = None if otel is None else otel.get(_SPAN_KEY)
+        if span is None:
+            record = _INVALID
+        else:
+            hit = _CACHE.get(id(span.get_span_context()))
+            record = hit[1] if hit is not None else publish._remember(span)
+        try:
+            _TLS.view[:] = record
+        except AttributeError:
+            publish._claim_current()[:] = record
+    except Exception:  # noqa: BLE001 - never raise into the app
+        publish._failed()
+    try:
+        return callback(*args)
+    finally:
+        try:
+            _TLS.view[:] = getattr(_loop_records, "record", _INVALID)
         except Exception:  # noqa: BLE001 - never raise into the app
             publish._failed()
-        try:
-            return self.callback(*args)
-        finally:
-            try:
-                _TLS.view[:] = getattr(_loop_records, "record", _INVALID)
-            except Exception:  # noqa: BLE001 - never raise into the app
-                publish._failed()
-
-    def __repr__(self) -> str:
-        return repr(self.callback)
-
-
-def _wrapped(callback: Any) -> Any:
-    # Leave what is not callable as it is: uvloop raises its own TypeError.
-    if _otel_var is None or type(callback) is _Callback or not callable(callback):
-        return callback
-    return _Callback(callback)
 
 
 def _record_now() -> bytes:
@@ -223,17 +209,27 @@ def _patch_uvloop(uvloop: ModuleType) -> None:
     call_at = loop_class.call_at
     run_forever = loop_class.run_forever
 
+    # Each bracket inlined (a Python call costs ~70 ns); what is not callable
+    # passes as it is, for uvloop's own TypeError.
     def soon(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_soon(self, _wrapped(callback), *args, context=context)
+        if _otel_var is not None and callback is not _bracket and callable(callback):
+            return call_soon(self, _bracket, callback, *args, context=context)
+        return call_soon(self, callback, *args, context=context)
 
     def soon_threadsafe(self: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_soon_threadsafe(self, _wrapped(callback), *args, context=context)
+        if _otel_var is not None and callback is not _bracket and callable(callback):
+            return call_soon_threadsafe(self, _bracket, callback, *args, context=context)
+        return call_soon_threadsafe(self, callback, *args, context=context)
 
     def later(self: Any, delay: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_later(self, delay, _wrapped(callback), *args, context=context)
+        if _otel_var is not None and callback is not _bracket and callable(callback):
+            return call_later(self, delay, _bracket, callback, *args, context=context)
+        return call_later(self, delay, callback, *args, context=context)
 
     def at(self: Any, when: Any, callback: Any, *args: Any, context: Any = None) -> Any:
-        return call_at(self, when, _wrapped(callback), *args, context=context)
+        if _otel_var is not None and callback is not _bracket and callable(callback):
+            return call_at(self, when, _bracket, callback, *args, context=context)
+        return call_at(self, when, callback, *args, context=context)
 
     def forever(self: Any) -> Any:
         # The loop's own Context does not change while it runs (its code runs

@@ -97,6 +97,9 @@ class Probes:
         self.config = config
         self._on_event = on_event
         self.undecodable = 0
+        # False: a wait with no sampled span arrives without its holds (the
+        # sidecar only counts such a wait; events.decode_event).
+        self.holds_unparented = True
         self._attached: Dict[int, List[Tuple[str, int]]] = {}
         self.plans: Dict[int, List[Point]] = {}
         self._ns_translate: Dict[int, bool] = {}
@@ -226,7 +229,7 @@ class Probes:
             self.stacks.on_record(raw)
             return 0
         try:
-            interval = events.decode_event(raw, self.host_tid)
+            interval = events.decode_event(raw, self.host_tid, self.holds_unparented)
         except ValueError:
             self.undecodable += 1
             return 0
