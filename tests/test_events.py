@@ -103,27 +103,30 @@ def test_decode_wait_event_round_trip() -> None:
     assert iv.probe_set == "all"
 
 
-def test_decode_can_leave_out_the_holds_of_waits_no_span_will_show() -> None:
-    # GIVEN a wait with two holds, under a sampled span, an unsampled one, and none
-    def wait(valid: int, flags: int) -> bytes:
+def test_unparented_waits_are_told_apart_without_decoding() -> None:
+    # GIVEN waits under a sampled span, an unsampled one, a valid record with no
+    # ids, none; and a hold with no span
+    def event(kind: int, valid: int, flags: int, ids: bool = True) -> bytes:
         ev = events.GilEvent()
-        ev.kind, ev.pid, ev.tid, ev.nholds = events.GIL_EVENT_WAIT, 10, 11, 2
-        ev.probe_set, ev.start_ns, ev.end_ns, ev.holds_total = events.GIL_SET_ALL, 1, 9, 3
-        ctypes.memmove(ev.ctx.trace_id, (0xABC).to_bytes(16, "big"), 16)
-        ctypes.memmove(ev.ctx.span_id, (0xDEF).to_bytes(8, "big"), 8)
+        ev.kind, ev.pid, ev.tid, ev.nholds = kind, 10, 11, 1
+        ev.probe_set, ev.start_ns, ev.end_ns = events.GIL_SET_ALL, 1, 9
+        if ids:
+            ctypes.memmove(ev.ctx.trace_id, (0xABC).to_bytes(16, "big"), 16)
+            ctypes.memmove(ev.ctx.span_id, (0xDEF).to_bytes(8, "big"), 8)
         ev.ctx.valid, ev.ctx.trace_flags = valid, flags
-        ev.holds[0].tid, ev.holds[1].tid = 12, 13
         return bytes(ev)
 
-    sampled, unsampled, outside = wait(1, 1), wait(1, 0), wait(0, 0)
-    # WHEN decoded for the sidecar (holds_unparented=False)
-    got = [events.decode_event(raw, None, False) for raw in (sampled, unsampled, outside)]
-    # THEN only the sampled wait keeps its holds; each keeps the rest of its fields
-    assert [len(iv.holds) for iv in got] == [2, 0, 0]
-    assert [iv.holds_total for iv in got] == [3, 3, 3]
-    assert [iv.span is None for iv in got] == [False, False, True]
-    # AND by default every wait keeps them
-    assert [len(events.decode_event(raw).holds) for raw in (sampled, unsampled, outside)] == [2] * 3
+    wait = events.GIL_EVENT_WAIT
+    raws = [event(wait, 1, 1), event(wait, 1, 0), event(wait, 1, 1, ids=False),
+            event(wait, 0, 1), event(events.GIL_EVENT_HOLD, 0, 0)]
+    # WHEN peeked at THEN only waits no span can be made of are named, with
+    # whether they were in a span, as the full decoder sees them
+    assert [events.unparented_wait(r) for r in raws] == [None, (10, True), (10, False),
+                                                         (10, False), None]
+    for raw in raws[:4]:
+        span = events.decode_event(raw).span
+        assert (span is not None and span.sampled) == (events.unparented_wait(raw) is None)
+    assert events.unparented_wait(raws[1][:20]) is None  # too short: the decoder's to reject
 
 
 def test_decode_translates_tids_read_from_the_target() -> None:

@@ -275,16 +275,12 @@ _HOLD_CACHE_MAX = 2048
 _new_interval = tuple.__new__
 
 
-def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None,
-                 holds_unparented: bool = True) -> Interval:
+def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None) -> Interval:
     """Decode one ring-buffer record (bytes of a struct gil_event).
 
     host_tid(pid, ns_tid) gives the sidecar's tid of a thread whose tid the
     probes read from the target (GIL_NS_TID: a holder seen by the contended
-    set); without it, such tids are kept as they are. holds_unparented=False
-    leaves out the holds of a wait with no sampled span (holds=(), but
-    holds_total kept): the sidecar exports no span for one, only counts it,
-    and under a load with work between spans most waits are such."""
+    set); without it, such tids are kept as they are."""
     if len(data) < EVENT_SIZE:
         raise ValueError(f"short event: {len(data)} bytes, want {EVENT_SIZE}")
     (kind, pid, tid, nholds, start_ns, end_ns, holds_total, trace_id, span_id, valid,
@@ -297,10 +293,7 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None,
     if host_tid is not None and flags & GIL_NS_TID:
         tid = host_tid(pid, tid)
     span = _span_ref(trace_id, span_id, valid, trace_flags)
-    if kind == GIL_EVENT_HOLD or holds_unparented or (span is not None and trace_flags & 1):
-        holds, seqs = _holds(data, min(nholds, GIL_MAX_HOLDERS), pid, host_tid)
-    else:
-        holds, seqs = (), ()
+    holds, seqs = _holds(data, min(nholds, GIL_MAX_HOLDERS), pid, host_tid)
     if kind == GIL_EVENT_HOLD:
         seqs = (stack_seq,)
     # Positional, through tuple.__new__: the keyword constructor of a
@@ -309,6 +302,27 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None,
         "wait" if kind == GIL_EVENT_WAIT else "hold", pid, tid, start_ns, end_ns, span,
         holds, holds_total, bool(span_changed), PROBE_SETS[probe_set],
         bool(flags & GIL_START_SEEN), seqs if any(seqs) else (), ()))
+
+
+# The fields of a struct gil_event that say whether a wait can become a span:
+# kind, pid, then (after tid, nholds, start, end, holds_total) the waiter's
+# trace id, span id, valid and trace_flags.
+_PEEK = struct.Struct("<II32x16s8sBB")
+_NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
+
+
+def unparented_wait(data: bytes) -> Optional[Tuple[int, bool]]:
+    """(pid, in a span) of a wait event whose waiter was in no sampled span:
+    no span can be made of it, so a reader that only counts such waits need not
+    decode them (nearly every wait, under a load with work between spans).
+    None for any other event, or one too short to be an event."""
+    if len(data) < EVENT_SIZE:
+        return None
+    kind, pid, trace_id, span_id, valid, trace_flags = _PEEK.unpack_from(data, 0)
+    if kind != GIL_EVENT_WAIT:
+        return None
+    in_span = bool(valid) and trace_id != _NO_TRACE and span_id != _NO_SPAN
+    return None if in_span and trace_flags & 1 else (pid, in_span)
 
 
 def _holds(data: bytes, n: int, pid: int, host_tid: Callable[[int, int], int] | None

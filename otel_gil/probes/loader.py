@@ -97,9 +97,10 @@ class Probes:
         self.config = config
         self._on_event = on_event
         self.undecodable = 0
-        # False: a wait with no sampled span arrives without its holds (the
-        # sidecar only counts such a wait; events.decode_event).
-        self.holds_unparented = True
+        # Set: a wait event with no sampled span is not decoded but given to
+        # it, as (pid, in a span) (events.unparented_wait): the sidecar only
+        # counts those.
+        self.on_unparented: Optional[Callable[[int, bool], None]] = None
         self._attached: Dict[int, List[Tuple[str, int]]] = {}
         self.plans: Dict[int, List[Point]] = {}
         self._ns_translate: Dict[int, bool] = {}
@@ -228,8 +229,13 @@ class Probes:
         if raw[:4] == STACK_KIND:
             self.stacks.on_record(raw)
             return 0
+        if self.on_unparented is not None:
+            unparented = events.unparented_wait(raw)
+            if unparented is not None:
+                self.on_unparented(*unparented)
+                return 0
         try:
-            interval = events.decode_event(raw, self.host_tid, self.holds_unparented)
+            interval = events.decode_event(raw, self.host_tid)
         except ValueError:
             self.undecodable += 1
             return 0

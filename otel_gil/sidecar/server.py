@@ -93,7 +93,8 @@ class Sidecar:
         self.export.stack_threshold_ns = config.stack_threshold_ns  # waits with holder stacks
         self._max_pending = max(MIN_PENDING, PENDING_SHARE * span_queue_bytes // PENDING_BYTES)
         self.session = Session(config, self._on_interval, refresh_interval_s=REFRESH_S)
-        self.session.probes.holds_unparented = False  # it only counts such waits
+        if "wait" in self.session.histogram_kinds:  # else the metrics need every wait
+            self.session.probes.on_unparented = self.export.skip_unparented_wait
         trim_heap()
         self._loop_thread = threading.current_thread()
         self._refresh = threading.Condition()

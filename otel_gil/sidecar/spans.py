@@ -125,13 +125,19 @@ class SpanExport:
     def _skipped_for_parent(self, iv: Interval, name: str) -> bool:
         """No span to parent it (outside_span), or an unsampled one: counted, skipped."""
         if iv.span is None or not iv.span.sampled:
-            self._skip(iv, name, OUTSIDE_SPAN if iv.span is None else UNSAMPLED)
+            self._skip(iv.pid, name, OUTSIDE_SPAN if iv.span is None else UNSAMPLED)
             return True
         return False
 
-    def _skip(self, iv: Interval, name: str, reason: str) -> None:
-        key = (iv.pid, name, reason)
+    def _skip(self, pid: int, name: str, reason: str) -> None:
+        key = (pid, name, reason)
         self.skipped[key] = self.skipped.get(key, 0) + 1
+
+    def skip_unparented_wait(self, pid: int, in_span: bool) -> None:
+        """A wait the probes saw under no sampled span, counted undecoded
+        (Probes.on_unparented): what _skipped_for_parent would have said."""
+        if pid in self._processes:
+            self._skip(pid, names.GIL_WAIT.name, UNSAMPLED if in_span else OUTSIDE_SPAN)
 
     def _common(self, proc: ProcessExport, thread: ThreadInfo, iv: Interval) -> bytes:
         """The attributes every span of a thread shares, encoded once per thread
@@ -208,7 +214,7 @@ class SpanExport:
         if iv.span_changed:
             # It began under another span: no single span contains it, so it
             # is not exported (it stays in the metrics).
-            self._skip(iv, name, ACROSS_SPANS)
+            self._skip(iv.pid, name, ACROSS_SPANS)
             return None
         common = self._common(proc, proc.threads(iv.tid, published=True), iv)
         attrs = {names.HOLD_NS.name: iv.duration_ns}
