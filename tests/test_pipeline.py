@@ -298,11 +298,12 @@ def test_the_export_budget_says_when_settled_spans_are_left() -> None:
 
     now = time.monotonic_ns()
     settled, fresh = now - 2 * EXPORT_DELAY_NS, now + EXPORT_DELAY_NS
-    # GIVEN three settled intervals, each costing more than a turn's export budget
-    loop = _loop_with([(settled, "a"), (settled, "b"), (settled, "c")], host.EXPORT_BUDGET_NS)
-    # WHEN a turn exports THEN it stops on the budget, behind, with settled ones left
+    # GIVEN 20 settled intervals, each costing a quarter of a turn's export budget
+    loop = _loop_with([(settled, i) for i in range(20)], host.EXPORT_BUDGET_NS // 4)
+    # WHEN a turn exports THEN it stops on the budget (the clock is read every
+    # 8th interval), behind, with settled ones left
     assert Sidecar._export_settled(loop) is True
-    assert loop.export.exported and len(loop._pending) == 3 - len(loop.export.exported)
+    assert loop.export.exported == list(range(8)) and len(loop._pending) == 12
     # AND with only intervals still in their export delay left, it is not behind
     loop = _loop_with([(settled, "a"), (fresh, "b")], 0)
     assert Sidecar._export_settled(loop) is False

@@ -111,8 +111,7 @@ class Sidecar:
             lambda: sidecar_totals(self.export.spans, self.metrics.lost_events_total(),
                                    self.metrics.context_totals(), self.metrics.stacks_lost()),
             lambda new: exporter_detail(self.export.spans, new), time.monotonic_ns())
-        self._trimmed_ns = time.monotonic_ns()
-        self._trimmed_targets = 0
+        self._trimmed_ns, self._trimmed_targets = time.monotonic_ns(), 0
         self._tables: Dict[int, TableLocation] = {}
         self._clients: Dict[int, Client] = {}  # by fd
         self._stop = False
@@ -152,9 +151,11 @@ class Sidecar:
         now = time.monotonic_ns()
         # (CPU time: a sidecar short of CPU would spend a wall budget descheduled)
         horizon, deadline = now - EXPORT_DELAY_NS, time.thread_time_ns() + EXPORT_BUDGET_NS
+        done = 0  # the CPU clock is a system call, ~3% of the sidecar: read every 8th
         while self._pending and (everything or self._pending[0][0] <= horizon):
-            if not everything and time.thread_time_ns() > deadline:
+            if done and not done & 7 and not everything and time.thread_time_ns() > deadline:
                 return True
+            done += 1
             _, iv = self._pending.popleft()
             try:
                 span = self.export.on_interval(iv)
