@@ -257,12 +257,26 @@ filler = threading.Thread(target=fill); filler.start(); filler.join()
 kept.end()
 with trace.use_span(kept):
     after_clear = slot()
+
+# an ended span's SpanContext shared by a span object that never ends (what the
+# SDK's disabled tracer returns), remembered once the ended one's entry is cleared
+shared = tracer.start_span("shared")
+with trace.use_span(shared):
+    pass
+shared.end()
+filler = threading.Thread(target=fill); filler.start(); filler.join()
+with trace.use_span(trace.NonRecordingSpan(shared.get_span_context())):
+    pass
+with trace.use_span(shared):
+    after_shared = slot()
 print(json.dumps({"during": during, "after": after, "racing": sid(racing.span),
-                  "cached": cached, "kept": sid(kept), "after_clear": after_clear}))
+                  "cached": cached, "kept": sid(kept), "after_clear": after_clear,
+                  "after_shared": after_shared}))
 ''')
     # THEN once it has ended, the span is never published again
     assert out["during"] is None and out["after"] is None
     assert out["cached"] == out["kept"] and out["after_clear"] is None
+    assert out["after_shared"] is None
 
 
 EAGER = '''

@@ -127,6 +127,9 @@ def test_unparented_waits_are_told_apart_without_decoding() -> None:
         span = events.decode_event(raw).span
         assert (span is not None and span.sampled) == (events.unparented_wait(raw) is None)
     assert events.unparented_wait(raws[1][:20]) is None  # too short: the decoder's to reject
+    unknown = bytearray(raws[1])
+    events.GilEvent.from_buffer(unknown).probe_set = 99  # the decoder's to reject too
+    assert events.unparented_wait(bytes(unknown)) is None
 
 
 def test_decode_translates_tids_read_from_the_target() -> None:

@@ -297,7 +297,7 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None)
     if kind == GIL_EVENT_HOLD:
         seqs = (stack_seq,)
     # Positional, through tuple.__new__: the keyword constructor of a
-    # 12-field NamedTuple was a tenth of the decode.
+    # 13-field NamedTuple was a tenth of the decode.
     return _new_interval(Interval, (
         "wait" if kind == GIL_EVENT_WAIT else "hold", pid, tid, start_ns, end_ns, span,
         holds, holds_total, bool(span_changed), PROBE_SETS[probe_set],
@@ -306,8 +306,9 @@ def decode_event(data: bytes, host_tid: Callable[[int, int], int] | None = None)
 
 # The fields of a struct gil_event that say whether a wait can become a span:
 # kind, pid, then (after tid, nholds, start, end, holds_total) the waiter's
-# trace id, span id, valid and trace_flags.
-_PEEK = struct.Struct("<II32x16s8sBB")
+# trace id, span id, valid and trace_flags, and (after attrs, span_changed)
+# the probe set.
+_PEEK = struct.Struct("<II32x16s8sBB3xB")
 _NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
 
 
@@ -318,9 +319,9 @@ def unparented_wait(data: bytes) -> Optional[Tuple[int, bool]]:
     None for any other event, or one too short to be an event."""
     if len(data) < EVENT_SIZE:
         return None
-    kind, pid, trace_id, span_id, valid, trace_flags = _PEEK.unpack_from(data, 0)
-    if kind != GIL_EVENT_WAIT:
-        return None
+    kind, pid, trace_id, span_id, valid, trace_flags, probe_set = _PEEK.unpack_from(data, 0)
+    if kind != GIL_EVENT_WAIT or probe_set not in PROBE_SETS:
+        return None  # (an unknown probe set: the decoder's to reject)
     in_span = bool(valid) and trace_id != _NO_TRACE and span_id != _NO_SPAN
     return None if in_span and trace_flags & 1 else (pid, in_span)
 

@@ -178,5 +178,6 @@ def _after_fork() -> None:
     for name in ("view", "lease"):
         _tls.__dict__.pop(name, None)
     _cache.clear()  # in place: otel_gil/app/event_loop.py holds this dict
+    publish._ended.clear()
     if isinstance(otel_context._RUNTIME_CONTEXT, PublishingRuntimeContext):
         _publish(otel_context.get_current())

@@ -164,8 +164,9 @@ def _bracket(callback: Callable[..., Any], *args: Any) -> Any:
     Context (uvloop/cbhandles.pyx, Handle._run: Context_Enter), so on entry the
     current Context is the callback's; on exit, still inside it, the loop's own
     record (taken when run_forever began, on this thread) is written back.
-    A function, not an object holding the callback: no allocation per
-    callback, and uvloop calls it by vectorcall (bench/README.md)."""
+    A function, not an object holding the callback: no object of ours per
+    callback (uvloop's args tuple grows by one), and uvloop calls it by
+    vectorcall (bench/README.md)."""
     var = _otel_var
     if var is None:
         return callback(*args)

@@ -5,7 +5,7 @@ the stdlib only). It must be cheap and must never raise into the app.
 
 A thread's first write claims its slot (otel_gil/app/table.py) and keeps a
 view of its 26-byte id record in a thread-local; every later write is one
-slice assignment. Span records are cached per span object. The callers are
+slice assignment. Span records are cached per SpanContext. The callers are
 otel_gil/app/context.py's runtime-context wrapper (every attach/detach) and
 otel_gil/app/event_loop.py's patches (a task step, a worker's copied context);
 context.install() sets _table and _otel_var here.
@@ -44,6 +44,13 @@ _tls = threading.local()  # .view: the thread's record (see ContextTable.view); 
 # through the GC's generations, which cost the app several µs per new span
 # (bench/span_cost.py); a SpanContext is one small tuple. Cleared past _CACHE_MAX.
 _cache: dict[int, tuple[object, bytes]] = {}
+# id(SpanContext) -> that SpanContext, of spans that have ended (span_ended),
+# apart from _cache and its clears: another span object sharing an ended one's
+# SpanContext (the SDK's disabled tracer returns NonRecordingSpan(parent's
+# context)) must not make an entry live again once the ended one's entry is
+# cleared. It only ever says "ended", so no race can make a span live through it.
+_ended: dict[int, object] = {}
+_ENDED_MAX = 1024
 _CACHE_MAX = 256
 # The ContextVar that holds OpenTelemetry's current Context in each contextvars
 # Context (ContextVarsRuntimeContext._current_context), or None when the app
@@ -69,17 +76,20 @@ def _remember(span: Any) -> bytes:
     # An SDK span that has ended publishes "no span": work after its end
     # (an ASGI server span ends when the response is sent, and stays current
     # while the middleware finishes) would otherwise get a child outside it.
-    live = span_context.is_valid and getattr(span, "end_time", None) is None
+    key = id(span_context)
+    live = (span_context.is_valid and getattr(span, "end_time", None) is None
+            and key not in _ended)
     record = ids_record(span_context.trace_id, span_context.span_id,
                         int(span_context.trace_flags)) if live else INVALID
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
-    key = id(span_context)
     _cache[key] = (span_context, record)
-    if live and getattr(span, "end_time", None) is not None:
+    if live and (getattr(span, "end_time", None) is not None or key in _ended):
         # It ended on another thread since the check above, and span_ended
         # may have run before the entry was there: the SDK sets end_time
         # before it calls span processors, so this second look cannot miss it.
+        # (A thread that read a live hit just before the end still writes it
+        # to its own slot: that slot says so until the thread's next switch.)
         record = INVALID
         _cache[key] = (span_context, record)
     return record
@@ -92,6 +102,9 @@ def span_ended(span: Any) -> None:
     try:
         span_context = span.get_span_context()
         key = id(span_context)
+        if len(_ended) >= _ENDED_MAX:
+            _ended.clear()
+        _ended[key] = span_context
         if key in _cache:
             _cache[key] = (span_context, INVALID)
         span_id = span_context.span_id
