@@ -54,8 +54,13 @@ CHILD = r"""
 import json, os, sys, threading, time, warnings
 sys.path.insert(0, sys.argv[1])
 def runnable_ns():
+    # Time this thread could not run: its run-queue wait (schedstat) plus the
+    # host's steal over every vCPU (/proc/stat, USER_HZ ticks): a vCPU the host
+    # preempted is neither CPU nor run-queue time, and its thread may hold the GIL.
     with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
-        return int(f.read().split()[1])
+        queued = int(f.read().split()[1])
+    with open("/proc/stat") as f:
+        return queued + int(f.readline().split()[8]) * 10_000_000
 def burn(seconds, out, queued):
     t0, q0 = time.thread_time_ns(), runnable_ns()
     deadline = time.monotonic() + seconds

@@ -28,9 +28,13 @@ from otel_gil.target.interpreter import inspect_binary
 WORKLOAD = r"""
 import json, os, sys, threading, time
 def runnable_ns():
-    # /proc/self/task/TID/schedstat: on-CPU ns, run-queue wait ns, timeslices
+    # Time this thread could not run: its run-queue wait (schedstat) plus the
+    # host's steal over every vCPU (/proc/stat, USER_HZ ticks): a vCPU the host
+    # preempted is neither CPU nor run-queue time, and its thread may hold the GIL.
     with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
-        return int(f.read().split()[1])
+        queued = int(f.read().split()[1])
+    with open("/proc/stat") as f:
+        return queued + int(f.readline().split()[8]) * 10_000_000
 def burn(out, queued):
     t0, q0 = time.thread_time_ns(), runnable_ns()
     deadline = time.monotonic() + 1.5
@@ -93,9 +97,11 @@ def assert_hold_matches_cpu(held: int, cpu_ns: int, runnable: int) -> None:
     in serving it is charged to the thread as CPU time outside its holds
     (0.86 seen once in CI, with the burner 11% of its time in the run queue).
     A missed hold or a misattributed one moves a thread's ratio far more, and
-    the exact acquisition count is asserted separately."""
+    the exact acquisition count is asserted separately. runnable includes the
+    host's steal time (the children's runnable_ns()), known to a tick (10 ms)
+    per vCPU at each end: hence 40 ms more above."""
     assert held >= 0.85 * cpu_ns, (held, cpu_ns, runnable)
-    assert held <= 1.02 * cpu_ns + runnable, (held, cpu_ns, runnable)
+    assert held <= 1.02 * cpu_ns + runnable + 40_000_000, (held, cpu_ns, runnable)
 
 
 @pytest.mark.ebpf
