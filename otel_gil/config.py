@@ -63,7 +63,9 @@ DOCS: Dict[str, str] = {
         "black-holed, spans beyond it are dropped and counted (`otel_gil.spans.dropped`, "
         "reason `queue_full`). Events decoded but not yet exported (a sidecar short of "
         "CPU) are bounded with it, at up to 4 times as much memory (~4 KB each), and "
-        "dropped and counted the same way beyond.",
+        "dropped and counted the same way beyond. A wait under no sampled span is never "
+        "queued: it is counted at once in `otel_gil.spans.skipped` (reason `outside_span` "
+        "or `unsampled`), backlog or not.",
 }
 
 DEFAULT_SOCKET = "/run/otel-gil/otel-gil.sock"
