@@ -217,6 +217,27 @@ print(json.dumps({"before": before, "span": sid(span), "after_end": after_end,
     assert out["after_end"] is None and out["after_child"] is None
 
 
+def test_a_span_publishes_no_span_before_its_end_time_is_set() -> None:
+    out = run('''
+from opentelemetry.sdk.trace import SpanProcessor
+seen = []
+class Peek(SpanProcessor):
+    """Runs before otel-gil's own processor, as a BatchSpanProcessor added first would."""
+    def on_end(self, span):
+        seen.append(slot())
+trace.get_tracer_provider().add_span_processor(Peek())
+context.install()
+context.watch_span_ends(None)
+span = tracer.start_span("server")
+with trace.use_span(span, end_on_exit=False):
+    before = slot()
+    span.end()
+print(json.dumps({"before": before, "span": sid(span), "at_end": seen}))
+''')
+    # THEN by the time the SDK has set its end time, the span is no longer published
+    assert out["before"] == out["span"] and out["at_end"] == [None]
+
+
 def test_a_span_ended_by_another_thread_while_it_is_cached_publishes_no_span() -> None:
     out = run('''
 from otel_gil.app import publish

@@ -131,10 +131,34 @@ def _ended_spans_processor() -> Any:
 _ended_spans_on: set[int] = set()  # id() of the tracer providers given an EndedSpans
 
 
+def _mark_before_the_end_time() -> None:
+    """Have the SDK's Span.end call span_ended() first (once). A processor's
+    on_end comes after Span.end set the end time and built the ReadableSpan:
+    a GIL wait that began in between (a forced switch lands at any bytecode)
+    was a child of a span that had ended before it began."""
+    from opentelemetry.sdk.trace import Span  # noqa: PLC0415
+
+    original = Span.__dict__.get("end")
+    if original is None or getattr(original, "_otel_gil", False):
+        return
+
+    def end(self: Any, end_time: Any = None) -> Any:
+        span_ended(self)
+        return original(self, end_time)
+
+    end._otel_gil = True  # type: ignore[attr-defined]
+    setattr(Span, "end", end)  # noqa: B010
+
+
 def watch_span_ends(tracer_provider: Any) -> None:
     """Give an SDK tracer provider a span processor calling span_ended() (once;
-    default: the global one). Other providers have no such hook: their ended
-    spans keep publishing while they stay current."""
+    default: the global one), and the SDK's Span.end a call to it before the
+    end time is set. Other providers have no such hook: their ended spans keep
+    publishing while they stay current."""
+    try:
+        _mark_before_the_end_time()
+    except Exception:  # noqa: BLE001, S110 - optional: the processor still marks ends
+        pass
     try:
         if tracer_provider is None:
             from opentelemetry import trace  # noqa: PLC0415
