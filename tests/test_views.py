@@ -108,6 +108,38 @@ def test_an_unknown_holder_and_unrecorded_hand_offs_are_charged_to_synthetic_sta
     assert blame.charges(w) == [(A, None, 4 * MS), (NOT_RECORDED, None, 6 * MS)]
 
 
+def test_a_truncated_wait_takes_its_earliest_holders_from_other_recorded_holds() -> None:
+    # GIVEN waiter-a (2) waiting 0-100 ms behind four holds: holder (1) 0-30 ms,
+    # waiter-b (3) 30-40 ms, holder 40-70 ms (a long hold, an interval of its
+    # own), and holder 71-100 ms, the only one its event kept (truncated)
+    first, second = hold(1, 0, 30 * MS), hold(3, 30 * MS, 40 * MS)
+    long_hold, kept = hold(1, 40 * MS, 70 * MS), hold(1, 71 * MS, 100 * MS)
+    doc = record([
+        wait(3, 5 * MS, 30 * MS, [first]),  # waiter-b's own wait carried the first hold
+        wait(1, 31 * MS, 39 * MS, [second]),  # and the holder's carried waiter-b's
+        dict(long_hold, kind="hold", pid=PID, duration_ns=30 * MS),
+        wait(2, 0, 100 * MS, [kept], truncated=True),
+        # AND a hold of another process at the same time, which must not count
+        dict(hold(1, 0, 30 * MS), kind="hold", pid=PID + 1, duration_ns=30 * MS),
+    ])
+    rec = views.from_record(doc)
+    w = next(s for s in rec.waits if s.tid == 2)
+    # THEN its shares are the kept hold, then the recorded ones before it, each once
+    assert [(s.tid, s.held_ns, s.source) for s in w.shares] == [
+        (1, 29 * MS, ("hold", 1, T0 + 71 * MS)),
+        (1, 30 * MS, ("hold", 1, T0 + 0)),
+        (3, 10 * MS, ("hold", 3, T0 + 30 * MS)),
+        (1, 30 * MS, ("hold", 1, T0 + 40 * MS)),
+    ]
+    # AND only the 1 ms no recorded hold covers (70-71 ms) is "[holders not recorded]"
+    charged = blame.charges(w)
+    assert charged[-1] == (NOT_RECORDED, None, 1 * MS)
+    assert sum(ns for _, _, ns in charged) == 100 * MS
+    # AND the note says where the earliest holders came from
+    assert any("taken from the holds other waits and long holds recorded" in n
+               for n in rec.notes)
+
+
 def test_held_while_waited_on_a_convoy() -> None:
     # GIVEN two 300 ms holds, each waited on by waiter-a (291 ms) and waiter-b
     # (285 ms, of which 3 ms behind waiter-a's own short hold)

@@ -7,10 +7,18 @@ same timestamps, and a hold over the hold threshold is also an interval of its
 own: the three are one hold slice here. A record written before hold windows
 existed has only ``holders[]`` ({tid, held_ns}): the shares are taken from
 there, and the timeline has no hold slices for them.
+
+A wait that saw more hand-offs than its event carries (``holders_truncated``)
+lacks its earliest holds. Other waits carried many of them, and long holds are
+intervals of their own: the part of the wait before its earliest kept hold is
+charged to those recorded holds of its process that overlap it. Only what none
+of them covers stays ``[holders not recorded]``.
 """
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
 from otel_gil.views import model
@@ -94,6 +102,35 @@ class _Builder:
                      span_id=model.text(raw.get("span_id")))
 
 
+def fill_truncated(waits: List[Slice], holds: List[Slice]) -> List[Slice]:
+    """The waits, each truncated one with shares added from the recorded holds
+    of its process (other threads') that overlap it before its earliest kept
+    hold. The GIL has one holder at a time, so a process's holds do not overlap
+    and none is charged twice."""
+    by_pid: Dict[int, List[Slice]] = {}
+    for h in sorted(holds, key=lambda h: h.start_ns):
+        by_pid.setdefault(h.pid, []).append(h)
+    starts = {pid: [h.start_ns for h in hs] for pid, hs in by_pid.items()}
+    out = []
+    for w in waits:
+        known = {s.source for s in w.shares if s.source is not None}
+        if not w.truncated or w.pid not in by_pid or len(known) < len(w.shares):
+            out.append(w)  # (a record without hold windows: nothing to match)
+            continue
+        before = min([key[2] for key in known] + [w.end_ns])
+        pid_holds, added = by_pid[w.pid], []
+        i = bisect.bisect_left(starts[w.pid], before) - 1
+        while i >= 0 and pid_holds[i].end_ns > w.start_ns:
+            h = pid_holds[i]
+            overlap = min(h.end_ns, before) - max(h.start_ns, w.start_ns)
+            if h.tid != w.tid and h.key not in known and overlap > 0:
+                added.append(Share(h.tid, overlap, h.stack, h.key))
+            i -= 1
+        out.append(dataclasses.replace(w, shares=w.shares + tuple(reversed(added)))
+                   if added else w)
+    return out
+
+
 def notes(doc: Dict[str, Any], waits: List[Slice]) -> List[str]:
     """What the record lacks, in words: every view shows these."""
     out = []
@@ -107,7 +144,8 @@ def notes(doc: Dict[str, Any], waits: List[Slice]) -> List[str]:
     truncated = sum(1 for w in waits if w.truncated)
     if truncated:
         out.append(f"{truncated} of {len(waits)} waits saw more hand-offs than the record keeps "
-                   "(16): their earliest holders are not known")
+                   "(16): their earliest holders are taken from the holds other waits and "
+                   "long holds recorded, and what those miss is [holders not recorded]")
     return out
 
 
@@ -130,6 +168,7 @@ def from_record(doc: Dict[str, Any], title: Optional[str] = None) -> Recording:
             builder.hold(iv, _int(iv, "pid"))
         elif iv.get("kind") == "wait":
             waits.append(builder.wait(iv))
+    waits = fill_truncated(waits, list(builder.holds.values()))
     slices = sorted(list(builder.holds.values()) + waits, key=lambda s: (s.start_ns, s.kind))
     starts = [p["started_ns"] for p in doc.get("processes") or []
               if isinstance(p.get("started_ns"), int)]
