@@ -332,6 +332,33 @@ def test_a_turn_left_behind_is_followed_at_once_a_few_times_in_a_row() -> None:
     assert pace.after(True, 0.5) == (0, 0.0)  # the count starts again
 
 
+def test_a_settled_heap_keeps_start_up_objects_out_of_the_gc_and_still_collects_cycles() -> None:
+    # GIVEN a fresh interpreter that imported what a sidecar imports, then settled its heap
+    code = """if True:
+        import gc, json, weakref
+        import opentelemetry.sdk.trace, otel_gil.sidecar.spans
+        from otel_gil.sidecar import host
+        host.settle_heap()
+        frozen = gc.get_freeze_count()
+        class Node: pass
+        a, b = Node(), Node()
+        a.b, b.a = b, a  # a cycle, made after
+        gone = weakref.ref(a)
+        del a, b
+        young = [[] for _ in range(host.SERVING_GC_THRESHOLDS[0] + 1)]  # the loop's kind
+        print(json.dumps({"frozen": frozen, "threshold": gc.get_threshold(),
+                          "cycle_collected": gone() is None}))
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    state = json.loads(out)
+    # THEN the start-up's objects are out of the GC's scans, and it collects less often
+    assert state["frozen"] > 10_000, state
+    assert tuple(state["threshold"]) == host.SERVING_GC_THRESHOLDS
+    # AND a cycle made afterwards is still collected, by a young collection
+    assert state["cycle_collected"] is True, state
+
+
 # ------------------------------------------------------------ the histograms
 
 

@@ -57,7 +57,7 @@ class SidecarCommand(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         require_root()
-        from otel_gil.sidecar.host import listen  # noqa: PLC0415
+        from otel_gil.sidecar.host import listen, settle_heap  # noqa: PLC0415
         from otel_gil.sidecar.server import Sidecar  # noqa: PLC0415 - imports bcc
 
         logging.getLogger("otel_gil").setLevel(logging.INFO)
@@ -81,5 +81,6 @@ class SidecarCommand(Command):
         if args.owner_fd is None:
             print(f"otel-gil: sidecar listening on {args.listen} (pid {os.getpid()})",
                   file=sys.stderr, flush=True)
+        settle_heap()  # up and serving from now: the start-up's objects leave the GC's scans
         sidecar.serve()
         return 0
