@@ -13,6 +13,8 @@ rotated each round, so that no setup always follows the same one:
   nostacks    the same with holder stacks off (--stack-threshold-ms 0): no
               sched_switch or CPU-sample program, what those cost
   all         otel-gil --probes all, likewise
+  floor       the contended uprobes running empty programs, no stack programs
+              (not run unless asked for): what the traps alone cost
   gilknocker  gilknocker.KnockKnock polling every 1 ms inside the child
   pyspy       py-spy record --gil at 100 Hz attached to the child
 
@@ -27,8 +29,12 @@ Workloads (the unit is what the child counts):
 Reported: throughput relative to `none` per workload and setup, from the best
 round of each (noise on a shared machine only ever slows a batch down), with
 the median of the per-round ratios beside it, as a Markdown table ready for
-bench/README.md. Only ratios within one run mean anything; run it on a quiet
-machine (the numbers in bench/README.md say how they were taken).
+bench/README.md. For http also the server's CPU time per request (utime +
+stime of every thread of the child over the batch, the least round): probe
+traps and BPF programs run on the traced threads, so this is their cost, and
+the host's noise, which moves the rate by ±15% here, disturbs it less. Only
+ratios within one run mean anything; run it on a quiet machine (the numbers
+in bench/README.md say how they were taken).
 """
 
 from __future__ import annotations
@@ -134,6 +140,9 @@ for line in sys.stdin:
             knocker.stop()
             knocker = None
         print(json.dumps({"ok": True}), flush=True)
+    elif cmd[0] == "cpu":
+        t = os.times()
+        print(json.dumps({"cpu": t.user + t.system}), flush=True)
     elif cmd[0] == "run":
         seconds = float(cmd[1])
         t0 = time.perf_counter()
@@ -185,11 +194,18 @@ WORKLOADS = {
 SETUPS = ("none", "contended", "nostacks", "all", "gilknocker", "pyspy")
 PROBE_SETUPS = {"contended": ProbeConfig(probes="contended"),
                 "nostacks": ProbeConfig(probes="contended", stack_threshold_ns=0),
-                "all": ProbeConfig(probes="all")}
+                "all": ProbeConfig(probes="all"),
+                # the contended uprobes running empty programs, no stack programs:
+                # what the traps alone cost (not in the default setups)
+                "floor": ProbeConfig(probes="contended", empty=True, stacks=False)}
 LABELS = {"none": "untraced", "contended": "otel-gil --probes contended",
           "nostacks": "contended, --stack-threshold-ms 0",
-          "all": "otel-gil --probes all", "gilknocker": "gilknocker (1 ms poll)",
+          "all": "otel-gil --probes all", "floor": "contended uprobes, empty programs",
+          "gilknocker": "gilknocker (1 ms poll)",
           "pyspy": "py-spy record --gil (100 Hz)"}
+
+
+SERVER_CPU: Dict[str, Dict[str, List[float]]] = {}  # workload -> setup -> s per op
 
 
 class Proc:
@@ -234,13 +250,17 @@ class Workload:
             env["PYTHONPATH"] = path
         self.kind = kind
         self.child = Proc(python + ["-c", CHILD, kind], env)
+        self.cpu_per_op: List[float] = []  # http: the server's CPU s per request, per batch
         self.pid = int(self.child.hello["pid"])
         self.client = Proc([sys.executable, "-c", CLIENT, str(int(self.child.hello["port"]))]) \
             if kind == "http" else None
 
     def batch(self, seconds: float) -> float:
         driver = self.client or self.child
+        before = self.child.ask("cpu")["cpu"] if self.client else 0.0
         reply = driver.ask(f"run {seconds}")
+        if self.client and reply["ops"]:
+            self.cpu_per_op.append((self.child.ask("cpu")["cpu"] - before) / reply["ops"])
         return reply["ops"] / reply["s"]
 
     def close(self) -> None:
@@ -322,6 +342,11 @@ def table(results: Dict[str, Dict[str, List[float]]], setups: List[str], python:
             med = statistics.median(x / y for x, y in zip(per[s], base))
             cells.append(f"{best:.3f} ({med:.3f})")
         lines.append(f"| {WORKLOADS[kind]} | " + " | ".join(cells) + " |")
+    for kind, cpu in SERVER_CPU.items():
+        least = {s: min(v) * 1e6 for s, v in cpu.items()}
+        lines += ["", f"{kind}: the server's CPU per request, least round: " + ", ".join(
+            f"{s} {least[s]:.1f} µs" + ("" if s == "none" else f" ({least[s] / least['none']:.3f})")
+            for s in setups if s in least)]
     lines.append("")
     lines.append("untraced throughput (best round): " + ", ".join(
         f"{kind} {max(per['none']):,.0f}/s" for kind, per in results.items()))
@@ -356,8 +381,8 @@ def main() -> int:
     print(table(results, setups, args.python))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"python": args.python, "seconds": args.seconds, "results": results}, f,
-                      indent=1)
+            json.dump({"python": args.python, "seconds": args.seconds, "results": results,
+                       "server_cpu_s_per_request": SERVER_CPU}, f, indent=1)
     return 0
 
 
@@ -372,6 +397,8 @@ def run_workload(kind: str, python: List[str], setups: List[str], args: argparse
         for r in range(args.rounds):
             for s in setups[r % len(setups):] + setups[:r % len(setups)]:
                 per[s].append(one_batch(s, work, args.seconds, sessions))
+                if work.cpu_per_op:
+                    SERVER_CPU.setdefault(kind, {}).setdefault(s, []).append(work.cpu_per_op[-1])
             print(f"{kind} round {r + 1}: " + ", ".join(
                 f"{s} {per[s][-1]:,.0f}/s" for s in setups), file=sys.stderr, flush=True)
         return per
