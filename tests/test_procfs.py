@@ -94,6 +94,21 @@ def test_memory_reads_and_their_errors() -> None:
     with pytest.raises(TargetError, match="cannot read 8 bytes at 0x8"):
         procfs.read_memory(os.getpid(), 8, 8)
     assert procfs.peek_memory(os.getpid(), 8, 8) == b""
+    # AND an address past any file offset (a torn pointer read from a target's
+    # memory) is an OSError from the raw read, not an OverflowError
+    with procfs.Memory(os.getpid()) as mem:
+        with pytest.raises(OSError, match="no such address: 0xdead000000000000"):
+            mem.pread(0xDEAD << 48, 8)
+    with pytest.raises(TargetError, match="cannot read 8 bytes at 0xdead000000000000"):
+        procfs.read_memory(os.getpid(), 0xDEAD << 48, 8)
+    assert procfs.peek_memory(os.getpid(), 0xDEAD << 48, 8) == b""
+    # AND the holder-tid search, which follows a thread list's next pointers,
+    # stops at such a pointer instead of failing the whole attach
+    from otel_gil.probes import holders
+
+    state = (0).to_bytes(8, "little") + (0xDEAD << 48).to_bytes(8, "little") + bytes(48)
+    with procfs.Memory(os.getpid()) as mem:
+        assert holders._tid_offsets(mem, address, state, {1}) == []
 
 
 def test_root_paths() -> None:

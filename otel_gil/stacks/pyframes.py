@@ -218,7 +218,10 @@ class CodeReader:
     def _read(self, address: int, size: int) -> bytes:
         if self._fd is None:
             self._fd = os.open(self._path, os.O_RDONLY)
-        data = os.pread(self._fd, size, address)
+        try:
+            data = os.pread(self._fd, size, address)
+        except OverflowError as err:  # an untrusted pointer past any file offset
+            raise OSError(f"no such address: {address:#x}") from err
         if len(data) != size:
             raise OSError(f"short read at {address:#x}")
         return data

@@ -9,6 +9,7 @@ untrusted.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -337,8 +338,13 @@ class Memory:
         return data
 
     def pread(self, address: int, length: int) -> bytes:
-        """The raw read: fewer bytes where the mapping ends, OSError where none can be read."""
-        return os.pread(self._fd, length, address)
+        """The raw read: fewer bytes where the mapping ends, OSError where none can be read
+        (an address no file offset can name, too: a pointer read from the target's
+        memory is untrusted, and a torn one is often past 2**63)."""
+        try:
+            return os.pread(self._fd, length, address)
+        except OverflowError as err:
+            raise OSError(errno.EFAULT, f"no such address: {address:#x}") from err
 
     def peek(self, address: int, length: int) -> bytes:
         try:
