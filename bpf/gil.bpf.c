@@ -288,22 +288,26 @@ static __always_inline void end_wait(struct target *t, struct thread_stats *th,
 #endif
 }
 
-/* What a waiter reads of the GIL struct, holding gil->mutex. */
+/* What a waiter reads of the GIL struct, holding gil->mutex: last_holder,
+ * locked and switch_number are adjacent in every version's
+ * _gil_runtime_state (otel_gil/probes/holders.py places off_holder 8 bytes
+ * before off_locked, off_switch 8 after), so they are one read. */
 struct gil_view {
-    u64 switch_number;
     u64 last_holder;
     u32 locked;
+    u32 pad;
+    u64 switch_number;
 };
 
-/* Read locked, switch_number and last_holder. bpf_probe_read_user cannot
+/* Read last_holder, locked and switch_number. The wait programs run inside
+ * gil->mutex's critical section, and every ns they take there costs the app
+ * many (bench/README.md: one read, not three). bpf_probe_read_user cannot
  * fault a page in: a read can fail while the page is briefly unmapped (a
  * migration or compaction entry, reclaim). Then the wake-up is not used,
  * rather than taken for "the GIL is free" (counted: read_errors). */
 static __always_inline int read_gil(struct target *t, struct gil_view *v)
 {
-    if (bpf_probe_read_user(&v->switch_number, 8, (void *)(t->gil_addr + t->off_switch)) ||
-        bpf_probe_read_user(&v->last_holder, 8, (void *)(t->gil_addr + t->off_holder)) ||
-        bpf_probe_read_user(&v->locked, 4, (void *)(t->gil_addr + t->off_locked))) {
+    if (bpf_probe_read_user(v, sizeof(*v), (void *)(t->gil_addr + t->off_holder))) {
         __sync_fetch_and_add(&t->read_errors, 1);
         return -1;
     }
