@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/compare.py [--python PY] [--rounds R] [--seconds T]
                                       [--workloads hashlib,cpu4,zlib4,http]
-                                      [--setups none,contended,nostacks,all,gilknocker,pyspy]
+                                      [--setups none,contended,nostacks,all,floor,gilknocker,pyspy]
 
 Each workload runs in one child of PY (default: this interpreter) for the
 whole run; every round runs one batch of T seconds per setup, the order
@@ -32,7 +32,8 @@ the median of the per-round ratios beside it, as a Markdown table ready for
 bench/README.md. For http also the server's CPU time per request (utime +
 stime of every thread of the child over the batch, the least round): probe
 traps and BPF programs run on the traced threads, so this is their cost, and
-the host's noise, which moves the rate by ±15% here, disturbs it less. Only
+the host's noise, which moves the rate by ±15% here, disturbs it less (py-spy
+reads the child from its own process: its cost is not in this figure). Only
 ratios within one run mean anything; run it on a quiet machine (the numbers
 in bench/README.md say how they were taken).
 """
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -259,8 +261,9 @@ class Workload:
         driver = self.client or self.child
         before = self.child.ask("cpu")["cpu"] if self.client else 0.0
         reply = driver.ask(f"run {seconds}")
-        if self.client and reply["ops"]:
-            self.cpu_per_op.append((self.child.ask("cpu")["cpu"] - before) / reply["ops"])
+        if self.client:  # nan: no request served, no figure (never the previous batch's)
+            spent = self.child.ask("cpu")["cpu"] - before
+            self.cpu_per_op.append(spent / reply["ops"] if reply["ops"] else math.nan)
         return reply["ops"] / reply["s"]
 
     def close(self) -> None:
@@ -343,7 +346,8 @@ def table(results: Dict[str, Dict[str, List[float]]], setups: List[str], python:
             cells.append(f"{best:.3f} ({med:.3f})")
         lines.append(f"| {WORKLOADS[kind]} | " + " | ".join(cells) + " |")
     for kind, cpu in SERVER_CPU.items():
-        least = {s: min(v) * 1e6 for s, v in cpu.items()}
+        least = {s: min(x for x in v if x == x) * 1e6 for s, v in cpu.items()
+                 if any(x == x for x in v)}
         lines += ["", f"{kind}: the server's CPU per request, least round: " + ", ".join(
             f"{s} {least[s]:.1f} µs" + ("" if s == "none" else f" ({least[s] / least['none']:.3f})")
             for s in setups if s in least)]

@@ -109,10 +109,10 @@ def test_an_unknown_holder_and_unrecorded_hand_offs_are_charged_to_synthetic_sta
 
 
 def test_a_truncated_wait_takes_its_earliest_holders_from_other_recorded_holds() -> None:
-    # GIVEN waiter-a (2) waiting 0-100 ms behind four holds: holder (1) 0-30 ms,
+    # GIVEN waiter-a (2) waiting 0-100 ms behind four holds: holder (1) -10-30 ms,
     # waiter-b (3) 30-40 ms, holder 40-70 ms (a long hold, an interval of its
     # own), and holder 71-100 ms, the only one its event kept (truncated)
-    first, second = hold(1, 0, 30 * MS), hold(3, 30 * MS, 40 * MS)
+    first, second = hold(1, -10 * MS, 30 * MS), hold(3, 30 * MS, 40 * MS)
     long_hold, kept = hold(1, 40 * MS, 70 * MS), hold(1, 71 * MS, 100 * MS)
     doc = record([
         wait(3, 5 * MS, 30 * MS, [first]),  # waiter-b's own wait carried the first hold
@@ -124,10 +124,11 @@ def test_a_truncated_wait_takes_its_earliest_holders_from_other_recorded_holds()
     ])
     rec = views.from_record(doc)
     w = next(s for s in rec.waits if s.tid == 2)
-    # THEN its shares are the kept hold, then the recorded ones before it, each once
+    # THEN its shares are the kept hold, then the recorded ones before it, each
+    # once, clipped to the wait (the first began 10 ms before it)
     assert [(s.tid, s.held_ns, s.source) for s in w.shares] == [
         (1, 29 * MS, ("hold", 1, T0 + 71 * MS)),
-        (1, 30 * MS, ("hold", 1, T0 + 0)),
+        (1, 30 * MS, ("hold", 1, T0 - 10 * MS)),
         (3, 10 * MS, ("hold", 3, T0 + 30 * MS)),
         (1, 30 * MS, ("hold", 1, T0 + 40 * MS)),
     ]
@@ -136,7 +137,7 @@ def test_a_truncated_wait_takes_its_earliest_holders_from_other_recorded_holds()
     assert charged[-1] == (NOT_RECORDED, None, 1 * MS)
     assert sum(ns for _, _, ns in charged) == 100 * MS
     # AND the note says where the earliest holders came from
-    assert any("taken from the holds other waits and long holds recorded" in n
+    assert any("the holds other waits and long holds recorded" in n
                for n in rec.notes)
 
 

@@ -105,8 +105,10 @@ def trim_heap() -> None:
 # young collection, young collections per middle one, middle per full). The
 # defaults (700, 10, 10) made the GC ~7% of a core at ~7000 spans/s: intervals
 # waiting to be exported survive young collections and were scanned again in
-# each middle and full one (bench/README.md).
-SERVING_GC_THRESHOLDS = (20_000, 50, 100)
+# each middle and full one (bench/README.md). A full collection still comes
+# every 2 M allocations (~20 s at that rate): a cycle that reached the old
+# generation (a logged exception's traceback) is not kept for long.
+SERVING_GC_THRESHOLDS = (20_000, 10, 10)
 
 
 def settle_heap() -> None:

@@ -39,7 +39,8 @@ def _tip(rec: Recording, s: Slice, caused: Dict[Any, int]) -> str:
         for stack, _, ns in sorted(charges(s), key=lambda c: -c[2]):
             lines.append(f"  {_ms(ns)}  " + " < ".join(f.label() for f in stack))
         if s.truncated:
-            lines.append("  (more hand-offs than the record keeps: earliest holders unknown)")
+            lines.append("  (more hand-offs than the event keeps: its earliest holders are the "
+                         "holds the record has from elsewhere)")
     if s.trace_id:
         lines.append(f"trace {s.trace_id} span {s.span_id}")
     return "\n".join(lines)

@@ -113,9 +113,12 @@ def fill_truncated(waits: List[Slice], holds: List[Slice]) -> List[Slice]:
     starts = {pid: [h.start_ns for h in hs] for pid, hs in by_pid.items()}
     out = []
     for w in waits:
+        if not w.truncated or w.pid not in by_pid:
+            out.append(w)
+            continue
         known = {s.source for s in w.shares if s.source is not None}
-        if not w.truncated or w.pid not in by_pid or len(known) < len(w.shares):
-            out.append(w)  # (a record without hold windows: nothing to match)
+        if len(known) < len(w.shares):
+            out.append(w)  # a record without hold windows: nothing to match
             continue
         before = min([key[2] for key in known] + [w.end_ns])
         pid_holds, added = by_pid[w.pid], []
@@ -144,8 +147,9 @@ def notes(doc: Dict[str, Any], waits: List[Slice]) -> List[str]:
     truncated = sum(1 for w in waits if w.truncated)
     if truncated:
         out.append(f"{truncated} of {len(waits)} waits saw more hand-offs than the record keeps "
-                   "(16): their earliest holders are taken from the holds other waits and "
-                   "long holds recorded, and what those miss is [holders not recorded]")
+                   "(16): their earliest holders are taken, where the record has them, from "
+                   "the holds other waits and long holds recorded; what those miss is "
+                   "[holders not recorded]")
     return out
 
 
