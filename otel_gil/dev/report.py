@@ -150,6 +150,12 @@ def _metric_line(m: Dict[str, Any]) -> str:
     return f"  {m['name']:<28} {value}"
 
 
+def _held(ms: float) -> str:
+    """A holder's share, readable at any size: a share under 0.1 ms in µs,
+    rather than a "0.0 ms" that reads as none."""
+    return f"{ms:5.1f} ms" if ms >= 0.1 else f"{ms * 1000:5.1f} µs"
+
+
 def _slow_lines(i: int, r: Dict[str, Any], holders: int = 3) -> List[str]:
     lines = [f"{i:>3}. {r['name']:<12} {r['duration_ms']:6.1f} ms, of which {r['gil_wait_ms']:.1f} "
              f"ms waiting for the GIL ({r['gil_waits']} waits)   trace {r['trace_id']}"]
@@ -157,7 +163,7 @@ def _slow_lines(i: int, r: Dict[str, Any], holders: int = 3) -> List[str]:
         spans = [s for s in r["holder_spans"] if s["thread"] == h["thread"]]
         where = f"   in {spans[0]['name']} trace {spans[0]['trace_id']}" if spans else ""
         more = f" (+{len(spans) - 1} more)" if len(spans) > 1 else ""
-        lines.append(f"       {h['thread']:<34} held it {h['held_ms']:5.1f} ms{where}{more}")
+        lines.append(f"       {h['thread']:<34} held it {_held(h['held_ms'])}{where}{more}")
     top = r.get("holder_stack")
     if top:
         where = " in ".join(x for x in (top.get("python"), top.get("native")) if x)
