@@ -238,6 +238,27 @@ print(json.dumps({"before": before, "span": sid(span), "at_end": seen}))
     assert out["before"] == out["span"] and out["at_end"] == [None]
 
 
+def test_a_span_end_is_marked_once() -> None:
+    out = run('''
+from otel_gil.app import publish
+marked = []
+class Marks(dict):
+    def __setitem__(self, key, value):
+        marked.append(key)
+        super().__setitem__(key, value)
+publish._ended = Marks()
+context.install()
+context.watch_span_ends(None)
+span = tracer.start_span("plain")
+with trace.use_span(span, end_on_exit=False):
+    span.end()
+    after = slot()
+print(json.dumps({"marked": len(marked), "after": after}))
+''')
+    # THEN the patched Span.end marks it, and the processor that sees it after finds it done
+    assert out == {"marked": 1, "after": None}
+
+
 def test_a_span_ended_by_another_thread_while_it_is_cached_publishes_no_span() -> None:
     out = run('''
 from otel_gil.app import publish

@@ -102,6 +102,8 @@ def span_ended(span: Any) -> None:
     try:
         span_context = span.get_span_context()
         key = id(span_context)
+        if _ended.get(key) is span_context:
+            return  # marked already: Span.end marks it, then its processor sees it again
         if len(_ended) >= _ENDED_MAX:
             _ended.clear()
         _ended[key] = span_context

@@ -28,12 +28,13 @@ Free-threaded builds are not read (another object header).
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from otel_gil.abi.events import GIL_NO_OFFSET
+from otel_gil.errors import OtelGilError
+from otel_gil.target import procfs
 from otel_gil.trust import printable
 
 MAX_NAME = 256  # characters of a function or file name kept
@@ -204,24 +205,24 @@ class CodeReader:
     def __init__(self, pid: int, layout: FrameLayout, code_type: int) -> None:
         self.layout = layout
         self.code_type = code_type  # runtime address of PyCode_Type
-        self._path = f"/proc/{pid}/mem"
-        self._fd: Optional[int] = None
+        self._pid = pid
+        self._mem: Optional[procfs.Memory] = None  # opened at the first read
         self._code: Dict[int, Optional[Tuple[str, str, int, bytes]]] = {}
         self._frames: Dict[Tuple[int, int], PyFrame] = {}  # (code, instr) -> its frame
         self.unreadable = 0  # frames left out: not a code object, or unreadable
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None
 
     def _read(self, address: int, size: int) -> bytes:
-        if self._fd is None:
-            self._fd = os.open(self._path, os.O_RDONLY)
-        try:
-            data = os.pread(self._fd, size, address)
-        except OverflowError as err:  # an untrusted pointer past any file offset
-            raise OSError(f"no such address: {address:#x}") from err
+        if self._mem is None:
+            try:
+                self._mem = procfs.Memory(self._pid)
+            except OtelGilError as err:  # gone, or not ours to read: an unreadable frame
+                raise OSError(str(err)) from err
+        data = self._mem.pread(address, size)  # (an OSError for an address past 2**63 too)
         if len(data) != size:
             raise OSError(f"short read at {address:#x}")
         return data
