@@ -407,14 +407,14 @@ static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
 }
 
 static __always_inline void open_seen_hold(struct target *t, u32 holder, u64 start,
-                                           u32 flags, u64 sw)
+                                           u32 flags, u64 sw, int other)
 {
     t->obs_holder = holder;
     t->obs_start = start;
     t->obs_flags = flags;
     t->obs_switch = sw;
     __builtin_memset(&t->obs_ctx, 0, sizeof(t->obs_ctx));
-    read_ctx_of(t, holder, 1, &t->obs_ctx);
+    read_ctx_of(t, holder, other, &t->obs_ctx);
 }
 
 /* A waiter's look (holding gil->mutex) replaces the hold last seen: closes it
@@ -424,6 +424,7 @@ struct seen {
     u32 holder;  /* 0: nothing changes */
     u32 flags;
     u64 switch_number;
+    int own;     /* the holder is the looking thread: its slot is read once */
 };
 
 /* The GIL is locked by `holder` at switch number sw. A new holder or switch
@@ -452,7 +453,7 @@ static __always_inline void apply_seen(struct target *t, u32 pid, u64 now, struc
 {
     if (next->holder) {
         close_seen_hold(t, pid, now);
-        open_seen_hold(t, next->holder, now, next->flags, next->switch_number);
+        open_seen_hold(t, next->holder, now, next->flags, next->switch_number, !next->own);
     }
     t->obs_last = now;
 }
@@ -552,10 +553,9 @@ int on_wake(struct pt_regs *ctx)
         th->free_at = now;
     }
 #else
-    u32 holder = tstate_tid(t, g.last_holder);
     struct seen next = {};
     if (locked) {
-        saw_locked(t, &next, holder, sw, !timed_out);
+        saw_locked(t, &next, tstate_tid(t, g.last_holder), sw, !timed_out);
     } else if (t->waiting <= 1) {
         /* The hold seen before ended with the release that woke us, and we,
          * the last waiter, take the GIL: nobody waits behind us, so our hold
@@ -569,7 +569,8 @@ int on_wake(struct pt_regs *ctx)
         u32 me = own_ns_tid(t, tid);
         next.holder = me;
         next.flags = 0;
-        next.switch_number = sw + (holder != me);
+        next.switch_number = sw + (tstate_tid(t, g.last_holder) != me);
+        next.own = 1;
     }
     apply_seen(t, pid, now, &next); /* first: the wait's event lists that hold */
     if (!locked) {
@@ -802,6 +803,11 @@ struct stack_block {
     u32 pad;
 };
 BPF_TABLE("lru_hash", u32, struct stack_block, stack_blocks, MAX_THREADS);
+/* How many stack_blocks entries may exist (at least as many as do: an
+ * evicted or overwritten entry leaves it high). While it is 0, a context
+ * switch does not look its next thread up there: an array lookup is inlined,
+ * a hash lookup on every switch of the machine is not. */
+BPF_ARRAY(open_blocks, u64, 1);
 
 /* Which hold of the thread this is, beyond (tid, switch number): in the all
  * set, a thread that lets go and takes the GIL again with no other taker
@@ -836,6 +842,10 @@ static __always_inline void name_stack(struct target *t, u32 tid, u32 seq)
  * its block lasted from the stack's capture until now. */
 static __always_inline void block_ended(u32 next)
 {
+    int zero = 0;
+    u64 *open = open_blocks.lookup(&zero);
+    if (!open || !*open)
+        return;
     struct stack_block *b = stack_blocks.lookup(&next);
     if (!b)
         return;
@@ -846,7 +856,8 @@ static __always_inline void block_ended(u32 next)
         t->stack_block_ns = len;
         name_stack(t, b->tid, b->seq);
     }
-    stack_blocks.delete(&next);
+    if (stack_blocks.delete(&next) == 0 && *open)
+        __sync_fetch_and_add(open, -1);
 }
 
 /* Take the stack of the calling thread if it holds the GIL of a target.
@@ -865,17 +876,22 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
     struct target *t = targets.lookup(&pid);
     if (!t || !t->stacks)
         return;
-    u64 now = bpf_ktime_get_ns();
-    u64 sw = 0, holder = 0;
-    u32 locked = 0;
-    /* The holder's own reads: no other thread changes these while it holds. */
-    if (bpf_probe_read_user(&locked, 4, (void *)(t->gil_addr + t->off_locked)) || !locked ||
-        bpf_probe_read_user(&holder, 8, (void *)(t->gil_addr + t->off_holder)) ||
-        bpf_probe_read_user(&sw, 8, (void *)(t->gil_addr + t->off_switch)))
+    if (blocked) {
+        /* A waiter going to sleep on gil->cond does not hold the GIL: known
+         * without the two reads below (most blocks of a contended app). */
+        struct thread_stats *th = threads.lookup(&tid);
+        if (th && th->in_timed_wait)
+            return;
+    }
+    /* The holder's own read: no other thread changes these while it holds. */
+    struct gil_view g;
+    if (bpf_probe_read_user(&g, sizeof(g), (void *)(t->gil_addr + t->off_holder)) || !g.locked)
         return;
+    u64 sw = g.switch_number, holder = g.last_holder;
     u32 me = own_ns_tid(t, tid);
     if (!me || tstate_tid(t, holder) != me)
         return;
+    u64 now = bpf_ktime_get_ns();
     u32 hold = hold_key(tid);
     int same = t->stack_tid == me && t->stack_switch == sw && t->stack_hold == hold;
     if (same && (!blocked || t->stack_blocks >= GIL_STACKS_PER_HOLD))
@@ -920,7 +936,10 @@ static __always_inline void capture_stack(void *ctx, u32 blocked)
         struct stack_block b = {.pid = pid, .tid = tid, .ns_tid = me, .seq = seq,
                                 .when_ns = now, .switch_number = sw, .hold = hold};
         u32 ktid = (u32)bpf_get_current_pid_tgid();
-        stack_blocks.update(&ktid, &b);
+        int zero = 0;
+        u64 *open = open_blocks.lookup(&zero);
+        if (open && stack_blocks.update(&ktid, &b) == 0)
+            __sync_fetch_and_add(open, 1);
     }
     s->kind = GIL_EVENT_STACK;
     s->pid = pid;
