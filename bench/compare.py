@@ -51,8 +51,10 @@ import statistics
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from otel_gil.probes import loader
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
 from otel_gil.target import process
@@ -204,7 +206,8 @@ LABELS = {"none": "untraced", "contended": "otel-gil --probes contended",
           "nostacks": "contended, --stack-threshold-ms 0",
           "all": "otel-gil --probes all", "floor": "contended uprobes, empty programs",
           "gilknocker": "gilknocker (1 ms poll)",
-          "pyspy": "py-spy record --gil (100 Hz)"}
+          "pyspy": "py-spy record --gil (100 Hz)",
+          "baseline": "contended, --baseline-bpf's program"}
 
 
 SERVER_CPU: Dict[str, Dict[str, List[float]]] = {}  # workload -> setup -> s per op
@@ -367,6 +370,9 @@ def main() -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--setups", default=",".join(SETUPS))
     parser.add_argument("--json", default=None, help="also write every batch's figures here")
+    parser.add_argument("--baseline-bpf", default=None, metavar="DIR",
+                        help="add a setup 'baseline': the contended set compiled from DIR's "
+                             "gil.bpf.c and gil.h (e.g. an older commit's bpf/, from git worktree)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("compare.py: run as root (eBPF)", file=sys.stderr)
@@ -375,6 +381,9 @@ def main() -> int:
     setups = ["none"] + [s for s in args.setups.split(",") if s != "none"]
     sessions = {s: Session(config, lambda _iv: None)
                 for s, config in PROBE_SETUPS.items() if s in setups}
+    if args.baseline_bpf:
+        sessions["baseline"] = baseline_session(Path(args.baseline_bpf))
+        setups.insert(1, "baseline")
     results: Dict[str, Dict[str, List[float]]] = {}
     try:
         for kind in args.workloads.split(","):
@@ -388,6 +397,18 @@ def main() -> int:
             json.dump({"python": args.python, "seconds": args.seconds, "results": results,
                        "server_cpu_s_per_request": SERVER_CPU}, f, indent=1)
     return 0
+
+
+def baseline_session(src: Path) -> Session:
+    """The contended set as another commit's program has it: an A/B in one run."""
+    if not (src / "gil.bpf.c").is_file():
+        raise SystemExit(f"compare.py: no gil.bpf.c in {src}")
+    own = loader.bpf_dir
+    loader.bpf_dir = lambda: src  # type: ignore[assignment]  # the compile reads it once
+    try:
+        return Session(ProbeConfig(probes="contended"), lambda _iv: None)
+    finally:
+        loader.bpf_dir = own  # type: ignore[assignment]
 
 
 def run_workload(kind: str, python: List[str], setups: List[str], args: argparse.Namespace,
