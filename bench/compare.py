@@ -54,6 +54,7 @@ import threading
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from otel_gil import trust
 from otel_gil.probes import loader
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
@@ -379,6 +380,11 @@ def main() -> int:
         return 2
     python = args.python.split()
     setups = ["none"] + [s for s in args.setups.split(",") if s != "none"]
+    if args.baseline_bpf:
+        why = baseline_refusal(Path(args.baseline_bpf))
+        if why:
+            print(f"compare.py: --baseline-bpf: {why}", file=sys.stderr)
+            return 2
     sessions = {s: Session(config, lambda _iv: None)
                 for s, config in PROBE_SETUPS.items() if s in setups}
     if args.baseline_bpf:
@@ -399,10 +405,17 @@ def main() -> int:
     return 0
 
 
+def baseline_refusal(src: Path) -> Optional[str]:
+    """Why another tree's BPF source must not be compiled as root, or None.
+    Like the sidecar's own bpf/, it must be root's and writable by no one else."""
+    if not (src / "gil.bpf.c").is_file():
+        return f"no gil.bpf.c in {src}"
+    why = trust.trusted_tree_reason(str(src))
+    return f"{why}: the program is compiled and loaded as root" if why else None
+
+
 def baseline_session(src: Path) -> Session:
     """The contended set as another commit's program has it: an A/B in one run."""
-    if not (src / "gil.bpf.c").is_file():
-        raise SystemExit(f"compare.py: no gil.bpf.c in {src}")
     own = loader.bpf_dir
     loader.bpf_dir = lambda: src  # type: ignore[assignment]  # the compile reads it once
     try:

@@ -114,6 +114,21 @@ def test_os_bcc_is_loaded_only_from_a_trusted_tree(tmp_path: Path) -> None:
     assert "not loading" in out.stdout and "owned by uid 65534" in out.stdout, out
 
 
+def test_bench_compare_will_not_compile_a_baseline_another_user_wrote(tmp_path: Path) -> None:
+    # GIVEN a copy of bpf/ in which another user owns the program's source
+    src = tmp_path / "bpf"
+    shutil.copytree(ROOT / "bpf", src)
+    os.chown(src / "gil.bpf.c", 65534, 65534)
+    # WHEN bench/compare.py is asked to compile it as its baseline setup
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"),
+                          "--baseline-bpf", str(src), "--rounds", "1"], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    # THEN it refuses in one line, before compiling anything, with no traceback
+    assert out.returncode == 2, out
+    assert "gil.bpf.c is owned by uid 65534" in out.stderr, out
+    assert "Traceback" not in out.stderr and out.stdout == "", out
+
+
 def test_printable_turns_control_characters_into_question_marks() -> None:
     assert trust.printable("ok\x1b[31mred\nnext\x00") == "ok?[31mred?next?"
     assert trust.printable("Thread-1 (worker)") == "Thread-1 (worker)"
