@@ -29,13 +29,15 @@ Workloads (the unit is what the child counts):
 Reported: throughput relative to `none` per workload and setup, from the best
 round of each (noise on a shared machine only ever slows a batch down), with
 the median of the per-round ratios beside it, as a Markdown table ready for
-bench/README.md. For http also the server's CPU time per request (utime +
-stime of every thread of the child over the batch, the least round): probe
-traps and BPF programs run on the traced threads, so this is their cost, and
-the host's noise, which moves the rate by ±15% here, disturbs it less (py-spy
-reads the child from its own process: its cost is not in this figure). Only
-ratios within one run mean anything; run it on a quiet machine (the numbers
-in bench/README.md say how they were taken).
+bench/README.md. Also, per workload, the traced child's CPU time per unit
+(utime + stime of every thread of the child over the batch, the least round):
+probe traps and BPF programs run on the traced threads, and gilknocker's
+poller in the child, so this is their cost to the app, and the host's noise,
+which moves the rate by ±15% here, disturbs it less. And the tool's own CPU
+beside the app, as a share of one core (median of the batches): the session
+(this process, which consumes the events as the sidecar would) or py-spy's
+process. Only ratios within one run mean anything; run it on a quiet machine
+(the numbers in bench/README.md say how they were taken).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -211,7 +214,8 @@ LABELS = {"none": "untraced", "contended": "otel-gil --probes contended",
           "baseline": "contended, --baseline-bpf's program"}
 
 
-SERVER_CPU: Dict[str, Dict[str, List[float]]] = {}  # workload -> setup -> s per op
+APP_CPU: Dict[str, Dict[str, List[float]]] = {}  # workload -> setup -> the child's s per op
+TOOL_CPU: Dict[str, Dict[str, List[float]]] = {}  # workload -> setup -> the tool's cores
 
 
 class Proc:
@@ -256,18 +260,18 @@ class Workload:
             env["PYTHONPATH"] = path
         self.kind = kind
         self.child = Proc(python + ["-c", CHILD, kind], env)
-        self.cpu_per_op: List[float] = []  # http: the server's CPU s per request, per batch
+        self.cpu_per_op: List[float] = []  # the child's CPU s per unit, per batch
         self.pid = int(self.child.hello["pid"])
         self.client = Proc([sys.executable, "-c", CLIENT, str(int(self.child.hello["port"]))]) \
             if kind == "http" else None
 
     def batch(self, seconds: float) -> float:
         driver = self.client or self.child
-        before = self.child.ask("cpu")["cpu"] if self.client else 0.0
+        before = self.child.ask("cpu")["cpu"]
         reply = driver.ask(f"run {seconds}")
-        if self.client:  # nan: no request served, no figure (never the previous batch's)
-            spent = self.child.ask("cpu")["cpu"] - before
-            self.cpu_per_op.append(spent / reply["ops"] if reply["ops"] else math.nan)
+        # nan: nothing done, no figure (never the previous batch's)
+        spent = self.child.ask("cpu")["cpu"] - before
+        self.cpu_per_op.append(spent / reply["ops"] if reply["ops"] else math.nan)
         return reply["ops"] / reply["s"]
 
     def close(self) -> None:
@@ -293,7 +297,7 @@ def with_session(session: Session, work: Workload, run: Callable[[], float]) -> 
             return run()
         finally:
             done.set()
-            stepper.join()
+            stepper.join()  # (its last step is in the tool's figure, not add or forget)
     finally:
         session.forget(work.pid)
 
@@ -317,21 +321,42 @@ def with_pyspy(work: Workload, run: Callable[[], float]) -> float:
             spy.wait()
 
 
-def one_batch(setup: str, work: Workload, seconds: float, sessions: Dict[str, Session]) -> float:
+def tool_cpu_s() -> float:
+    """CPU s of this process (the sessions) and of its waited-for children (py-spy)."""
+    own = os.times()
+    return own.user + own.system + own.children_user + own.children_system
+
+
+def timed_tool(run: Callable[[], float], tool: List[float]) -> float:
+    """run(), appending the tool's CPU over it to `tool`, in cores."""
+    t0, c0 = time.monotonic(), tool_cpu_s()
+    try:
+        return run()
+    finally:
+        tool.append((tool_cpu_s() - c0) / (time.monotonic() - t0))
+
+
+def one_batch(setup: str, work: Workload, seconds: float, sessions: Dict[str, Session],
+              tool: List[float]) -> float:
+    """One batch; appends the tool's own CPU over it (cores) to `tool`."""
     def run() -> float:
         return work.batch(seconds)
 
-    if setup in sessions:
-        return with_session(sessions[setup], work, run)
-    if setup == "gilknocker":
+    if setup in sessions:  # the session's CPU while the batch runs, not its add or forget
+        return with_session(sessions[setup], work, lambda: timed_tool(run, tool))
+    if setup == "gilknocker":  # its poller runs in the child: in the app's CPU
         work.child.ask("knock on")
         try:
-            return run()
+            return timed_tool(run, tool)
         finally:
             work.child.ask("knock off")
-    if setup == "pyspy":
-        return with_pyspy(work, run)
-    return run()
+    if setup == "pyspy":  # py-spy's CPU is known once it exited, attach included
+        wall: List[float] = []
+        c0 = tool_cpu_s()
+        rate = with_pyspy(work, lambda: timed_tool(run, wall))
+        tool.append((tool_cpu_s() - c0) / seconds)
+        return rate
+    return timed_tool(run, tool)
 
 
 def table(results: Dict[str, Dict[str, List[float]]], setups: List[str], python: str) -> str:
@@ -349,12 +374,17 @@ def table(results: Dict[str, Dict[str, List[float]]], setups: List[str], python:
             med = statistics.median(x / y for x, y in zip(per[s], base))
             cells.append(f"{best:.3f} ({med:.3f})")
         lines.append(f"| {WORKLOADS[kind]} | " + " | ".join(cells) + " |")
-    for kind, cpu in SERVER_CPU.items():
+    for kind, cpu in APP_CPU.items():
         least = {s: min(x for x in v if x == x) * 1e6 for s, v in cpu.items()
                  if any(x == x for x in v)}
-        lines += ["", f"{kind}: the server's CPU per request, least round: " + ", ".join(
-            f"{s} {least[s]:.1f} µs" + ("" if s == "none" else f" ({least[s] / least['none']:.3f})")
+        unit = "request" if kind == "http" else "unit"
+        lines += ["", f"{kind}: the traced app's CPU per {unit}, least round: " + ", ".join(
+            f"{s} {least[s]:.2f} µs" + ("" if s == "none" else f" ({least[s] / least['none']:.3f})")
             for s in setups if s in least)]
+        tool = TOOL_CPU.get(kind, {})
+        lines.append(f"{kind}: the tool's own CPU beside the app, median: " + ", ".join(
+            f"{s} {100 * statistics.median(tool[s]):.1f}% of a core"
+            for s in setups if s in tool))
     lines.append("")
     lines.append("untraced throughput (best round): " + ", ".join(
         f"{kind} {max(per['none']):,.0f}/s" for kind, per in results.items()))
@@ -401,7 +431,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"python": args.python, "seconds": args.seconds, "results": results,
-                       "server_cpu_s_per_request": SERVER_CPU}, f, indent=1)
+                       "app_cpu_s_per_unit": APP_CPU, "tool_cpu_cores": TOOL_CPU}, f,
+                      indent=1)
     return 0
 
 
@@ -434,9 +465,10 @@ def run_workload(kind: str, python: List[str], setups: List[str], args: argparse
         per: Dict[str, List[float]] = {s: [] for s in setups}
         for r in range(args.rounds):
             for s in setups[r % len(setups):] + setups[:r % len(setups)]:
-                per[s].append(one_batch(s, work, args.seconds, sessions))
-                if work.cpu_per_op:
-                    SERVER_CPU.setdefault(kind, {}).setdefault(s, []).append(work.cpu_per_op[-1])
+                # the batch's ask/reply is in the tool's figure too: "none" shows how much
+                per[s].append(one_batch(s, work, args.seconds, sessions,
+                                        TOOL_CPU.setdefault(kind, {}).setdefault(s, [])))
+                APP_CPU.setdefault(kind, {}).setdefault(s, []).append(work.cpu_per_op[-1])
             print(f"{kind} round {r + 1}: " + ", ".join(
                 f"{s} {per[s][-1]:,.0f}/s" for s in setups), file=sys.stderr, flush=True)
         return per
