@@ -21,7 +21,7 @@ from targets import PythonTarget, all_targets, require, spawn
 
 from otel_gil.abi.events import Interval
 from otel_gil.probes.config import ProbeConfig
-from otel_gil.probes.points import plan
+from otel_gil.probes.points import PROBE_FUNCTIONS, Point, in_attach_order, plan
 from otel_gil.probes.session import Session
 
 BURNERS = r"""
@@ -182,6 +182,22 @@ def _held_within(wait: Interval) -> Dict[int, int]:
         if ns > 0:
             out[h.tid] = out.get(h.tid, 0) + ns
     return out
+
+
+@pytest.mark.parametrize("probe_set", list(PROBE_FUNCTIONS))
+def test_what_ends_an_interval_is_attached_before_what_begins_one(probe_set: str) -> None:
+    # GIVEN a set's programs, listed starts first, as plan() lists them
+    starts, ends = {"on_wait", "on_take_gil"}, {"on_wake", "on_held", "on_release"}
+    names = [n for n in PROBE_FUNCTIONS[probe_set] if n in starts] + \
+            [n for n in PROBE_FUNCTIONS[probe_set] if n in ends]
+    points = [Point(n, "/lib/x", 0x1000 + i, "r", "f", "i", "c") for i, n in enumerate(names)]
+    # WHEN they are put in attach order
+    order = [p.fn_name for p in in_attach_order(points)]
+    # THEN every end comes before every start (a wait whose start was seen
+    # cannot miss its end while the uprobes go live one by one)
+    assert sorted(order) == sorted(names)
+    last_end = max(i for i, n in enumerate(order) if n in ends)
+    assert all(i > last_end for i, n in enumerate(order) if n in starts), order
 
 
 @pytest.mark.ebpf

@@ -330,6 +330,50 @@ def test_attach_to_a_running_process_with_the_gil_held() -> None:
 
 
 @pytest.mark.ebpf
+@pytest.mark.parametrize("probes", ["contended", "all"])
+def test_a_target_detached_mid_wait_and_attached_again_gets_no_interval_across_the_gap(
+        probes: str) -> None:
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    # GIVEN a process whose 3 threads contend: at any moment 2 of them wait
+    child = spawn(target, LATE_WORKLOAD)
+    try:
+        child.read_json(timeout=60)
+        session = Session(ProbeConfig(probes=probes, hold_threshold_ns=1_000_000))
+
+        def trace(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                session.step(50)
+
+        # WHEN it is traced, detached with waits in progress (as a sidecar does
+        # when the app's connection drops), left alone for 1.5 s, then traced again
+        session.add(child.host_pid)
+        trace(0.5)
+        session.detach(child.host_pid)
+        time.sleep(1.5)
+        again = time.monotonic_ns()
+        session.add(child.host_pid)
+        trace(1.0)
+        child.send("stop")
+        child.popen.wait(timeout=30)
+        while session.active:
+            session.step(50)
+        session.close()
+    finally:
+        child.close()
+    # THEN no wait or hold of the second attach began before it: what the
+    # threads were in at the detach was dropped and counted as unmatched
+    later = [iv for iv in session.intervals if iv.end_ns >= again]
+    assert later, "nothing traced after the second attach"
+    early = [(iv.kind, iv.tid, (again - iv.start_ns) / 1e6) for iv in later
+             if iv.start_ns < again]
+    assert not early, early
+    assert sum(t.unmatched for t in session.threads.values()) >= 1
+    assert session.lost_events() == 0
+
+
+@pytest.mark.ebpf
 def test_record_stops_cleanly_on_sigint() -> None:
     import signal
 

@@ -22,7 +22,7 @@ from otel_gil.abi.slots import TableLocation
 from otel_gil.errors import EnvironmentProblem, ProbeError
 from otel_gil.probes.config import ProbeConfig, bpf_dir
 from otel_gil.probes.holders import stack_config, target_config
-from otel_gil.probes.points import PROBE_FUNCTIONS, Point, plan
+from otel_gil.probes.points import PROBE_FUNCTIONS, Point, in_attach_order, plan
 from otel_gil.stacks.store import StackStore
 from otel_gil.target import procfs
 
@@ -161,7 +161,8 @@ class Probes:
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
         self.plans[target.pid] = points
-        for point in points:
+        self._drop_unfinished(target.pid)
+        for point in in_attach_order(points):
             try:
                 with _libbcc_quiet():
                     self._bpf.attach_uprobe(name=point.path, addr=point.address,
@@ -326,6 +327,21 @@ class Probes:
         except KeyError:
             return None
         return events.ThreadStats.from_buffer_copy(bytes(raw))
+
+    def _drop_unfinished(self, pid: int) -> None:
+        """Threads of a process traced before keep their totals, not the wait or
+        hold they were in when its probes came off (its end went unseen): each
+        is dropped and counted as unmatched, as at a first attach."""
+        for key, raw in list(self._threads.items()):
+            if raw.pid != pid or raw.exited or not (raw.wait_start or raw.hold_start
+                                                    or raw.in_timed_wait or raw.free_at):
+                continue
+            raw.unmatched += bool(raw.wait_start) + bool(raw.hold_start)
+            raw.wait_start = raw.hold_start = raw.free_at = raw.in_timed_wait = 0
+            self._threads[key] = raw
+            if not procfs.thread_alive(pid, key.value):  # exited meanwhile: keep it reapable
+                raw.exited = 1
+                self._threads[key] = raw
 
     def forget_threads(self, tids: List[int]) -> None:
         for tid in tids:

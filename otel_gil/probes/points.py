@@ -19,6 +19,14 @@ if TYPE_CHECKING:
 # The BPF functions of each probe set (bpf/gil.bpf.c).
 PROBE_FUNCTIONS = {"contended": ("on_wait", "on_wake"),
                    "all": ("on_wait", "on_wake", "on_held", "on_release", "on_take_gil")}
+# Uprobes go live one at a time, so what ends an interval is attached before
+# what begins one: a wait or hold whose start a probe saw always has its end
+# seen too (else the thread's next start would join on to the unseen end).
+ATTACH_ORDER = ("on_release", "on_wake", "on_held", "on_wait", "on_take_gil")
+
+
+def in_attach_order(points: List[Point]) -> List[Point]:
+    return sorted(points, key=lambda p: ATTACH_ORDER.index(p.fn_name))
 
 
 @dataclass(frozen=True)
