@@ -79,6 +79,13 @@ def printable(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name)
 
 
+def printable_text(text: str) -> str:
+    """printable() for a message of several lines, which keeps its newlines:
+    for what is printed or logged whole (an error, a report) and may quote an
+    untrusted name (a process's comm or paths, a span name)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 # Debian's python3-bpfcc: pure Python over libbcc.so, usable from any Python 3.
 OS_BCC = "/usr/lib/python3/dist-packages/bcc"
 

@@ -131,6 +131,19 @@ def test_bench_compare_will_not_compile_a_baseline_another_user_wrote(tmp_path: 
 
 def test_printable_turns_control_characters_into_question_marks() -> None:
     assert trust.printable("ok\x1b[31mred\nnext\x00") == "ok?[31mred?next?"
+
+
+def test_printed_and_logged_messages_keep_their_lines_but_no_escape_sequences() -> None:
+    import logging  # noqa: PLC0415
+
+    from otel_gil.cli import PrintableFormatter  # noqa: PLC0415
+
+    # GIVEN a message of two lines quoting a hostile service name
+    name = "\x1b[2J\x1b]0;pwn\x07"
+    assert trust.printable_text(f"service {name}\nnext line") == "service ?[2J?]0;pwn?\nnext line"
+    # WHEN the CLI's log formatter formats it THEN the lines stay, the escapes go
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "registered %s\nok", (name,), None)
+    assert PrintableFormatter("%(message)s").format(record) == "registered ?[2J?]0;pwn?\nok"
     assert trust.printable("Thread-1 (worker)") == "Thread-1 (worker)"
 
 

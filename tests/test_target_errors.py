@@ -143,6 +143,32 @@ def test_a_process_without_python(program: Any) -> None:
         "3.15 process)")
 
 
+@pytest.mark.ebpf
+def test_a_process_whose_name_and_path_hold_escape_sequences(program: Any,
+                                                             tmp_path: Path) -> None:
+    # GIVEN a program copied to a directory whose name holds a terminal escape
+    # sequence, that then names itself with another one (its comm)
+    hostile = tmp_path / "\x1b]0;pwned\x07"
+    hostile.mkdir()
+    shutil.copy("/bin/bash", hostile / "bash")
+    code = ('printf "\\033[2J\\033]0;x\\007" > /proc/self/comm; echo \'{"ready": true}\'; '
+            'read line')
+    sh = program([str(hostile / "bash"), "-c", code])
+    assert sh.read() == {"ready": True}
+    pid = str(sh.popen.pid)
+    # WHEN record and doctor are pointed at it
+    record = _cli("record", "--pid", pid)
+    doctor = _cli("doctor", "--pid", pid)
+    # THEN they refuse as for any program without Python, in one line, and
+    # print neither sequence: each control character is a '?'
+    line = _one_line_error(record)
+    assert line.startswith(f"pid {pid} (?[2J?]0;x?) is not a Python process"), line
+    assert "?]0;pwned?/bash holds no CPython" in line, line
+    assert doctor.returncode != 0 and "FAIL] target" in doctor.stdout, doctor
+    for out in (record.stdout, record.stderr, doctor.stdout, doctor.stderr):
+        assert "\x1b" not in out and "\x07" not in out, out
+
+
 def test_a_launcher_whose_libpython_is_not_found(tmp_path: Path) -> None:
     # GIVEN a program linked to libpython3.12 without a RUNPATH to find it by
     exe = _embedder(tmp_path, "3.12.1", rpath=False)

@@ -16,6 +16,7 @@ from otel_gil.cli.record import RecordCommand, TopCommand
 from otel_gil.cli.run import RunCommand
 from otel_gil.cli.sidecar import SidecarCommand
 from otel_gil.errors import OtelGilError
+from otel_gil.trust import printable_text
 
 COMMANDS: List[Type[Command]] = [DoctorCommand, RecordCommand, TopCommand, SidecarCommand,
                                  DemoCommand, RunCommand]
@@ -43,15 +44,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"otel-gil: error: {err} (fix or unset that variable)", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(message)s")
+                        handlers=[handler])
     try:
         return int(args._command.run(args))
-    except OtelGilError as err:
-        print(f"otel-gil: error: {err}", file=sys.stderr)
+    except OtelGilError as err:  # it may quote what a process or its files hold
+        print(f"otel-gil: error: {printable_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines with no control characters but their newlines: a sidecar logs
+    what clients and traced processes send it (a service name, a comm)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable_text(super().format(record))
 
 
 def entry_point() -> None:

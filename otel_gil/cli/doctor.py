@@ -15,6 +15,7 @@ from otel_gil.cli.base import Command, pid_arg
 from otel_gil.config import PROBE_SETS
 from otel_gil.errors import GilDisabledError, OtelGilError
 from otel_gil.target import interpreter, paths, process, procfs
+from otel_gil.trust import printable_text
 
 
 @dataclass
@@ -192,9 +193,9 @@ class DoctorCommand(Command):
     @staticmethod
     def _print(checks: List[Check], target: Optional[Dict[str, Any]], verdict: str) -> None:
         for c in checks:
-            print(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
+            say(f"[{'ok' if c.ok else 'FAIL'}] {c.name}: {c.detail}")
             if not c.ok and c.remedy:
-                print(f"       remedy: {c.remedy}")
+                say(f"       remedy: {c.remedy}")
         if target:
             for key, value in target.items():
                 if key == "probes":
@@ -202,8 +203,13 @@ class DoctorCommand(Command):
                         _print_probe_set(name, desc)
                     continue
                 if value != "":
-                    print(f"  {key}: {value}")
-        print(f"verdict: {verdict}")
+                    say(f"  {key}: {value}")
+        say(f"verdict: {verdict}")
+
+
+def say(line: str) -> None:
+    """A line of the report: names and paths in it come from the process and its files."""
+    print(printable_text(line))
 
 
 def _holder_naming(target: process.Target) -> str:
@@ -223,19 +229,19 @@ def _holder_naming(target: process.Target) -> str:
 
 def _print_probe_set(name: str, desc: Dict[str, Any]) -> None:
     if not desc["usable"]:
-        print(f"  probes {name}: cannot be placed: {desc['why']}")
+        say(f"  probes {name}: cannot be placed: {desc['why']}")
         return
     cost, most = (desc[k] / 1000 for k in ("per_uncontended_transition_ns",
                                            "per_uncontended_transition_max_ns"))
     dearer = f" (~{most:.2f} µs on a path through a single-stepped site)" if most > cost else ""
-    print(f"  probes {name}: ~{cost:.2f} µs per uncontended GIL transition{dearer}, "
+    say(f"  probes {name}: ~{cost:.2f} µs per uncontended GIL transition{dearer}, "
           f"~{desc['per_timed_wait_ns'] / 1000:.2f} µs per timed wait")
     for site in desc["sites"]:
         where = f"{site['address']} in {site['function']}" if site["address"] else site["function"]
-        print(f"    {site['role']}: {where}, `{site['insn']}` ({site['handling']}, "
+        say(f"    {site['role']}: {where}, `{site['insn']}` ({site['handling']}, "
               f"~{site['cost_ns'] / 1000:.2f} µs per hit)")
     for note in desc["notes"]:
-        print(f"    note: {note}")
+        say(f"    note: {note}")
 
 
 def _exe(pid: int) -> str:

@@ -30,6 +30,7 @@ from otel_gil.dev.load import LoadStats, load, say
 from otel_gil.dev.report import render, summarize
 from otel_gil.errors import OtelGilError
 from otel_gil.target import procfs
+from otel_gil.trust import printable_text
 
 APP = Path("examples") / "demo_app.py"
 
@@ -174,7 +175,7 @@ def run(duration: float, output: str, slowest: int = 10, probes: str = "contende
                                                          duration)
         spans = receiver.spans()
         result = summarize(spans, receiver.metrics(), stats, slowest)
-    print(render(result))
+    print(printable_text(render(result)))  # span names come from a receiver anyone can send to
     _write(output, result)
     page = _write_view(output, spans)
     print(f"\nMachine-readable result: {output}")

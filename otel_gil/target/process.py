@@ -28,6 +28,7 @@ from otel_gil.target.interpreter import Interpreter, clear_caches, file_identity
 from otel_gil.target.layout import GilLayout
 from otel_gil.target.paths import LIBPYTHON_RE, MUSL_RE, MUSL_REMEDY
 from otel_gil.target.procfs import ROOT_REMEDY
+from otel_gil.trust import printable
 
 # Per file (by identity): its PT_LOAD segments, and libc's pthread_cond_signal.
 _SEGMENTS: dict[tuple[int, int, int, int], list[tuple[int, int, int]]] = {}
@@ -102,7 +103,7 @@ def inspect_process(pid: int) -> Target:
 def _inspect_process(pid: int) -> Target:
     proc = f"/proc/{pid}"
     status = procfs.read(pid, "status")
-    comm = procfs.read(pid, "comm").strip()
+    comm = printable(procfs.read(pid, "comm").strip())  # the process names itself
     nspid = procfs.nspid_of(status) or (pid,)
     maps = procfs.maps(pid)
     root = f"{proc}/root"
