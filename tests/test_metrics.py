@@ -4,6 +4,7 @@ an in-memory reader and through a real HTTP scrape of the Prometheus endpoint.""
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 from typing import Any, Dict, Tuple
 
@@ -12,7 +13,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import start_http_server
 from targets import all_targets, require, spawn
-from test_record import WORKLOAD
+from test_record import LATE_WORKLOAD, WORKLOAD
 
 from otel_gil import names
 from otel_gil.probes.config import ProbeConfig
@@ -235,6 +236,140 @@ def test_thread_labels_are_bounded_and_exemplars_name_the_wait_span() -> None:
     exemplars = [e for p in points for e in p.exemplars]
     assert exemplars and all((e.trace_id, e.span_id) == (0xABC, 0xDEF) for e in exemplars)
     metrics.shutdown()
+
+
+def _sums(memory: InMemoryMetricReader) -> Dict[str, float]:
+    points = _points(memory.get_metrics_data())
+    return {m.name: sum(p.value for p in points[m.name][1]) if m.name in points else 0.0
+            for m in (names.WAITED_TIME, names.ACQUISITIONS, names.HANDOFFS)}
+
+
+@pytest.mark.ebpf
+def test_a_process_forgotten_alive_and_traced_again_is_counted_once() -> None:
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    # GIVEN a process of 3 contending threads, traced with metrics as the sidecar does
+    memory = InMemoryMetricReader()
+    child = spawn(target, LATE_WORKLOAD)
+    session = Session(ProbeConfig())
+    metrics = GilMetrics(session.histogram_kinds, [memory])
+    try:
+        child.read_json(timeout=60)
+        pid = child.host_pid
+
+        def trace(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                session.step(50)
+                metrics.update(session.snapshot())
+            session.step(0, refresh=True)
+            metrics.update(session.snapshot())
+
+        def attach() -> None:
+            info = session.add(pid)
+            metrics.add_process(pid, "forget-test", info.nspid[-1], lambda tid: "burner")
+
+        attach()
+        trace(1.0)
+        # WHEN it uninstruments: the sidecar detaches, then forgets it (server.py
+        # _retire_exited), while its threads live on
+        session.detach(pid)
+        metrics.update(session.snapshot())
+        metrics.forget(pid)
+        session.forget(pid)
+        at_forget = _sums(memory)
+        trace(0.5)
+        after_forget = _sums(memory)
+        # AND then instruments again: the same pid, attached again
+        attach()
+        trace(1.0)
+        again = _sums(memory)
+        new_waited = sum(t.wait_ns for t in session.threads.values() if t.pid == pid) / 1e9
+    finally:
+        child.send("stop")
+        session.close()
+        metrics.shutdown()
+        child.close()
+    # THEN nothing is counted again while it is forgotten (its threads' kernel
+    # entries went with it)
+    assert at_forget[names.WAITED_TIME.name] > 0.1 and at_forget[names.HANDOFFS.name] > 10
+    assert after_forget == at_forget, (at_forget, after_forget)
+    # AND traced again, every counter goes on from where it was: the new
+    # attach's own totals (from zero) are added, never the old ones twice
+    for name, value in at_forget.items():
+        assert again[name] > value, (name, at_forget, again)
+    assert again[names.WAITED_TIME.name] == pytest.approx(
+        at_forget[names.WAITED_TIME.name] + new_waited, rel=1e-6)
+
+
+SHORT_THREADS = r"""
+import json, sys, threading
+def burn():
+    for _ in range(2000):
+        sum(i * i for i in range(100))
+print(json.dumps({"ready": True}), flush=True)
+sys.stdin.readline()
+for _ in range(10):
+    ts = [threading.Thread(target=burn) for _ in range(4)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+print(json.dumps({"done": True}), flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.ebpf
+def test_exited_threads_are_dropped_once_counted_and_their_time_stays() -> None:
+    target = next(t for t in all_targets() if t.name == "pyenv-3.11")
+    require(target)
+    # GIVEN a process that runs 10 rounds of 4 short contending threads, traced
+    # with metrics, the loop doing after each refresh what the sidecar does
+    memory = InMemoryMetricReader()
+    child = spawn(target, SHORT_THREADS)
+    session = Session(ProbeConfig(), refresh_interval_s=0.2)
+    metrics = GilMetrics(session.histogram_kinds, [memory])
+    waited: Dict[int, int] = {}
+    dropped: list = []
+    try:
+        child.read_json(timeout=60)
+        info = session.add(child.host_pid)
+        metrics.add_process(child.host_pid, "drop-test", info.nspid[-1], lambda tid: "burner")
+
+        def settle(refreshes: int = 1) -> None:
+            for _ in range(refreshes):
+                session.step(0, refresh=True)
+                snap = session.snapshot()
+                back = set(snap.threads) & set(dropped)
+                assert not back, f"dropped threads came back: {back}"
+                waited.update({tid: t.wait_ns for tid, t in snap.threads.items()})
+                metrics.update(snap)
+                gone = session.drop_exited_threads()
+                dropped.extend(gone)
+                metrics.forget_threads(gone)
+
+        # WHEN all 40 threads have come and gone
+        child.send("go")
+        while True:
+            settle()
+            try:
+                child.read_json(timeout=0.1)
+                break
+            except TimeoutError:
+                continue
+        settle(3)
+        points = _points(memory.get_metrics_data())
+        total = sum(p.value for p in points[names.WAITED_TIME.name][1])
+        kept = dict(session.threads)
+    finally:
+        child.send("exit")
+        session.close()
+        metrics.shutdown()
+        child.close()
+    # THEN the sidecar keeps none of the exited threads' totals
+    assert len(set(dropped)) >= 30, (len(dropped), len(waited))
+    assert not [t for t in kept.values() if t.exited], kept
+    # AND the waited counter still holds every thread's every wait
+    assert total == pytest.approx(sum(waited.values()) / 1e9, rel=1e-9), (total, len(waited))
 
 
 PROMETHEUS = "/usr/bin/prometheus"  # Debian's prometheus package (scripts/test.sh installs it)

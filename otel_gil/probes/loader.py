@@ -194,6 +194,7 @@ class Probes:
                 self._bpf.detach_uprobe(name=path, addr=addr, pid=pid)
             except Exception:  # noqa: S110 - the process is gone: nothing left to detach
                 pass
+        self._drop_unfinished(pid)  # a thread exiting later would end its hold at exit
         self.stacks.remove(pid, self.target_state(pid))  # its last stack counts first
         try:
             del self._targets[ctypes.c_uint32(pid)]

@@ -99,6 +99,7 @@ class Session:
         self._start_times: Dict[int, Optional[str]] = {}
         self._names_read_ns = 0
         self._young: Dict[int, Tuple[int, int]] = {}  # tid: (first seen, name last read) ns
+        self._exited_seen: List[int] = []  # exited threads, as of drop_exited_threads
         self._refreshed_ns = 0
         self._exits_checked_ns = 0
         self._skipped: Optional[int] = None  # frozen at close(), when the program goes
@@ -236,6 +237,7 @@ class Session:
         self.refresh()
         info.ended_ns = time.monotonic_ns()
         self.probes.remove(pid)
+        self.probes.poll(0)  # what the probes sent while they came off, still its process's
 
     def refresh(self) -> None:
         """Copy the kernel's per-thread entries; reap those of exited threads.
@@ -347,14 +349,37 @@ class Session:
             return self.probes.skipped_runs()
         return self._skipped
 
+    def drop_exited_threads(self) -> List[int]:
+        """The totals of threads that had already exited at the previous call
+        (each was in a snapshot since, whose final values the metrics folded):
+        a long-running sidecar beside a thread-per-request server would keep
+        every thread it ever saw. Returns their tids (the metrics' to forget)."""
+        dropped = [tid for tid in self._exited_seen
+                   if tid in self.threads and self.threads[tid].exited]
+        holders: Dict[int, List[int]] = {}  # its holder entry too, or it comes back
+        for tid in dropped:
+            totals = self.threads.pop(tid)
+            self._young.pop(tid, None)
+            holders.setdefault(totals.pid, []).append(totals.ns_tid or tid)
+        for pid, ns_tids in holders.items():
+            self.probes.forget_holders(pid, ns_tids)
+        self._exited_seen = [tid for tid, t in self.threads.items() if t.exited]
+        return dropped
+
     def forget(self, pid: int) -> None:
-        """Drop an ended target and its threads (a long-running sidecar's memory)."""
+        """Drop an ended target and its threads (a long-running sidecar's memory),
+        in the kernel too: a process forgotten alive (it uninstrumented) keeps
+        threads whose entries the next refresh would read as new ones, and its
+        totals would be counted again. Attached again, it starts from zero."""
         self.detach(pid)
         self.targets.pop(pid, None)
         self._start_times.pop(pid, None)
         self.probes.forget_holders(pid)
+        self.probes.forget_threads([tid for tid, raw in self.probes.threads().items()
+                                    if raw.pid == pid])
         for tid in [t for t, totals in self.threads.items() if totals.pid == pid]:
             del self.threads[tid]
+            self._young.pop(tid, None)
 
     def close(self) -> None:
         for pid in list(self.targets):

@@ -48,6 +48,8 @@ Labels = Tuple[Tuple[str, Any], ...]
 SpanCounts = Callable[[], Tuple[export.Counts, export.Counts]]  # (delivery, skipped)
 SPAN_NAMES = (names.GIL_WAIT.name, names.GIL_HOLD.name)
 LABELS_TTL_NS = 1_000_000_000
+# The kernel's per-process counters (struct target) that are exported as counters
+_PROCESS_COUNTERS = ("handoffs", "forced_switches", "lost")
 
 
 @dataclass
@@ -85,7 +87,7 @@ class GilMetrics:
         self._seen: Dict[int, Tuple[int, int, int]] = {}  # tid -> last (held, waited, acq)
         self._sums: Dict[Labels, _Sums] = {}
         self._window: Dict[int, Tuple[int, int, float]] = {}  # pid -> (mono, wait_ns, ratio)
-        self._exited: Dict[int, Dict[str, int]] = {}  # pid -> last kernel process counters
+        self._exited: Dict[int, Dict[str, int]] = {}  # pid -> forgotten process counters
         self._context: Dict[int, Tuple[int, int]] = {}  # pid -> app's (unplaced, errors)
         self._label_cache: Dict[int, Tuple[Labels, int, int]] = {}  # tid -> (labels, when, pid)
         self.histograms = {"wait": histograms.HistogramSet(), "hold": histograms.HistogramSet()}
@@ -211,20 +213,31 @@ class GilMetrics:
 
     def forget(self, pid: int) -> None:
         """The process is gone: keep its label sums (monotonic), drop thread state
-        (as the latest snapshot has them: update() first)."""
+        (as the latest snapshot has them: update() first). Its counters are kept
+        too, and added to those of a process of the same pid attached later (the
+        same process instrumented again: its kernel state starts from zero)."""
         snap = self._snapshot
-        st = snap.states.get(pid)
         tids = [t for t, tt in snap.threads.items() if tt.pid == pid]
-        with self._lock:
+        with self._lock:  # (the readers' threads observe the snapshot's states)
+            st = snap.states.pop(pid, None)  # once: a second forget finds nothing to add
             if st is not None:
-                self._exited[pid] = {"handoffs": st.handoffs,
-                                     "forced_switches": st.forced_switches, "lost": st.lost}
-            for tid in tids:
-                self._seen.pop(tid, None)
-                self._label_cache.pop(tid, None)
-            for hset in self.histograms.values():
-                hset.forget_threads(tids)
+                kept = self._exited.setdefault(pid, dict.fromkeys(_PROCESS_COUNTERS, 0))
+                for key in _PROCESS_COUNTERS:
+                    kept[key] += int(getattr(st, key))
+            self._forget_threads(tids)
             self._window.pop(pid, None)
+
+    def forget_threads(self, tids: List[int]) -> None:
+        """Exited threads whose final totals are folded into their labels' sums."""
+        with self._lock:
+            self._forget_threads(tids)
+
+    def _forget_threads(self, tids: List[int]) -> None:
+        for tid in tids:
+            self._seen.pop(tid, None)
+            self._label_cache.pop(tid, None)
+        for hset in self.histograms.values():
+            hset.forget_threads(tids)
 
     # ------------------------------------------------------------ observing
 
@@ -244,7 +257,7 @@ class GilMetrics:
     def _process_values(self, key: str) -> Dict[int, int]:
         out = {pid: vals[key] for pid, vals in self._exited.items()}
         for pid, state in self._snapshot.states.items():
-            out[pid] = int(getattr(state, key))
+            out[pid] = out.get(pid, 0) + int(getattr(state, key))
         return out
 
     def _process_counter(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:

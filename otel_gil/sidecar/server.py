@@ -231,6 +231,7 @@ class Sidecar:
     def _update_metrics(self) -> None:
         try:
             self.metrics.update(self.session.snapshot())
+            self.metrics.forget_threads(self.session.drop_exited_threads())
         except Exception:  # noqa: BLE001 - metrics must never stop tracing
             if not self._metrics_failed:
                 log.exception("otel-gil: updating metrics failed (reported once)")
@@ -334,8 +335,7 @@ class Sidecar:
         return reply
 
     def _os_identity(self, tid: int) -> Optional[Tuple[str, int]]:
-        """(OS name, tid in the app's namespace) as the session knows the thread;
-        one seen for the first time is read from the kernel on its own."""
+        """(OS name, tid in the app's namespace) of a thread, as Session.thread knows it."""
         totals = self.session.thread(tid)
         return (totals.name, totals.ns_tid) if totals is not None else None
 
