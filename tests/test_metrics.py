@@ -302,6 +302,37 @@ def test_a_process_forgotten_alive_and_traced_again_is_counted_once() -> None:
         at_forget[names.WAITED_TIME.name] + new_waited, rel=1e-6)
 
 
+def test_the_contention_ratio_goes_on_when_exited_threads_are_dropped(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_gil.probes.session import Snapshot
+    from otel_gil.probes.totals import ThreadTotals
+    from otel_gil.sidecar import metrics as metrics_module
+
+    # GIVEN metrics of a process with two threads that waited 1 s each, 5 s apart
+    memory = InMemoryMetricReader()
+    metrics = GilMetrics((), [memory])
+    metrics.add_process(7, "svc", 7, lambda tid: "t")
+    clock = [10**12]
+    monkeypatch.setattr(metrics_module.time, "monotonic_ns", lambda: clock[0])
+
+    def snapshot(*threads: ThreadTotals) -> Snapshot:
+        return Snapshot({t.tid: t for t in threads}, {}, frozenset({7}), 0)
+
+    metrics.update(snapshot(ThreadTotals(tid=1, pid=7), ThreadTotals(tid=2, pid=7)))
+    clock[0] += 5 * 10**9
+    gone = ThreadTotals(tid=2, pid=7, wait_ns=10**9, exited=True)
+    metrics.update(snapshot(ThreadTotals(tid=1, pid=7, wait_ns=10**9), gone))
+    # WHEN the exited one is dropped (Session.drop_exited_threads) and the other
+    # waits 0.5 s more in the next 5 s
+    metrics.forget_threads([2])
+    clock[0] += 5 * 10**9
+    metrics.update(snapshot(ThreadTotals(tid=1, pid=7, wait_ns=15 * 10**8)))
+    # THEN the ratio is that 0.5 s over 5 s, not negative for the dropped thread's 1 s
+    (point,) = _points(memory.get_metrics_data())[names.CONTENTION_RATIO.name][1]
+    assert point.value == pytest.approx(0.1)
+    metrics.shutdown()
+
+
 SHORT_THREADS = r"""
 import json, sys, threading
 def burn():

@@ -162,6 +162,21 @@ def test_thread_directory_survives_an_invalid_table(caplog: pytest.LogCaptureFix
     assert sum("context table is invalid" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_thread_directory_keeps_a_bounded_number_of_threads() -> None:
+    # GIVEN a directory of a process that started MAX_THREADS + 100 threads in turn
+    asked: List[int] = []
+    directory = threads.ThreadDirectory(os.getpid(), None,
+                                        lambda tid: (asked.append(tid), ("t", tid))[1])
+    for tid in range(1, threads.MAX_THREADS + 101):
+        directory(tid)
+    asked.clear()
+    # WHEN the newest and the oldest are looked up again
+    directory(threads.MAX_THREADS + 100)
+    directory(1)
+    # THEN the newest was still known; the oldest had been let go, and is asked again
+    assert asked == [1]
+
+
 def test_thread_directory_keeps_what_it_knew_of_an_exited_thread() -> None:
     # GIVEN a thread the directory met while it lived (remember(), as an
     # interval arrives), at tid 5 in the app's PID namespace

@@ -87,6 +87,7 @@ class GilMetrics:
         self._seen: Dict[int, Tuple[int, int, int]] = {}  # tid -> last (held, waited, acq)
         self._sums: Dict[Labels, _Sums] = {}
         self._window: Dict[int, Tuple[int, int, float]] = {}  # pid -> (mono, wait_ns, ratio)
+        self._waited_gone: Dict[int, int] = {}  # pid -> wait_ns of its forgotten threads
         self._exited: Dict[int, Dict[str, int]] = {}  # pid -> forgotten process counters
         self._context: Dict[int, Tuple[int, int]] = {}  # pid -> app's (unplaced, errors)
         self._label_cache: Dict[int, Tuple[Labels, int, int]] = {}  # tid -> (labels, when, pid)
@@ -204,7 +205,8 @@ class GilMetrics:
         mono = time.monotonic_ns()
         snap = self._snapshot
         for pid in snap.live:
-            waited = sum(t.wait_ns for t in snap.threads.values() if t.pid == pid)
+            waited = self._waited_gone.get(pid, 0) + sum(
+                t.wait_ns for t in snap.threads.values() if t.pid == pid)
             prev = self._window.get(pid)
             if prev is None:
                 self._window[pid] = (mono, waited, 0.0)
@@ -226,10 +228,17 @@ class GilMetrics:
                     kept[key] += int(getattr(st, key))
             self._forget_threads(tids)
             self._window.pop(pid, None)
+            self._waited_gone.pop(pid, None)
 
     def forget_threads(self, tids: List[int]) -> None:
-        """Exited threads whose final totals are folded into their labels' sums."""
+        """Exited threads whose final totals are folded into their labels' sums
+        (in the latest snapshot: update() first); the contention window goes on
+        counting their waits."""
         with self._lock:
+            for tid in tids:
+                t = self._snapshot.threads.get(tid)
+                if t is not None and t.pid in self._window:
+                    self._waited_gone[t.pid] = self._waited_gone.get(t.pid, 0) + t.wait_ns
             self._forget_threads(tids)
 
     def _forget_threads(self, tids: List[int]) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger("otel_gil.sidecar")
 
 NAMES_TTL_NS = 50_000_000
 RETRY_NS = 50_000_000
+MAX_THREADS = 4096  # identities kept per process, the oldest looked up dropped first
 
 # host tid -> (OS name, tid in the app's namespace), None when nothing is known
 OsIdentity = Callable[[int], Optional[Tuple[str, int]]]
@@ -104,7 +105,10 @@ class ThreadDirectory:
         info = self._lookup(host_tid, published)
         if hit is not None and info.name == "?" and info.ident is None:
             info = hit[0]  # the thread has exited since: what was known of it stands
+        self._threads.pop(host_tid, None)  # (re)inserted last: the oldest go first
         self._threads[host_tid] = (info, now)
+        if len(self._threads) > MAX_THREADS:  # a thread-per-request server's dead threads
+            del self._threads[next(iter(self._threads))]
         return info
 
     def remember(self, host_tid: int) -> None:
