@@ -332,15 +332,20 @@ class Probes:
     def _drop_unfinished(self, pid: int) -> None:
         """Threads of a process traced before keep their totals, not the wait or
         hold they were in when its probes came off (its end went unseen): each
-        is dropped and counted as unmatched, as at a first attach."""
-        for key, raw in list(self._threads.items()):
-            if raw.pid != pid or raw.exited or not (raw.wait_start or raw.hold_start
-                                                    or raw.in_timed_wait or raw.free_at):
+        is dropped and counted as unmatched (seen at the next refresh, if the
+        process is attached again), as at a first attach."""
+        for tid, seen in self.threads().items():  # one batch read, then the few to mend
+            if seen.pid != pid or seen.exited or not (seen.wait_start or seen.hold_start
+                                                      or seen.in_timed_wait or seen.free_at):
+                continue
+            key = ctypes.c_uint32(tid)
+            raw = self._threads.get(key)
+            if raw is None:
                 continue
             raw.unmatched += bool(raw.wait_start) + bool(raw.hold_start)
             raw.wait_start = raw.hold_start = raw.free_at = raw.in_timed_wait = 0
             self._threads[key] = raw
-            if not procfs.thread_alive(pid, key.value):  # exited meanwhile: keep it reapable
+            if not procfs.thread_alive(pid, tid):  # exited meanwhile: keep it reapable
                 raw.exited = 1
                 self._threads[key] = raw
 
