@@ -294,6 +294,21 @@ for t in threads: t.join()
 """
 
 
+def _trace(session: Session, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        session.step(50)
+
+
+def _stop_and_drain(session: Session, child: Child) -> None:
+    """Stop LATE_WORKLOAD's child, take the session's last events, close it."""
+    child.send("stop")
+    child.popen.wait(timeout=30)
+    while session.active:
+        session.step(50)
+    session.close()
+
+
 @pytest.mark.ebpf
 def test_attach_to_a_running_process_with_the_gil_held() -> None:
     target = next(t for t in all_targets() if t.name == "pyenv-3.11")
@@ -309,14 +324,8 @@ def test_attach_to_a_running_process_with_the_gil_held() -> None:
         # attaching began, not the moment it finished.
         attaching = time.monotonic_ns()
         session.add(child.host_pid)
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            session.step(50)
-        child.send("stop")
-        child.popen.wait(timeout=30)
-        while session.active:
-            session.step(50)
-        session.close()
+        _trace(session, 1.0)
+        _stop_and_drain(session, child)
     finally:
         child.close()
     # THEN nothing began before we attached: the wait or hold each thread was in
@@ -340,26 +349,16 @@ def test_a_target_detached_mid_wait_and_attached_again_gets_no_interval_across_t
     try:
         child.read_json(timeout=60)
         session = Session(ProbeConfig(probes=probes, hold_threshold_ns=1_000_000))
-
-        def trace(seconds: float) -> None:
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                session.step(50)
-
         # WHEN it is traced, detached with waits in progress (as a sidecar does
         # when the app's connection drops), left alone for 1.5 s, then traced again
         session.add(child.host_pid)
-        trace(0.5)
+        _trace(session, 0.5)
         session.detach(child.host_pid)
         time.sleep(1.5)
         again = time.monotonic_ns()
         session.add(child.host_pid)
-        trace(1.0)
-        child.send("stop")
-        child.popen.wait(timeout=30)
-        while session.active:
-            session.step(50)
-        session.close()
+        _trace(session, 1.0)
+        _stop_and_drain(session, child)
     finally:
         child.close()
     # THEN no wait or hold of the second attach began before it: what the

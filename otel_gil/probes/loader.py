@@ -161,7 +161,6 @@ class Probes:
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
         self.plans[target.pid] = points
-        self._drop_unfinished(target.pid)
         for point in in_attach_order(points):
             try:
                 with _libbcc_quiet():
@@ -332,8 +331,8 @@ class Probes:
     def _drop_unfinished(self, pid: int) -> None:
         """Threads of a process traced before keep their totals, not the wait or
         hold they were in when its probes came off (its end went unseen): each
-        is dropped and counted as unmatched (seen at the next refresh, if the
-        process is attached again), as at a first attach."""
+        is dropped as its probes come off, and counted as unmatched (seen at
+        the next refresh, if the process is attached again), as at attach."""
         for tid, seen in self.threads().items():  # one batch read, then the few to mend
             if seen.pid != pid or seen.exited or not (seen.wait_start or seen.hold_start
                                                       or seen.in_timed_wait or seen.free_at):
