@@ -125,6 +125,10 @@ def _idle_child_code() -> str:
     return "import json, os, sys; print(json.dumps({'pid': os.getpid()})); sys.stdin.readline()"
 
 
+# doctor's text form is checked on these: one of each verdict, one in a PID namespace
+TEXT_FORM = {"pyenv-3.11", "py313t-nogil", "sid-3.14"}
+
+
 @pytest.mark.ebpf
 @pytest.mark.parametrize("target", all_targets(), ids=lambda t: t.name)
 def test_doctor_pid_of_live_child(target: PythonTarget) -> None:
@@ -133,14 +137,16 @@ def test_doctor_pid_of_live_child(target: PythonTarget) -> None:
     # own PID namespace)
     with spawn(target, _idle_child_code()) as child:
         assert child.read_json(timeout=60)["pid"] == child.ns_pid
-        # WHEN doctor inspects it by host pid
+        # WHEN doctor inspects it by host pid (the text form too, for one target
+        # of each verdict and the namespaced one: the text renders the same
+        # report, and each run compiles both probe sets, ~7 s here)
         proc = _doctor("--pid", str(child.host_pid), "--json")
-        text = _doctor("--pid", str(child.host_pid))
+        text = _doctor("--pid", str(child.host_pid)) if target.name in TEXT_FORM else None
     doc = json.loads(proc.stdout)
     found = doc["target"]
     assert found["pid"] == child.host_pid and found["nspid"][-1] == child.ns_pid
     assert tuple(int(x) for x in found["version"].split(".")[:2]) == target.version
-    assert "Traceback" not in proc.stderr + text.stderr
+    assert "Traceback" not in proc.stderr + (text.stderr if text else "")
     if target.expect_gil:
         # THEN tracing would work, on the right object
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -148,14 +154,17 @@ def test_doctor_pid_of_live_child(target: PythonTarget) -> None:
         assert os.path.samefile(found["object"], target.interpreter_elf)
         assert found["gil"]["enabled"] is (True if target.free_threaded else None)
         assert os.path.basename(found["release_probe"]["path"]) == "libc.so.6"
-        assert text.returncode == 0 and text.stdout.endswith("verdict: tracing would work\n")
+        if text:
+            assert text.returncode == 0 and text.stdout.endswith("verdict: tracing would work\n")
     else:
         # THEN the free-threaded build running without its GIL gets its own verdict
-        assert proc.returncode == 3 and text.returncode == 3
+        assert proc.returncode == 3
         assert doc["ok"] is False and doc["verdict"] == "GIL disabled: nothing to measure"
         assert found["gil"]["enabled"] is False
-        assert text.stdout.endswith("verdict: GIL disabled: nothing to measure\n")
-        assert "remedy: run with PYTHON_GIL=1 to measure the GIL" in text.stdout
+        if text:
+            assert text.returncode == 3
+            assert text.stdout.endswith("verdict: GIL disabled: nothing to measure\n")
+            assert "remedy: run with PYTHON_GIL=1 to measure the GIL" in text.stdout
 
 
 @pytest.mark.ebpf
