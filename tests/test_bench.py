@@ -1,4 +1,4 @@
-"""bench/paired.py's statistics and its refusals: pure logic and argument
+"""bench/paired.py's statistics, and its and bench/programs.py's refusals: pure logic and argument
 handling (the benchmark itself is run by hand, never timed here)."""
 
 from __future__ import annotations
@@ -40,8 +40,21 @@ def test_median_ci_of_identical_ratios_is_that_ratio() -> None:
     (["--slice", "0"], "a slice of more than 0 s"),
 ])
 def test_paired_refuses_bad_arguments_in_one_line(argv: list, said: str) -> None:
-    # WHEN bench/paired.py is given a setup, workload or count it cannot run
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "paired.py")] + argv,
+    _refuses("paired.py", argv, said)
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--setups", "contended,nosuch"], "unknown setup or workload"),
+    (["--workloads", "nosuch"], "unknown setup or workload"),
+    (["--seconds", "0"], "more than 0 s of load"),
+])
+def test_programs_refuses_bad_arguments_in_one_line(argv: list, said: str) -> None:
+    _refuses("programs.py", argv, said)
+
+
+def _refuses(script: str, argv: list, said: str) -> None:
+    # WHEN a bench script is given a setup, workload or count it cannot run
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script)] + argv,
                          capture_output=True, text=True, timeout=60,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     # THEN it says which in one line and exits 2 before starting any child
