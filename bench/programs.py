@@ -48,7 +48,11 @@ def program_counts(session: Session) -> Counts:
 def measure(kind: str, python: List[str], setup: str, seconds: float) -> Tuple[float, Counts]:
     """(the child's rate, each program's (ns, runs) during S seconds of load)."""
     work = Workload(kind, python)
-    session = Session(PROBE_SETUPS[setup], lambda _iv: None)
+    try:
+        session = Session(PROBE_SETUPS[setup], lambda _iv: None)
+    except BaseException:
+        work.close()
+        raise
     done = threading.Event()
 
     def follow() -> None:
