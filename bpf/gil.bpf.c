@@ -80,6 +80,11 @@
 #define ETIMEDOUT_ 110 /* asm-generic/errno.h: what pthread_cond_timedwait returns */
 
 BPF_HASH(targets, u32, struct target, MAX_TARGETS);
+/* Bit `pid` set for each target's pid, by user space before it attaches
+ * (probes/holders.py mark_target). The tracepoints run at every context switch
+ * and exit of the machine: an inlined array read turns other processes away
+ * for less than a hash lookup of `targets` (~0.1 µs here). */
+BPF_ARRAY(target_pids, u64, GIL_PID_WORDS);
 BPF_HASH(threads, u32, struct thread_stats, MAX_THREADS);
 BPF_HASH(holders, u64, struct holder_stats, MAX_THREADS);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -104,6 +109,14 @@ static __always_inline int current_ids(u32 *pid, u32 *tid)
     *tid = (u32)id;
 #endif
     return 0;
+}
+
+/* Whether pid may be a target's (see target_pids): 0 rules it out. */
+static __always_inline int maybe_target(u32 pid)
+{
+    u32 word = pid / 64;
+    u64 *bits = target_pids.lookup(&word);
+    return bits && (*bits >> (pid % 64)) & 1;
 }
 
 /* Bucket of a duration: see gil.h; mirrored by otel_gil.timeline.bucket_of. */
@@ -345,6 +358,45 @@ static __always_inline void count_drop_request(struct target *t, struct thread_s
 /* ------------------------------------------------ contended: who holds */
 
 #ifndef PROBES_ALL
+/* Add to a holder's entry in the holders map, made if new. Atomic: a
+ * thread's exit (flush_slot) runs outside gil->mutex. */
+static __always_inline void add_to_holder(struct target *t, u32 pid, u32 ns_tid,
+                                          u64 held, u64 holds, u64 max)
+{
+    u64 key = (u64)pid << 32 | ns_tid;
+    struct holder_stats *hs = holders.lookup(&key);
+    if (!hs) {
+        struct holder_stats init = {.pid = pid, .ns_tid = ns_tid};
+        if (holders.insert(&key, &init))
+            __sync_fetch_and_add(&t->untracked, 1);
+        hs = holders.lookup(&key);
+    }
+    if (!hs)
+        return;
+    __sync_fetch_and_add(&hs->hold_ns, held);
+    __sync_fetch_and_add(&hs->holds, holds);
+    if (max > hs->max_hold_ns)
+        hs->max_hold_ns = max;
+}
+
+/* Move a holder slot's totals to the holders map (struct holder_slot). Taken
+ * with exchanges, so a slot is moved once when a waiter taking it and its
+ * thread's exit race. A waiter that added to it as the exit freed it left a
+ * remainder with no owner: counted (untracked), not guessed. */
+static __always_inline void flush_slot(struct target *t, u32 pid, u64 ns_tid,
+                                       struct holder_slot *s)
+{
+    u64 held = __sync_lock_test_and_set(&s->hold_ns, 0);
+    u64 holds = __sync_lock_test_and_set(&s->holds, 0);
+    u64 max = __sync_lock_test_and_set(&s->max_hold_ns, 0);
+    if (!holds)
+        return;
+    if (!ns_tid)
+        __sync_fetch_and_add(&t->untracked, 1);
+    else
+        add_to_holder(t, pid, (u32)ns_tid, held, holds, max);
+}
+
 /* The hold a waiter last saw ends at `end`: into the ring (the holders of
  * waits), the holder's totals, and an event if long. */
 static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
@@ -364,19 +416,17 @@ static __always_inline void close_seen_hold(struct target *t, u32 pid, u64 end)
     h->stack_seq = t->stack_tid == holder && t->stack_switch == t->obs_switch ? t->stack_seq : 0;
     t->releases++;
     u64 held = end - t->obs_start;
-    u64 key = (u64)pid << 32 | holder;
-    struct holder_stats *hs = holders.lookup(&key);
-    if (!hs) {
-        struct holder_stats init = {.pid = pid, .ns_tid = holder};
-        if (holders.insert(&key, &init))
-            __sync_fetch_and_add(&t->untracked, 1);
-        hs = holders.lookup(&key);
-    }
-    if (hs) {
-        hs->hold_ns += held;
-        hs->holds++;
-        if (held > hs->max_hold_ns)
-            hs->max_hold_ns = held;
+    struct holder_slot *s = &t->held[holder & (GIL_HOLDER_SLOTS - 1)];
+    if (s->ns_tid == holder) {
+        s->hold_ns += held;
+        s->holds++;
+        if (held > s->max_hold_ns)
+            s->max_hold_ns = held;
+    } else {
+        /* Its first hold goes to the map; it takes the slot from now on. */
+        flush_slot(t, pid, s->ns_tid, s);
+        s->ns_tid = holder;
+        add_to_holder(t, pid, holder, held, 1, held);
     }
     if (held < HOLD_THRESHOLD_NS)
         return;
@@ -871,7 +921,7 @@ static __always_inline void block_ended(u32 next)
 static __always_inline void capture_stack(void *ctx, u32 blocked)
 {
     u32 pid, tid;
-    if (current_ids(&pid, &tid))
+    if (current_ids(&pid, &tid) || !maybe_target(pid))
         return;
     struct target *t = targets.lookup(&pid);
     if (!t || !t->stacks)
@@ -984,8 +1034,19 @@ int on_sample(struct pt_regs *ctx) /* a perf-event program: ctx only passed on *
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 pid, tid;
-    if (current_ids(&pid, &tid))
+    if (current_ids(&pid, &tid) || !maybe_target(pid))
         return 0;
+#ifndef PROBES_ALL
+    /* A holder's slot goes to the map at its exit: the slot is free for the
+     * next holder, and a later thread with its ns tid does not inherit it. */
+    struct target *t = targets.lookup(&pid);
+    if (t) {
+        u64 me = own_ns_tid(t, tid);
+        struct holder_slot *s = &t->held[me & (GIL_HOLDER_SLOTS - 1)];
+        if (me && __sync_val_compare_and_swap(&s->ns_tid, me, 0) == me)
+            flush_slot(t, pid, me, s);
+    }
+#endif
     struct thread_stats *th = threads.lookup(&tid);
     if (!th)
         return 0;
@@ -994,16 +1055,12 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
      * hold ends here. */
     if (th->hold_start)
         end_hold(th, bpf_ktime_get_ns());
+#else
+    if (th->wait_start && t && t->waiting)
+        __sync_fetch_and_add(&t->waiting, -1);
 #endif
     /* A thread can die inside take_gil (finalization, PyThread_exit_thread):
      * that wait never ends, so it is not counted. */
-#ifndef PROBES_ALL
-    if (th->wait_start) {
-        struct target *t = targets.lookup(&pid);
-        if (t && t->waiting)
-            __sync_fetch_and_add(&t->waiting, -1);
-    }
-#endif
     th->exited = 1;
     th->wait_start = 0;
     th->in_timed_wait = 0;

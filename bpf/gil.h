@@ -21,6 +21,11 @@
 #define GIL_MAX_HOLDERS 16
 /* Holds remembered per process for that (a power of two). */
 #define GIL_HOLD_RING 16
+/* Contended set: holders whose totals a process keeps in place (struct
+ * target.held, a power of two), off a hash-map update under gil->mutex. */
+#define GIL_HOLDER_SLOTS 16
+/* Words of the target-pid bitmap (target_pids): PID_MAX_LIMIT, 4M pids. */
+#define GIL_PID_WORDS 65536
 
 /* The app's context table (written by otel_gil/context.py): a header then
  * power-of-two many slots, slot i for native thread id t at index
@@ -151,6 +156,19 @@ struct holder_stats {
     __u64 max_hold_ns;
 };
 
+/* The same totals kept in the target, direct-mapped by ns tid: a waiter's
+ * look adds a hold there when the holder owns its slot (struct target.held).
+ * The first hold of a holder that does not goes to the holders map, and the
+ * holder takes the slot; what the slot held is added to the map first. A
+ * thread's exit adds its slot to the map and frees it. So a holder's totals
+ * are its map entry plus its slot (probes/loader.py holders). */
+struct holder_slot {
+    __u64 ns_tid;         /* 0: free (64 bits: BPF's cmpxchg) */
+    __u64 hold_ns;
+    __u64 holds;
+    __u64 max_hold_ns;
+};
+
 /* Per traced process: configuration written by user space before the probes
  * are attached, then state kept by the probes. The all set's acquisition and
  * release probes update their part while their thread holds the GIL; the wait
@@ -179,7 +197,8 @@ struct target {
     __u64 handoffs;       /* acquisitions by another thread than the last holder */
     __u64 forced_switches; /* holds asked to drop (wake probes, both sets) */
     __u64 lost;           /* events dropped: ring buffer full */
-    __u64 untracked;      /* threads not tracked: thread map full */
+    __u64 untracked;      /* threads not tracked (thread or holder map full), and holds
+                           * whose slot its thread's exit emptied meanwhile */
     __u64 releases;       /* holds written to the ring: all set, releases seen */
     struct gil_hold ring[GIL_HOLD_RING];
     /* state of the wait and wake probes */
@@ -214,6 +233,8 @@ struct target {
     __u32 stack_next;     /* the last seq given to a stack */
     __u32 stack_hold;     /* all: low 32 bits of the hold's start (a thread's new
                              acquisition at the same switch number is a new hold) */
+    /* contended: holder totals kept in place (struct holder_slot) */
+    struct holder_slot held[GIL_HOLDER_SLOTS];
 };
 
 struct gil_pyframe {

@@ -21,10 +21,12 @@ STRUCTS: Dict[str, Type[ctypes.Structure]] = {
     "thread_stats": events.ThreadStats,
     "target": events.TargetState,
     "holder_stats": events.HolderStats,
+    "holder_slot": events.HolderSlot,
     "gil_pyframe": events.GilPyFrame,
     "gil_stack": events.GilStack,
 }
 CONSTANTS = ["GIL_HIST_MIN_SHIFT", "GIL_HIST_BUCKETS", "GIL_MAX_HOLDERS", "GIL_HOLD_RING",
+             "GIL_HOLDER_SLOTS", "GIL_PID_WORDS",
              "GIL_CTX_HEADER_SIZE", "GIL_CTX_SLOT_SIZE", "GIL_CTX_PROBES",
              "GIL_EVENT_WAIT", "GIL_EVENT_HOLD", "GIL_SET_CONTENDED", "GIL_SET_ALL",
              "GIL_NS_TID", "GIL_START_SEEN", "GIL_TID_NATIVE", "GIL_TID_PTHREAD",

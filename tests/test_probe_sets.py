@@ -34,6 +34,8 @@ print(json.dumps({"ready": True}), flush=True)
 sys.stdin.readline()
 threads = [threading.Thread(target=burn) for _ in range(4)]
 for t in threads: t.start()
+time.sleep(1.0)
+print(json.dumps({"halfway": True}), flush=True)
 for t in threads: t.join()
 print(json.dumps({"done": True}), flush=True)
 sys.stdin.readline()
@@ -104,6 +106,11 @@ def test_contended_and_all_agree_on_cpu_bound_threads(target: PythonTarget) -> N
             sessions[probes].add(child.host_pid)
         # WHEN the threads burn for 2 s and the sets are detached while it lives
         child.send("go")
+        _step_until(list(sessions.values()), child)  # halfway: the burners live
+        for s in sessions.values():
+            s.refresh()
+        halfway = {p: {tid: t.hold_ns for tid, t in s.threads.items()}
+                   for p, s in sessions.items()}
         _step_until(list(sessions.values()), child)
         for s in sessions.values():
             s.detach(child.host_pid)
@@ -144,6 +151,18 @@ def test_contended_and_all_agree_on_cpu_bound_threads(target: PythonTarget) -> N
     assert info_c.state.forced_switches == info_a.state.forced_switches
     # AND the holders the contended set saw are the ones the all set timed
     _check_holders(cont.intervals, every.intervals)
+    # AND halfway, while the burners lived, as at the end once they exited,
+    # their hold totals per the contended set (its holder map plus the totals
+    # kept in place, struct holder_slot) are most of those the all set timed:
+    # 4 burners always have a waiter, and only the first hold of each went
+    # through the map
+    for when in ("halfway", "end"):
+        held = halfway if when == "halfway" else {
+            p: {tid: t.hold_ns for tid, t in s.threads.items()} for p, s in sessions.items()}
+        burners = [tid for tid in waited if held["all"].get(tid, 0) > 100_000_000]
+        assert len(burners) >= 4, (when, held)
+        for tid in burners:
+            assert held["contended"].get(tid, 0) >= 0.5 * held["all"][tid], (when, tid, held)
     assert cont.lost_events() == 0 and every.lost_events() == 0
 
 
@@ -237,3 +256,30 @@ def test_contended_fires_no_probe_on_an_uncontended_loop(target: PythonTarget) -
             session.close()
     finally:
         child.close()
+
+
+def test_holder_totals_add_each_holders_slot_to_its_map_entry() -> None:
+    from otel_gil.abi import events
+    from otel_gil.probes.totals import ThreadTotals, holder_totals
+    # GIVEN map entries for two holders of pid 7, and pid 7's slots: one of
+    # holder 11's, one of a holder with no entry yet (13), a free one and a
+    # taken one still empty (a thread that took its slot, then held no more)
+    entries = [events.HolderStats(pid=7, ns_tid=11, hold_ns=100, holds=2, max_hold_ns=60),
+               events.HolderStats(pid=7, ns_tid=12, hold_ns=50, holds=1, max_hold_ns=50)]
+    state = events.TargetState()
+    state.held[11] = events.HolderSlot(ns_tid=11, hold_ns=30, holds=3, max_hold_ns=90)
+    state.held[13] = events.HolderSlot(ns_tid=13, hold_ns=8, holds=1, max_hold_ns=8)
+    state.held[5] = events.HolderSlot(ns_tid=0, hold_ns=4, holds=1, max_hold_ns=4)
+    state.held[12] = events.HolderSlot(ns_tid=28, hold_ns=0, holds=0, max_hold_ns=0)
+    # WHEN they are merged
+    got = holder_totals(entries, {7: state})
+    # THEN each holder's totals are its entry plus its slot, the entries untouched
+    as_tuples = {k: (v.hold_ns, v.holds, v.max_hold_ns) for k, v in got.items()}
+    assert as_tuples == {(7, 11): (130, 5, 90), (7, 12): (50, 1, 50), (7, 13): (8, 1, 8)}
+    assert entries[0].hold_ns == 100
+    # AND a thread's totals never go back (a slot moved to the map between
+    # the two reads is missed by that read only)
+    totals = ThreadTotals(tid=11, pid=7)
+    totals.update_holds(got[(7, 11)])
+    totals.update_holds(entries[0])
+    assert (totals.hold_ns, totals.holds, totals.max_hold_ns) == (130, 5, 90)

@@ -21,6 +21,8 @@ GIL_HIST_MIN_SHIFT = 6
 GIL_HIST_BUCKETS = 128
 GIL_MAX_HOLDERS = 16
 GIL_HOLD_RING = 16
+GIL_HOLDER_SLOTS = 16
+GIL_PID_WORDS = 65536
 GIL_EVENT_WAIT = 1
 GIL_EVENT_HOLD = 2
 GIL_EVENT_STACK = 3
@@ -94,6 +96,25 @@ class ThreadStats(ctypes.Structure):
     ]
 
 
+class HolderStats(ctypes.Structure):
+    _fields_ = [
+        ("pid", ctypes.c_uint32),
+        ("ns_tid", ctypes.c_uint32),
+        ("hold_ns", ctypes.c_uint64),
+        ("holds", ctypes.c_uint64),
+        ("max_hold_ns", ctypes.c_uint64),
+    ]
+
+
+class HolderSlot(ctypes.Structure):
+    _fields_ = [
+        ("ns_tid", ctypes.c_uint64),
+        ("hold_ns", ctypes.c_uint64),
+        ("holds", ctypes.c_uint64),
+        ("max_hold_ns", ctypes.c_uint64),
+    ]
+
+
 class TargetState(ctypes.Structure):
     """struct target: one traced process's configuration and kernel-side state
     (not otel_gil.target.process.Target, what inspecting the process found)."""
@@ -151,6 +172,7 @@ class TargetState(ctypes.Structure):
         ("stack_block_ns", ctypes.c_uint64),
         ("stack_next", ctypes.c_uint32),
         ("stack_hold", ctypes.c_uint32),
+        ("held", HolderSlot * GIL_HOLDER_SLOTS),
     ]
 
 
@@ -178,16 +200,6 @@ class GilStack(ctypes.Structure):
         ("bp", ctypes.c_uint64),
         ("frames", GilPyFrame * GIL_MAX_PYFRAMES),
         ("stack", ctypes.c_uint8 * (GIL_STACK_CHUNK * GIL_STACK_CHUNKS)),
-    ]
-
-
-class HolderStats(ctypes.Structure):
-    _fields_ = [
-        ("pid", ctypes.c_uint32),
-        ("ns_tid", ctypes.c_uint32),
-        ("hold_ns", ctypes.c_uint64),
-        ("holds", ctypes.c_uint64),
-        ("max_hold_ns", ctypes.c_uint64),
     ]
 
 

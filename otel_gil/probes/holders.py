@@ -4,6 +4,7 @@ checked on the live process."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
@@ -170,3 +171,12 @@ def _peek_u64(mem: Any, address: int) -> int:
 
 def _u64(data: bytes, off: int) -> int:
     return int.from_bytes(data[off:off + 8], "little")
+
+
+def mark_target(pid_bits: Any, pid: int, on: bool) -> None:
+    """Set or clear a pid's bit in the probes' target-pid bitmap (target_pids in
+    bpf/gil.bpf.c): the tracepoints skip every other process on that bit."""
+    word = ctypes.c_uint32(pid // 64)
+    bits = int(pid_bits[word].value)
+    bits = bits | (1 << pid % 64) if on else bits & ~(1 << pid % 64)
+    pid_bits[word] = ctypes.c_uint64(bits)

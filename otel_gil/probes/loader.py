@@ -21,8 +21,9 @@ from otel_gil.abi import events
 from otel_gil.abi.slots import TableLocation
 from otel_gil.errors import EnvironmentProblem, ProbeError
 from otel_gil.probes.config import ProbeConfig, bpf_dir
-from otel_gil.probes.holders import stack_config, target_config
+from otel_gil.probes.holders import mark_target, stack_config, target_config
 from otel_gil.probes.points import PROBE_FUNCTIONS, Point, in_attach_order, plan
+from otel_gil.probes.totals import holder_totals
 from otel_gil.stacks.store import StackStore
 from otel_gil.target import procfs
 
@@ -157,6 +158,7 @@ class Probes:
             self.stacks.add_target(target)
             stack_config(cfg, target)
         self._targets[ctypes.c_uint32(target.pid)] = cfg
+        mark_target(self._bpf["target_pids"], target.pid, True)
         self._ns_translate[target.pid] = len(target.nspid) > 1
         attached: List[Tuple[str, int]] = []
         self._attached[target.pid] = attached
@@ -199,6 +201,7 @@ class Probes:
             del self._targets[ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        mark_target(self._bpf["target_pids"], pid, False)
         self._ns_translate.pop(pid, None)
         self._host_tids.pop(pid, None)
 
@@ -295,12 +298,10 @@ class Probes:
 
     def holders(self) -> Dict[Tuple[int, int], events.HolderStats]:
         """Contended set: per (pid, tid in the target's namespace), how long each
-        thread held the GIL while another waited."""
-        out = {}
-        for v in self._holders.values():
-            raw = events.HolderStats.from_buffer_copy(bytes(v))
-            out[(raw.pid, raw.ns_tid)] = raw
-        return out
+        thread held the GIL while another waited (the map, then the slots)."""
+        entries = [events.HolderStats.from_buffer_copy(bytes(v)) for v in self._holders.values()]
+        states = {pid: self.target_state(pid) for pid in self._attached}
+        return holder_totals(entries, {p: s for p, s in states.items() if s is not None})
 
     def forget_holders(self, pid: int, ns_tids: Optional[List[int]] = None) -> None:
         """Delete the holder entries of a process (all, or those of ns_tids)."""

@@ -1,11 +1,11 @@
 """One traced thread's totals, as the session keeps them: copied from the
 kernel's per-thread entry (struct thread_stats) and, with the contended set,
-its holder entry."""
+its holder totals (holder_totals)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from otel_gil.abi import buckets, events
 
@@ -47,14 +47,38 @@ class ThreadTotals:
             setattr(self, name, None if hist is None else list(hist))
 
     def update_holds(self, raw: events.HolderStats) -> None:
-        """Contended set: the time this thread held the GIL while another waited."""
-        self.hold_ns = raw.hold_ns
-        self.max_hold_ns = raw.max_hold_ns
-        self.holds = raw.holds
+        """Contended set: the time this thread held the GIL while another waited.
+        Never less than read before: a slot moved to the map between the two
+        reads of holder_totals is missing from that read, not gone."""
+        self.hold_ns = max(self.hold_ns, int(raw.hold_ns))
+        self.max_hold_ns = max(self.max_hold_ns, int(raw.max_hold_ns))
+        self.holds = max(self.holds, int(raw.holds))
 
     @property
     def p99_wait_ns(self) -> int:
         return buckets.percentile(self.wait_hist or [], 0.99)
+
+
+HolderKey = Tuple[int, int]  # (pid, tid in the target's PID namespace)
+
+
+def holder_totals(entries: Iterable[events.HolderStats],
+                  states: Dict[int, events.TargetState]) -> Dict[HolderKey, events.HolderStats]:
+    """Contended set: each holder's totals, by (pid, ns tid): its entry in the
+    holders map plus its slot in its target (struct holder_slot). The map is
+    read first: a slot the kernel moves to the map in between is missed once
+    (update_holds keeps the last total), never counted twice."""
+    out = {(int(e.pid), int(e.ns_tid)): events.HolderStats.from_buffer_copy(e) for e in entries}
+    for pid, state in states.items():
+        for slot in state.held:
+            if not slot.ns_tid or not slot.holds:
+                continue
+            key = (pid, int(slot.ns_tid))
+            got = out.setdefault(key, events.HolderStats(pid=pid, ns_tid=int(slot.ns_tid)))
+            got.hold_ns += slot.hold_ns
+            got.holds += slot.holds
+            got.max_hold_ns = max(got.max_hold_ns, slot.max_hold_ns)
+    return out
 
 
 _TOTALS = ("acquisitions", "wait_ns", "hold_ns", "max_wait_ns", "max_hold_ns", "unmatched",
