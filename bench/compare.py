@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from otel_gil import trust
+from otel_gil.cli.stack_options import stack_settings
 from otel_gil.probes import loader
 from otel_gil.probes.config import ProbeConfig
 from otel_gil.probes.session import Session
@@ -201,7 +202,9 @@ WORKLOADS = {
 }
 SETUPS = ("none", "contended", "nostacks", "all", "gilknocker", "pyspy")
 PROBE_SETUPS = {"contended": ProbeConfig(probes="contended"),
-                "nostacks": ProbeConfig(probes="contended", stack_threshold_ns=0),
+                # as the CLI's --stack-threshold-ms 0 has it: no stack programs
+                # (a ProbeConfig threshold of 0 would take a stack at every sample)
+                "nostacks": ProbeConfig(probes="contended", **stack_settings(0)),
                 "all": ProbeConfig(probes="all"),
                 # the contended uprobes running empty programs, no stack programs:
                 # what the traps alone cost (not in the default setups)
