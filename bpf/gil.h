@@ -161,7 +161,7 @@ struct holder_stats {
  * The first hold of a holder that does not goes to the holders map, and the
  * holder takes the slot; what the slot held is added to the map first. A
  * thread's exit adds its slot to the map and frees it. So a holder's totals
- * are its map entry plus its slot (probes/loader.py holders). */
+ * are its map entry plus its slot (probes/totals.py holder_totals). */
 struct holder_slot {
     __u64 ns_tid;         /* 0: free (64 bits: BPF's cmpxchg) */
     __u64 hold_ns;
