@@ -23,6 +23,7 @@ from otel_gil.errors import EnvironmentProblem, ProbeError
 from otel_gil.probes.config import ProbeConfig, bpf_dir
 from otel_gil.probes.holders import mark_target, stack_config, target_config
 from otel_gil.probes.points import PROBE_FUNCTIONS, Point, in_attach_order, plan
+from otel_gil.probes.tids import HostTids
 from otel_gil.probes.totals import holder_totals
 from otel_gil.stacks.store import StackStore
 from otel_gil.target import procfs
@@ -105,7 +106,7 @@ class Probes:
         self._attached: Dict[int, List[Tuple[str, int]]] = {}
         self.plans: Dict[int, List[Point]] = {}
         self._ns_translate: Dict[int, bool] = {}
-        self._host_tids: Dict[int, Dict[int, int]] = {}
+        self._host_tids = HostTids()
         try:
             self._bpf = bcc.BPF(src_file=str(bpf_dir() / "gil.bpf.c"),
                                 cflags=config.cflags() + [f"-I{bpf_dir()}",
@@ -203,7 +204,7 @@ class Probes:
             pass
         mark_target(self._bpf["target_pids"], pid, False)
         self._ns_translate.pop(pid, None)
-        self._host_tids.pop(pid, None)
+        self._host_tids.forget_pid(pid)
 
     def target_state(self, pid: int) -> Optional[events.TargetState]:
         try:
@@ -221,12 +222,7 @@ class Probes:
     def host_tid(self, pid: int, ns_tid: int) -> int:
         """Our tid of a thread the probes know by its tid in the target's PID
         namespace (a holder read from its PyThreadState); ns_tid if unknown."""
-        if not self._ns_translate.get(pid):
-            return ns_tid
-        known = self._host_tids.setdefault(pid, {})
-        if ns_tid not in known:
-            known.update(procfs.ns_tid_map(pid))
-        return known.get(ns_tid, ns_tid)
+        return self._host_tids.translate(pid, ns_tid) if self._ns_translate.get(pid) else ns_tid
 
     def _ring_callback(self, _ctx: Any, data: Any, size: int) -> int:
         raw = ctypes.string_at(data, size)
@@ -307,10 +303,12 @@ class Probes:
         """Delete the holder entries of a process (all, or those of ns_tids)."""
         for k, v in list(self._holders.items()):
             if v.pid == pid and (ns_tids is None or v.ns_tid in ns_tids):
-                try:
+                with contextlib.suppress(KeyError):
                     del self._holders[k]
-                except KeyError:
-                    pass
+        if ns_tids is None:
+            self._host_tids.forget_pid(pid)
+        else:
+            self._host_tids.forget_ns(pid, ns_tids)
 
     def read_switch_number(self, pid: int) -> Optional[int]:
         """CPython's own count of hand-offs (gil->switch_number), read from the
@@ -350,11 +348,11 @@ class Probes:
                 self._threads[key] = raw
 
     def forget_threads(self, tids: List[int]) -> None:
+        """Delete the entries of exited threads (by our tids)."""
         for tid in tids:
-            try:
+            with contextlib.suppress(KeyError):
                 del self._threads[ctypes.c_uint32(tid)]
-            except KeyError:
-                pass
+        self._host_tids.forget_host(tids)  # their ns tids may be a new thread's next
 
     def close(self) -> None:
         for pid in list(self._attached):

@@ -1,0 +1,47 @@
+"""Our tids of the threads the probes know by their tid in the target's PID
+namespace (a holder read from its PyThreadState, when the target runs in
+another PID namespace than ours: a container)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable
+
+from otel_gil.target import procfs
+
+
+class HostTids:
+    """ns tid -> our tid, per process, read from /proc as unknown ns tids come.
+
+    A thread's ns tid is given to a new thread once it exits (PID numbers are
+    reused after they wrap), so a mapping ends with its thread: forget_host()
+    and forget_ns() take out those of the threads the session reaped, and the
+    next sighting of that ns tid reads /proc again."""
+
+    def __init__(self, read_map: Callable[[int], Dict[int, int]] = procfs.ns_tid_map) -> None:
+        self._read_map = read_map
+        self._known: Dict[int, Dict[int, int]] = {}
+
+    def translate(self, pid: int, ns_tid: int) -> int:
+        """Our tid of the thread; ns_tid itself if /proc does not know it."""
+        known = self._known.setdefault(pid, {})
+        if ns_tid not in known:
+            known.update(self._read_map(pid))
+        return known.get(ns_tid, ns_tid)
+
+    def forget_pid(self, pid: int) -> None:
+        self._known.pop(pid, None)
+
+    def forget_ns(self, pid: int, ns_tids: Iterable[int]) -> None:
+        """Threads of pid gone, by their ns tids."""
+        known = self._known.get(pid, {})
+        for ns_tid in ns_tids:
+            known.pop(ns_tid, None)
+
+    def forget_host(self, tids: Iterable[int]) -> None:
+        """Threads gone, by our tids (of any process)."""
+        gone = set(tids)
+        if not gone:
+            return
+        for known in self._known.values():
+            for ns_tid in [n for n, tid in known.items() if tid in gone]:
+                del known[ns_tid]
