@@ -352,7 +352,6 @@ class Probes:
         for tid in tids:
             with contextlib.suppress(KeyError):
                 del self._threads[ctypes.c_uint32(tid)]
-        self._host_tids.forget_host(tids)  # their ns tids may be a new thread's next
 
     def close(self) -> None:
         for pid in list(self._attached):

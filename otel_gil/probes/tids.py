@@ -13,9 +13,12 @@ class HostTids:
     """ns tid -> our tid, per process, read from /proc as unknown ns tids come.
 
     A thread's ns tid is given to a new thread once it exits (PID numbers are
-    reused after they wrap), so a mapping ends with its thread: forget_host()
-    and forget_ns() take out those of the threads the session reaped, and the
-    next sighting of that ns tid reads /proc again."""
+    reused after they wrap), so a mapping ends with its thread's holder entry:
+    forget_ns() takes out those the session reaped (Probes.forget_holders),
+    and the next sighting of that ns tid reads /proc again. Not earlier, at
+    its wait entry's reaping: its holder entry is still read after that, and
+    an ns tid that /proc no longer knows would name a new thread (ci35: the
+    contended set's hold totals counted twice)."""
 
     def __init__(self, read_map: Callable[[int], Dict[int, int]] = procfs.ns_tid_map) -> None:
         self._read_map = read_map
@@ -36,12 +39,3 @@ class HostTids:
         known = self._known.get(pid, {})
         for ns_tid in ns_tids:
             known.pop(ns_tid, None)
-
-    def forget_host(self, tids: Iterable[int]) -> None:
-        """Threads gone, by our tids (of any process)."""
-        gone = set(tids)
-        if not gone:
-            return
-        for known in self._known.values():
-            for ns_tid in [n for n, tid in known.items() if tid in gone]:
-                del known[ns_tid]
