@@ -36,7 +36,7 @@ def test_a_reused_ns_tid_maps_to_the_new_thread_once_the_old_one_is_reaped() -> 
     # Thread 4007 exits; a new thread gets ns tid 7 in the target's namespace.
     proc.threads = {7: 5123}
     assert tids.translate(50, 7) == 4007  # still cached: the session has not reaped it
-    tids.forget_ns(50, [7])  # the session reaped its holder entry (Probes.forget_holders)
+    tids.forget(50, [7])  # the session reaped its holder entry (Probes.forget_holders)
     assert tids.translate(50, 7) == 5123
 
 
@@ -45,8 +45,8 @@ def test_forgetting_one_process_keeps_the_others() -> None:
     tids = HostTids(proc)
     tids.translate(50, 7)
     tids.translate(60, 7)
-    tids.forget_pid(50)
-    tids.forget_ns(60, [])  # nothing reaped: nothing changes
+    tids.forget(50)
+    tids.forget(60, [])  # nothing reaped: nothing changes
     proc.threads = {7: 9999}
     assert tids.translate(60, 7) == 4007
     assert tids.translate(50, 7) == 9999

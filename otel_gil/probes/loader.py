@@ -204,7 +204,7 @@ class Probes:
             pass
         mark_target(self._bpf["target_pids"], pid, False)
         self._ns_translate.pop(pid, None)
-        self._host_tids.forget_pid(pid)
+        self._host_tids.forget(pid)
 
     def target_state(self, pid: int) -> Optional[events.TargetState]:
         try:
@@ -305,10 +305,7 @@ class Probes:
             if v.pid == pid and (ns_tids is None or v.ns_tid in ns_tids):
                 with contextlib.suppress(KeyError):
                     del self._holders[k]
-        if ns_tids is None:
-            self._host_tids.forget_pid(pid)
-        else:
-            self._host_tids.forget_ns(pid, ns_tids)
+        self._host_tids.forget(pid, ns_tids)
 
     def read_switch_number(self, pid: int) -> Optional[int]:
         """CPython's own count of hand-offs (gil->switch_number), read from the

@@ -4,7 +4,7 @@ another PID namespace than ours: a container)."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable
+from typing import Callable, Dict, Iterable, Optional
 
 from otel_gil.target import procfs
 
@@ -14,7 +14,7 @@ class HostTids:
 
     A thread's ns tid is given to a new thread once it exits (PID numbers are
     reused after they wrap), so a mapping ends with its thread's holder entry:
-    forget_ns() takes out those the session reaped (Probes.forget_holders),
+    forget() takes out those the session reaped (Probes.forget_holders),
     and the next sighting of that ns tid reads /proc again. Not earlier, at
     its wait entry's reaping: its holder entry is still read after that, and
     an ns tid that /proc no longer knows would name a new thread (ci35: the
@@ -31,11 +31,11 @@ class HostTids:
             known.update(self._read_map(pid))
         return known.get(ns_tid, ns_tid)
 
-    def forget_pid(self, pid: int) -> None:
-        self._known.pop(pid, None)
-
-    def forget_ns(self, pid: int, ns_tids: Iterable[int]) -> None:
-        """Threads of pid gone, by their ns tids."""
+    def forget(self, pid: int, ns_tids: Optional[Iterable[int]] = None) -> None:
+        """Threads of pid gone, by their ns tids; None: the whole process."""
+        if ns_tids is None:
+            self._known.pop(pid, None)
+            return
         known = self._known.get(pid, {})
         for ns_tid in ns_tids:
             known.pop(ns_tid, None)
