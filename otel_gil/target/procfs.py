@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 from otel_gil.errors import TargetError, TargetGone
 from otel_gil.trust import printable
@@ -161,6 +161,14 @@ def ns_tid_map(pid: int) -> Dict[int, int]:
         if found is not None:
             out[found] = int(task)
     return out
+
+
+def task_tids(pid: int) -> FrozenSet[int]:
+    """Our tids of the process's live threads (one directory read: no status files)."""
+    try:
+        return frozenset(int(task) for task in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return frozenset()
 
 
 def thread_alive(pid: int, tid: int) -> bool:
