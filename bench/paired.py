@@ -16,6 +16,11 @@ other tools run during their child's slices:
                  (one stepping thread for every session, as the sidecar has)
   nostacks       contended without holder stacks (no sched_switch program)
   floor          the contended uprobes running empty programs: the traps alone
+  wakeonly       floor without its wait-start trap (on_wait detached): what a
+                 contended wait would save with one uprobe fewer
+  futextp        wakeonly, plus an empty program on syscalls:sys_enter_futex
+                 during this child's slices: the price of a tracepoint in the
+                 removed trap's place (it slows every syscall of the machine)
   gilknocker     KnockKnock polling every 1 ms, switched on for its child's slices
   ticker         nothing attached, but a process beside the app waking every
                  1 ms, as gilknocker's poller does, during that child's slices
@@ -28,6 +33,7 @@ the order rotated every cycle, for N cycles. A cycle's ratio is a setup's rate
 over `none`'s in the same cycle, a second or two apart, so the host's slow
 drift cancels; the table gives the median over cycles with a 95% bootstrap
 interval of that median, and likewise the ratio of the child's CPU per unit.
+--ratios a/b,... adds the same medians of setup a over setup b, cycle by cycle.
 """
 
 from __future__ import annotations
@@ -47,9 +53,13 @@ from otel_gil.probes.session import Session
 from otel_gil.target import process
 
 SETUPS = ("none", "control", "contended", "nostacks", "floor", "all", "gilknocker", "pyspy",
-          "ticker")
+          "ticker", "wakeonly", "futextp")
+FLOOR_VARIANTS = ("wakeonly", "futextp")  # floor's probes, on_wait detached
 LABELS = dict(LABELS, control="untraced, a second child (A/A)",
-              ticker="untraced, a 1 ms sleep loop in another process")
+              ticker="untraced, a 1 ms sleep loop in another process",
+              wakeonly="floor without the wait-start trap",
+              futextp="wakeonly + empty sys_enter_futex program")
+FUTEX_TP = "syscalls:sys_enter_futex"
 # gilknocker's poller wakes every 1 ms; so does this, outside the app and without
 # the GIL: if it speeds the app up too, the wake-ups do (vCPUs kept from idling)
 TICKER = "import time\nprint(flush=True)\nwhile True:\n    time.sleep(0.001)\n"
@@ -70,13 +80,21 @@ class Rig:
         self.sessions: Dict[str, Session] = {}
         self.done = threading.Event()
         self.stepper = threading.Thread(target=self.follow, daemon=True)
+        self.futex_tp = None
         for s in setups:
             self.work[s] = work = Workload(kind, python)
             process.inspect_process(work.pid)  # fill the caches before timing
             work.batch(0.5)  # warm up
-            if s in PROBE_SETUPS:
-                self.sessions[s] = Session(PROBE_SETUPS[s], lambda _iv: None)
+            config = PROBE_SETUPS["floor" if s in FLOOR_VARIANTS else s] \
+                if s in PROBE_SETUPS or s in FLOOR_VARIANTS else None
+            if config is not None:
+                self.sessions[s] = Session(config, lambda _iv: None)
                 self.sessions[s].add(work.pid)
+            if s in FLOOR_VARIANTS:
+                detach_wait_start(self.sessions[s], work.pid)
+        if "futextp" in setups:
+            from bcc import BPF  # Debian's python3-bpfcc, as the sidecar's
+            self.futex_tp = BPF(text="int empty(void *ctx) { return 0; }")
         self.stepper.start()
 
     def follow(self) -> None:
@@ -95,6 +113,13 @@ class Rig:
                 rate = work.batch(seconds)
             finally:
                 work.child.ask("knock off")
+        elif s == "futextp":
+            assert self.futex_tp is not None
+            self.futex_tp.attach_tracepoint(tp=FUTEX_TP, fn_name="empty")
+            try:
+                rate = work.batch(seconds)
+            finally:
+                self.futex_tp.detach_tracepoint(tp=FUTEX_TP)
         elif s == "ticker":
             ticker = subprocess.Popen([sys.executable, "-c", TICKER], stdout=subprocess.PIPE)
             assert ticker.stdout is not None
@@ -117,6 +142,14 @@ class Rig:
             work.close()
 
 
+def detach_wait_start(session: Session, pid: int) -> None:
+    """Take the on_wait uprobes off a floor session's child (a bench-only cut:
+    the probes' own API attaches a whole probe set)."""
+    for point in session.probes.plans[pid]:
+        if point.fn_name == "on_wait":
+            session.probes._bpf.detach_uprobe(name=point.path, addr=point.address, pid=pid)
+
+
 def run(kind: str, python: List[str], setups: List[str], cycles: int,
         seconds: float) -> Dict[str, List[Tuple[float, float]]]:
     """N cycles of one slice per setup, the order rotated every cycle."""
@@ -135,7 +168,8 @@ def run(kind: str, python: List[str], setups: List[str], cycles: int,
 
 
 def table(results: Dict[str, Dict[str, List[Tuple[float, float]]]], setups: List[str],
-          python: str, cycles: int, seconds: float) -> str:
+          python: str, cycles: int, seconds: float,
+          ratios: List[Tuple[str, str]] = ()) -> str:
     shown = [s for s in setups if s != "none"]
     lines = [f"Throughput relative to untraced: median of {cycles} paired cycles of "
              f"{seconds:g} s slices [95% interval]; {python}", "",
@@ -154,6 +188,12 @@ def table(results: Dict[str, Dict[str, List[Tuple[float, float]]]], setups: List
         cpu_lines.append(f"{kind}: the child's CPU per unit over untraced's: " + ", ".join(cpus))
         cpu_lines.append(f"{kind}: untraced rate, median slice: "
                          f"{statistics.median(r for r, _ in base):,.0f}/s")
+        for a, b in ratios:
+            pairs = list(zip(got[a], got[b]))
+            rate = median_ci([x[0] / y[0] for x, y in pairs if y[0]])
+            cpu = median_ci([x[1] / y[1] for x, y in pairs if x[1] == x[1] and y[1]])
+            cpu_lines.append(f"{kind}: {a} over {b}: rate %.3f [%.3f, %.3f], " % rate +
+                             "CPU per unit %.3f [%.3f, %.3f]" % cpu)
     return "\n".join(lines + [""] + cpu_lines)
 
 
@@ -164,13 +204,17 @@ def main() -> int:
     parser.add_argument("--slice", type=float, default=0.2, help="seconds per slice")
     parser.add_argument("--workloads", default="http")
     parser.add_argument("--setups", default="none,control,contended,gilknocker,pyspy")
+    parser.add_argument("--ratios", default="", help="a/b,...: setup a over setup b too")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("paired.py: run as root (eBPF)", file=sys.stderr)
         return 2
     setups = ["none"] + [s for s in args.setups.split(",") if s != "none"]
+    ratios = [tuple(r.split("/")) for r in args.ratios.split(",") if r]
     unknown = [s for s in setups if s not in SETUPS] + \
-        [k for k in args.workloads.split(",") if k not in WORKLOADS]
+        [k for k in args.workloads.split(",") if k not in WORKLOADS] + \
+        [f"--ratios {'/'.join(r)} (a/b, both in --setups)" for r in ratios
+         if len(r) != 2 or not set(r) <= set(setups)]
     why = (f"unknown setup or workload: {', '.join(unknown)} (setups: {', '.join(SETUPS)}; "
            f"workloads: {', '.join(WORKLOADS)})" if unknown else
            "--cycles: at least 2 cycles" if args.cycles < 2 else
@@ -180,7 +224,7 @@ def main() -> int:
         return 2
     results = {kind: run(kind, args.python.split(), setups, args.cycles, args.slice)
                for kind in args.workloads.split(",")}
-    print(table(results, setups, args.python, args.cycles, args.slice))
+    print(table(results, setups, args.python, args.cycles, args.slice, ratios))
     return 0
 
 
